@@ -1,0 +1,192 @@
+"""The three stage kinds. A method is a per-layer algorithm bound to its config (a dataclass);
+its maths lives in pure functions beside it. A stage = method + policy + model-wide target:
+
+    budgets = method.allocate(profiles)        # the policy: model-wide target -> per-layer budgets
+    method.apply(state, stats, budgets[name])  # one layer, edits its LayerState
+
+Adding a method is one file (a subclass) plus one YAML in conf/<stage>/ whose `_target_` names it.
+Configs are checked in __post_init__, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ciuic_lab.compress.linear import LayerState, QuantPart
+from ciuic_lab.compress.policies import LayerProfile, get_policy
+from ciuic_lab.compress.quant import grid
+from ciuic_lab.compress.stats import LayerStats
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, named by its key (raised before any expensive work)."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    m = _NM.match(str(pattern))
+    _check(m is not None, "prune.pattern", f"expected 'unstructured' or 'N:M' (e.g. 2:4), got {pattern!r}")
+    n, mm = int(m.group(1)), int(m.group(2))
+    _check(0 < n < mm, "prune.pattern", f"N:M needs 0 < N < M, got {n}:{mm}")
+    return n, mm
+
+
+@dataclass
+class Method:
+    stage: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()  # stats: "hessian", "act_norm"
+
+    def target(self) -> float:
+        raise NotImplementedError
+
+    def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
+        return get_policy(self.stage, self.policy).allocate(profiles, self.target())
+
+    def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class PruneMethod(Method):
+    """Sets `state.mask` on the base part. Subclasses implement `scores` or override `apply`."""
+
+    stage: ClassVar[str] = "prune"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    policy: str = "uniform"
+
+    def __post_init__(self):
+        _check(isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
+               "prune.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
+        self.nm = parse_pattern(self.pattern)
+        get_policy("prune", self.policy)
+
+    def target(self) -> float:
+        # An N:M pattern fixes the sparsity of every layer: 1 - N/M.
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else float(self.sparsity)
+
+    def prune_target(self, state: LayerState):
+        """What the mask is chosen for: the weight minus any low-rank part already fitted."""
+        lr = state.lowrank_weight()
+        return state.weight if lr is None else state.weight - lr
+
+    def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
+        from ciuic_lab.compress.prune.masks import mask_from_scores
+
+        w = self.prune_target(state)
+        mask = mask_from_scores(self.scores(w, stats), float(budget), self.nm)
+        state.base, state.mask, state.nm, state.quant = w, mask, self.nm, None
+        state.info["sparsity"] = 1.0 - mask.float().mean().item()
+
+    def scores(self, w, stats):
+        raise NotImplementedError
+
+
+@dataclass
+class LowRankMethod(Method):
+    """Fits `state.u`, `state.v`.
+
+    mode=factorize: W ≈ U·V replaces the layer's weight (its base part is dropped);
+    mode=residual:  U·V fits what the other stages so far left out, W − base (put lowrank after
+    the stages whose error it should correct, e.g. stages=[prune,quant,lowrank]).
+    rule: ratio (kept parameters / dense parameters), energy (kept share of Σσ²), rank (fixed).
+    factor_bits: 16 keeps U, V in 16-bit; 2..8 quantises them (RTN, per output row).
+    """
+
+    stage: ClassVar[str] = "lowrank"
+    mode: str = "residual"
+    rule: str = "ratio"
+    ratio: float = 0.1
+    energy: float = 0.9
+    rank: int | None = None
+    factor_bits: int = 16
+    policy: str = "rank"
+
+    def __post_init__(self):
+        _check(self.mode in ("factorize", "residual"), "lowrank.mode",
+               f"must be 'factorize' or 'residual', got {self.mode!r}")
+        _check(self.rule in ("ratio", "energy", "rank"), "lowrank.rule",
+               f"must be one of ratio, energy, rank; got {self.rule!r}")
+        _check(0.0 < float(self.ratio) <= 1.0, "lowrank.ratio", f"must be in (0, 1], got {self.ratio}")
+        _check(0.0 < float(self.energy) <= 1.0, "lowrank.energy", f"must be in (0, 1], got {self.energy}")
+        _check(self.rule != "rank" or (isinstance(self.rank, int) and self.rank > 0), "lowrank.rank",
+               f"rule=rank needs a positive integer rank, got {self.rank!r}")
+        _check(self.factor_bits == 16 or 2 <= self.factor_bits <= 8, "lowrank.factor_bits",
+               f"must be 16 or in 2..8, got {self.factor_bits}")
+        get_policy("lowrank", self.policy)
+
+    def target(self) -> dict:
+        return {"rule": self.rule, "ratio": self.ratio, "energy": self.energy, "rank": self.rank}
+
+    def fit_target(self, state: LayerState):
+        if self.mode == "factorize":
+            return state.reconstruct()
+        return state.weight - state.base_weight()
+
+    def finish(self, state: LayerState, u, v) -> None:
+        if self.mode == "factorize":
+            state.base, state.mask, state.nm, state.quant = None, None, None, None
+        state.u, state.v, state.u_quant, state.v_quant = u, v, None, None
+        if self.factor_bits != 16:
+            state.u_quant = rtn_quantize(u, self.factor_bits, -1, True)
+            state.v_quant = rtn_quantize(v, self.factor_bits, -1, True)
+        state.info["rank"] = u.shape[1]
+
+
+@dataclass
+class QuantMethod(Method):
+    """Sets `state.quant` (codes of the base part's kept entries), or quantises U, V when a
+    factorize stage removed the base part."""
+
+    stage: ClassVar[str] = "quant"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    policy: str = "uniform"
+
+    def __post_init__(self):
+        _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "quant.bits",
+               f"must be an integer in 2..8, got {self.bits!r}")
+        _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
+               "quant.group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        get_policy("quant", self.policy)
+
+    def target(self) -> float:
+        return float(self.bits)
+
+    def quant_target(self, state: LayerState):
+        lr = state.lowrank_weight()
+        return state.weight if lr is None else state.weight - lr
+
+    def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
+        bits = int(budget)
+        if state.base is None:  # factorized layer: the factors are what is stored
+            state.u_quant = self.quantize(state.u, None, None, bits)
+            state.v_quant = self.quantize(state.v, None, None, bits)
+        else:
+            w = self.quant_target(state)
+            state.base = w
+            state.quant = self.quantize(w, state.mask, stats, bits)
+        state.info["bits"] = bits
+
+    def quantize(self, w, mask, stats: LayerStats | None, bits: int) -> QuantPart:
+        raise NotImplementedError
+
+
+def rtn_quantize(w, bits: int, group_size: int, sym: bool, mask=None) -> QuantPart:
+    """Round-to-nearest onto the min/max grid of each (row, group)."""
+    scale, zero = grid.fit_grid(w, bits, group_size, sym, mask)
+    codes = grid.quantize(w, scale, zero, bits, group_size)
+    return QuantPart(codes, scale, zero, bits, group_size, sym)

@@ -1,0 +1,239 @@
+"""CompressedLinear: the packed form of one weight, and LayerState, its unpacked working form.
+
+    W ≈ dequant(Q) masked by M  +  U·V        (each part optional)
+
+Stages (prune → lowrank → quant by default) edit a LayerState in float32; `CompressedLinear.pack`
+then stores only packed parts as persistent buffers, so `nbytes()` and the model-level byte count
+are read from what is really stored:
+
+    mask_bits   uint8   1 bit per weight            (unstructured sparsity)
+    nm_index    uint8   ceil(log2 M) bits per kept   (N:M sparsity)
+    values      16-bit  kept weights                 (base part, not quantised)
+    codes       uint8   k bits per kept weight       (base part, quantised)
+    scale/zero  fp16 / uint8 per (row, group)
+    u, v        16-bit or k-bit codes (+ grids)      (low-rank part)
+    bias        16-bit
+
+The reference forward rebuilds the dense weight transiently in the input's dtype and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciuic_lab.compress import packing
+from ciuic_lab.compress.quant import grid
+
+
+@dataclass
+class QuantPart:
+    """k-bit codes of a dense (out, in) matrix on a per-group grid (unpacked, int32)."""
+
+    codes: torch.Tensor  # (out, in) int32
+    scale: torch.Tensor  # (out, G) float32 (fp16-representable)
+    zero: torch.Tensor  # (out, G) float32 integers
+    bits: int
+    group_size: int
+    sym: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return grid.dequantize(self.codes, self.scale, self.zero, self.group_size)
+
+
+@dataclass
+class LayerState:
+    """One layer's weight while stages work on it (float32, unpacked).
+
+    `base` is the sparse/quantised part (None once a factorize stage replaced it by U·V);
+    `mask` marks its kept entries; `quant` holds its codes; `u`, `v` the low-rank part.
+    """
+
+    weight: torch.Tensor  # (out, in) the original weight, float32
+    bias: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    nm: tuple[int, int] | None = None
+    quant: QuantPart | None = None
+    u: torch.Tensor | None = None  # (out, r)
+    v: torch.Tensor | None = None  # (r, in)
+    u_quant: QuantPart | None = None
+    v_quant: QuantPart | None = None
+    info: dict = field(default_factory=dict)  # what each stage allocated, for the report
+
+    @classmethod
+    def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> LayerState:
+        w = weight.detach().float().clone()
+        return cls(weight=w, bias=None if bias is None else bias.detach().float().clone(),
+                   base=w.clone())
+
+    def base_weight(self) -> torch.Tensor:
+        """Current value of the base part (zeros where pruned; dequantised if quantised)."""
+        if self.base is None:
+            return torch.zeros_like(self.weight)
+        b = self.quant.dequantize() if self.quant is not None else self.base
+        return b if self.mask is None else b * self.mask
+
+    def lowrank_weight(self) -> torch.Tensor | None:
+        if self.u is None:
+            return None
+        u = self.u_quant.dequantize() if self.u_quant is not None else self.u
+        v = self.v_quant.dequantize() if self.v_quant is not None else self.v
+        return u @ v
+
+    def reconstruct(self) -> torch.Tensor:
+        w = self.base_weight()
+        lr = self.lowrank_weight()
+        return w if lr is None else w + lr
+
+
+class CompressedLinear(nn.Module):
+    """A linear layer whose weight lives only in packed parts (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, meta: dict):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.meta = meta  # formats of the stored parts: enough to rebuild the weight
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def pack(cls, state: LayerState, dtype: torch.dtype = torch.float16) -> CompressedLinear:
+        out, cols = state.weight.shape
+        meta: dict = {"dtype": str(dtype).removeprefix("torch."), "base": None, "lowrank": None,
+                      "bias": state.bias is not None}
+        mod = cls(cols, out, meta)
+        if state.base is not None:
+            base: dict = {"mask": None, "quant": None}
+            kept = None
+            if state.mask is not None:
+                kept = state.mask
+                if state.nm is not None:
+                    n, m = state.nm
+                    idx = packing.nm_indices(state.mask, n, m)
+                    mod._buf("nm_index", packing.pack_bits(idx, packing.nm_index_bits(m)))
+                    base["mask"] = {"kind": "nm", "n": n, "m": m}
+                else:
+                    mod._buf("mask_bits", packing.pack_mask(state.mask))
+                    base["mask"] = {"kind": "bitmask"}
+                base["n_kept"] = int(kept.sum())
+            if state.quant is not None:
+                q = state.quant
+                codes = q.codes[kept] if kept is not None else q.codes.reshape(-1)
+                mod._store_quant("", codes, q)
+                base["quant"] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+            else:
+                vals = state.base[kept] if kept is not None else state.base.reshape(-1)
+                mod._buf("values", vals.to(dtype))
+            meta["base"] = base
+        if state.u is not None:
+            lr: dict = {"rank": state.u.shape[1], "quant": None}
+            for name, dense, q in (("u", state.u, state.u_quant), ("v", state.v, state.v_quant)):
+                if q is not None:
+                    mod._store_quant(name + "_", q.codes.reshape(-1), q)
+                    lr["quant"] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+                else:
+                    mod._buf(name, dense.to(dtype))
+            meta["lowrank"] = lr
+        if state.bias is not None:
+            mod._buf("bias", state.bias.to(dtype))
+        return mod
+
+    @classmethod
+    def empty_like_meta(cls, in_features: int, out_features: int, meta: dict,
+                        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> CompressedLinear:
+        """A module with uninitialised buffers of the given shapes (for loading checkpoints)."""
+        mod = cls(in_features, out_features, meta)
+        for name, (shape, dt) in shapes.items():
+            mod._buf(name, torch.empty(shape, dtype=dt))
+        return mod
+
+    def _buf(self, name: str, t: torch.Tensor) -> None:
+        self.register_buffer(name, t.contiguous(), persistent=True)
+
+    def _store_quant(self, prefix: str, codes_flat: torch.Tensor, q: QuantPart) -> None:
+        self._buf(prefix + "codes", packing.pack_bits(codes_flat, q.bits))
+        self._buf(prefix + "scale", q.scale.to(torch.float16))
+        if not q.sym:
+            self._buf(prefix + "zero", q.zero.to(torch.uint8))
+
+    # ---- reading --------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def params(self) -> int:
+        """Parameters of the dense weight this layer replaces (the denominator of bits/param)."""
+        return self.in_features * self.out_features
+
+    def _grid(self, prefix: str, qmeta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = getattr(self, prefix + "scale").float()
+        if qmeta["sym"]:
+            zero = torch.full_like(scale, float(2 ** (qmeta["bits"] - 1)))
+        else:
+            zero = getattr(self, prefix + "zero").float()
+        return scale, zero
+
+    def _kept_mask(self) -> torch.Tensor | None:
+        m = self.meta["base"]["mask"]
+        shape = (self.out_features, self.in_features)
+        if m is None:
+            return None
+        if m["kind"] == "bitmask":
+            return packing.unpack_mask(self.mask_bits, shape)
+        n, mm = m["n"], m["m"]
+        count = self.out_features * (self.in_features // mm) * n
+        idx = packing.unpack_bits(self.nm_index, packing.nm_index_bits(mm), count)
+        return packing.nm_mask(idx.view(self.out_features, self.in_features // mm, n), mm)
+
+    def _dense_part(self, prefix: str, dense_name: str, shape: tuple[int, int],
+                    qmeta: dict | None, kept: torch.Tensor | None) -> torch.Tensor:
+        """float32 dense matrix of one stored part, zeros where not kept.
+
+        Unquantised parts live in buffer `dense_name`; quantised ones in `<prefix>codes` (+grid).
+        """
+        dev = self._device()
+        if qmeta is None:
+            vals = getattr(self, dense_name).float()
+            if kept is None:
+                return vals.view(shape)
+            w = torch.zeros(shape, device=dev)
+            w[kept] = vals
+            return w
+        n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
+        codes = packing.unpack_bits(getattr(self, prefix + "codes"), qmeta["bits"], n)
+        scale, zero = self._grid(prefix, qmeta)
+        if kept is None:
+            return grid.dequantize(codes.view(shape), scale, zero, qmeta["group_size"])
+        dense_codes = torch.zeros(shape, dtype=torch.int32, device=dev)
+        dense_codes[kept] = codes
+        return grid.dequantize(dense_codes, scale, zero, qmeta["group_size"]) * kept
+
+    def _device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with, rebuilt from packed parts."""
+        shape = (self.out_features, self.in_features)
+        w = torch.zeros(shape, device=self._device())
+        base = self.meta["base"]
+        if base is not None:
+            w = self._dense_part("", "values", shape, base["quant"], self._kept_mask())
+        lr = self.meta["lowrank"]
+        if lr is not None:
+            r = lr["rank"]
+            u = self._dense_part("u_", "u", (self.out_features, r), lr["quant"], None)
+            v = self._dense_part("v_", "v", (r, self.in_features), lr["quant"], None)
+            w = w + u @ v
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        b = self.bias.to(x.dtype) if self.meta["bias"] else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bytes={self.nbytes()}, "
+                f"bits/param={8 * self.nbytes() / self.params:.3f}")

@@ -1,0 +1,88 @@
+"""Bit packing: k-bit codes, bit masks and N:M indices stored as dense uint8 bit streams.
+
+Everything here is pure tensor maths (no modules), so the round-trip properties are tested alone.
+A stream of n codes of k bits occupies ceil(n*k/8) bytes: that is what CompressedLinear stores and
+what every memory figure counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BYTE_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)  # little-endian bit order inside a byte
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 8)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into a uint8 stream of ceil(n*bits/8) bytes.
+
+    Works for any width 1..8 (a code may straddle a byte boundary for 3, 5, 6, 7 bits).
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int32)
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    if bits == 8:
+        return flat.to(torch.uint8).clone()
+    # (n, bits) bit matrix -> one long little-endian bit stream -> bytes.
+    shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = _BYTE_WEIGHTS.to(flat.device)
+    return (stream.view(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first n codes as int32 (1-D)."""
+    if bits == 8:
+        return packed[:n].to(torch.int32)
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    stream = ((packed.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
+    return (stream.view(n, bits) * weights).sum(1).to(torch.int32)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask of any shape as 1 bit per entry."""
+    return pack_bits(mask.reshape(-1).to(torch.int32), 1)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return unpack_bits(packed, 1, math.prod(shape)).bool().view(shape)
+
+
+def nm_index_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def nm_indices(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Positions (0..m-1, ascending) of the n kept entries in each group of m along the last dim.
+
+    mask: (out, in) bool with exactly n True per group -> (out, in // m, n) int32.
+    """
+    out, cols = mask.shape
+    groups = mask.view(out, cols // m, m)
+    if not bool((groups.sum(-1) == n).all()):
+        raise ValueError(f"mask is not {n}:{m}: every group of {m} must keep exactly {n}")
+    pos = torch.arange(m, device=mask.device).expand_as(groups)
+    # Sorting kept positions first (stable) keeps them ascending: the same row-major order in
+    # which the kept values are stored.
+    key = torch.where(groups, pos, pos + m)
+    return key.sort(-1).values[..., :n].to(torch.int32)
+
+
+def nm_mask(indices: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of nm_indices: (out, in // m, n) positions -> (out, in) bool mask."""
+    out, g, _ = indices.shape
+    mask = torch.zeros(out, g, m, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, indices.long(), True)
+    return mask.view(out, g * m)

@@ -1,0 +1,49 @@
+"""Statistics that forward hooks accumulate over calibration tokens, per linear layer.
+
+hessian:  H = Σ x xᵀ over tokens (in, in), float32 — for OBS-style methods and exact
+          output-error measurement ‖ΔW X‖² = tr(ΔW H ΔWᵀ).
+act_norm: Σ x_j² per input column (in,) — Wanda's ‖x_j‖², and a diagonal error proxy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerStats:
+    def __init__(self, in_features: int, hessian: bool, device: torch.device | str = "cpu"):
+        self.tokens = 0
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.hessian = (torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+                        if hessian else None)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x: (..., in) inputs of the layer."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.sq_norm += (x * x).sum(0)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        return self.sq_norm.sqrt()
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats | None) -> float:
+    """‖(W − Ŵ) X‖_F / ‖W X‖_F on the calibration inputs.
+
+    Exact with a Hessian; with only column norms it uses the diagonal of H (a proxy); with no
+    statistics it is the plain weight-space Frobenius ratio.
+    """
+    d = (w - w_hat).float()
+    w = w.float()
+    if stats is not None and stats.hessian is not None:
+        h = stats.hessian
+        num, den = ((d @ h) * d).sum(), ((w @ h) * w).sum()
+    elif stats is not None and stats.tokens:
+        col = stats.sq_norm
+        num, den = (d * d * col).sum(), (w * w * col).sum()
+    else:
+        num, den = (d * d).sum(), (w * w).sum()
+    return float((num.clamp(min=0) / den.clamp(min=1e-30)).sqrt())

@@ -1,0 +1,105 @@
+"""load(name_or_path): a hub id, a local directory, a bundled reference model, or a tiny random one.
+
+Bundled and hub models go through the same `from_pretrained` call, so the code path a user with a
+network takes (a DeepSeek hub id) is the one the tests exercise on a local directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ciuic_lab.models import tiny
+from ciuic_lab.models.adapters import check_supported
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+TOKENIZER_DIR = BUNDLED_DIR / "tokenizer"
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def bundled_names() -> list[str]:
+    if not BUNDLED_DIR.exists():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").exists())
+
+
+def resolve(name_or_path: str) -> tuple[str, str]:
+    """('random' | 'local' | 'hub', what to load). Cheap: reads no weights.
+
+    Raises ModelNotFound with the alternatives when the name can be neither.
+    """
+    s = str(name_or_path)
+    if s in tiny.CONFIGS:
+        return "random", s
+    if s in bundled_names():
+        return "local", str(BUNDLED_DIR / s)
+    p = Path(os.path.expanduser(s))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFound(f"model.name_or_path: {s} is a directory without config.json")
+        return "local", str(p)
+    looks_like_path = s.startswith(("/", ".", "~")) or os.sep in s and not _HUB_ID.match(s)
+    if looks_like_path or not _HUB_ID.match(s):
+        raise ModelNotFound(
+            f"model.name_or_path: {s!r} is not an existing directory, a hub id (org/name), a bundled "
+            f"model ({', '.join(bundled_names()) or 'none'}) or a tiny random model "
+            f"({', '.join(tiny.CONFIGS)})")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(s, "config.json"), str):
+            raise ModelNotFound(f"model.name_or_path: hub id {s!r} is not in the local cache and "
+                                f"HF_HUB_OFFLINE=1 forbids downloading it")
+    return "hub", s
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs; fp32 on CPU where bf16 matmuls are slow and tests want exactness.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kind, target = resolve(name_or_path)
+    src = str(TOKENIZER_DIR) if kind == "random" else target
+    return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+
+
+def load(name_or_path: str, dtype: str = "auto", device: str = "auto",
+         trust_remote_code: bool = False, experts_implementation: str | None = None,
+         seed: int = 0, revision: str | None = None):
+    """(model, tokenizer), model in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    kind, target = resolve(name_or_path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    tok = load_tokenizer(name_or_path, trust_remote_code)
+    if kind == "random":
+        model = tiny.build(target, vocab=len(tok), seed=seed).to(dt)
+    else:
+        kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dt, trust_remote_code=trust_remote_code, revision=revision, **kw)
+    check_supported(model.config)
+    if experts_implementation and kind == "random" and hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation(experts_implementation)
+        except ValueError:
+            pass  # dense models have no experts to dispatch
+    return model.to(dev).eval(), tok

@@ -1,0 +1,40 @@
+"""Tiny randomly initialised models built from config, for fast tests and smoke runs.
+
+They have the real layouts (DeepSeek-V3: MLA attention, a dense first layer, MoE with shared and
+routed experts; Llama: DeepSeek-LLM's dense architecture) at a few hundred thousand parameters.
+Random weights measure nothing about quality: use the trained reference models for that.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig
+
+
+def _deepseek_v3(vocab: int, layers: int = 3) -> DeepseekV3Config:
+    return DeepseekV3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _llama(vocab: int, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False)
+
+
+CONFIGS = {"tiny-random-deepseek-v3": _deepseek_v3, "tiny-random-llama": _llama}
+
+
+def build(name: str, vocab: int, seed: int = 0, num_layers: int | None = None):
+    """A seeded random model of one of CONFIGS (fp32, eval mode)."""
+    kwargs = {} if num_layers is None else {"layers": num_layers}
+    config = CONFIGS[name](vocab, **kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
