@@ -1,0 +1,55 @@
+"""Hydra entry point: `python -m ciuic_lab.run [overrides]`, `-m` for sweeps. Wiring only.
+
+In a sweep a failing point is recorded in its result.json and the sweep goes on; a single run
+exits non-zero with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from ciuic_lab.compress.base import ConfigError
+from ciuic_lab.models.loader import ModelNotFound
+
+log = logging.getLogger("ciuic_lab")
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep: its directory, e.g. multirun/2026-11-27/10-00-00 -> 2026-11-27_10-00-00."""
+    p = Path(sweep_dir)
+    return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    from ciuic_lab.job import run_job
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if cfg.tracker.group is None and multirun:
+        with open_dict(cfg):
+            cfg.tracker.group = sweep_group(hc.sweep.dir)
+    name = ",".join(hc.overrides.task) or "default"
+    try:
+        metrics = run_job(cfg, hc.runtime.output_dir, job_name=name)
+        return metrics.get("ppl/wikitext2")
+    except (ConfigError, ModelNotFound) as e:
+        log.error("invalid config: %s", e)
+        if not multirun:
+            sys.exit(2)
+    except Exception as e:
+        log.exception("job failed: %s", e)
+        if not multirun:
+            sys.exit(1)
+    return None
+
+
+if __name__ == "__main__":
+    main()
