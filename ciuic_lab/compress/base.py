@@ -11,7 +11,7 @@ Configs are checked in __post_init__, before any model is loaded.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from ciuic_lab.compress.linear import LayerState, QuantPart
@@ -51,8 +51,13 @@ class Method:
     def target(self) -> float:
         raise NotImplementedError
 
+    def policy_needs(self) -> frozenset[str]:
+        """What the policy reads from the profile pass: "weight", "act_norm", "hessian"."""
+        return getattr(get_policy(self.stage, self.policy), "needs", frozenset())
+
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
-        return get_policy(self.stage, self.policy).allocate(profiles, self.target())
+        # Policies take the knobs they know by keyword (ramp, owl_lambda, kind_bits, ...).
+        return get_policy(self.stage, self.policy).allocate(profiles, self.target(), **asdict(self))
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         raise NotImplementedError
@@ -65,7 +70,10 @@ class PruneMethod(Method):
     stage: ClassVar[str] = "prune"
     sparsity: float = 0.5
     pattern: str = "unstructured"
-    policy: str = "uniform"
+    policy: str = "uniform"  # uniform | depth_linear | owl
+    ramp: float = 0.2  # depth_linear: sparsity difference between last and first block
+    owl_lambda: float = 0.08  # owl: layer sparsities within target ± lambda
+    owl_m: float = 5.0  # owl: outlier = score above M × block mean
 
     def __post_init__(self):
         _check(isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
@@ -112,7 +120,7 @@ class LowRankMethod(Method):
     energy: float = 0.9
     rank: int | None = None
     factor_bits: int = 16
-    policy: str = "rank"
+    policy: str = "rank"  # rank: the rule per layer | global: one budget spread by σ² gain
 
     def __post_init__(self):
         _check(self.mode in ("factorize", "residual"), "lowrank.mode",
@@ -154,17 +162,25 @@ class QuantMethod(Method):
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    policy: str = "uniform"
+    policy: str = "uniform"  # uniform | kind_map | sensitivity
+    avg_bits: float | None = None  # sensitivity: mean bits target (null = `bits`)
+    kind_bits: dict | None = None  # kind_map: {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
+    candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
 
     def __post_init__(self):
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "quant.bits",
                f"must be an integer in 2..8, got {self.bits!r}")
+        _check(self.avg_bits is None or 2 <= float(self.avg_bits) <= 8, "quant.avg_bits",
+               f"must be in [2, 8] or null, got {self.avg_bits!r}")
+        for b in list(self.candidate_bits) + list((self.kind_bits or {}).values()):
+            _check(isinstance(b, int) and 2 <= b <= 8, "quant.candidate_bits/kind_bits",
+                   f"every width must be an integer in 2..8, got {b!r}")
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
                "quant.group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
         get_policy("quant", self.policy)
 
     def target(self) -> float:
-        return float(self.bits)
+        return float(self.avg_bits if self.avg_bits is not None else self.bits)
 
     def quant_target(self, state: LayerState):
         lr = state.lowrank_weight()

@@ -54,6 +54,35 @@ def profile(model: nn.Module) -> list[LayerProfile]:
     return out
 
 
+@torch.no_grad()
+def profile_pass(model: nn.Module, profiles: list[LayerProfile], windows: torch.Tensor,
+                 batch_size: int, needs: frozenset[str]) -> None:
+    """Fill profiles[i].extra with the dense weight and (if needed) calibration statistics.
+
+    One forward of the uncompressed model over the calibration windows, hooks on every
+    compressible linear: the model-wide facts that global policies (OWL, sensitivity) compare
+    across layers before any layer is changed.
+    """
+    mods = {p.name: model.get_submodule(p.name) for p in profiles}
+    for p in profiles:
+        p.extra["weight"] = mods[p.name].weight.detach()
+    if not needs & {"act_norm", "hessian"}:
+        return
+    stats = {n: LayerStats(m.in_features, "hessian" in needs, m.weight.device)
+             for n, m in mods.items()}
+    hooks = [m.register_forward_hook(lambda _m, args, _o, s=stats[n]: s.add_batch(args[0]))
+             for n, m in mods.items()]
+    dev = _device_of(model)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start:start + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    for p in profiles:
+        p.extra["stats"] = stats[p.name]
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -114,8 +143,13 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
     t0 = time.perf_counter()
     profiles = profile(model)
     report = CompressionReport()
+    needs = frozenset().union(*(s.policy_needs() for s in stages))
+    if needs:
+        profile_pass(model, profiles, windows, batch_size, needs)
     for stage in stages:
         report.allocations[stage.stage] = stage.allocate(profiles)
+    for p in profiles:
+        p.extra.clear()  # release the profile statistics before the walk
     want_hessian = any("hessian" in s.needs for s in stages)
     store_dtype = store_dtype_for(model)
 

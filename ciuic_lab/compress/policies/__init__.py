@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from importlib import import_module
 
 _REGISTRY: dict[tuple[str, str], type] = {}
-_MODULES = ("uniform", "rank")
+_MODULES = ("uniform", "rank", "depth_linear", "owl", "kind_map", "sensitivity")
 
 
 @dataclass

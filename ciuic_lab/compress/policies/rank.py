@@ -37,5 +37,42 @@ def rank_for(shape: tuple[int, int], singular_values: torch.Tensor, rule: dict) 
 
 @register("lowrank", "rank")
 class PerLayerRule:
-    def allocate(self, profiles: list[LayerProfile], target: dict) -> dict[str, dict]:
+    def allocate(self, profiles: list[LayerProfile], target: dict, **_) -> dict[str, dict]:
         return {p.name: dict(target) for p in profiles}
+
+
+def greedy_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], budget: int) -> list[int]:
+    """Ranks maximising kept Σσ² under Σ r_l (out_l + in_l) <= budget (parameters).
+
+    Each rank-one term of layer l costs out_l + in_l parameters and gains σ²; taking terms in
+    order of gain per parameter is optimal for this fractional-knapsack-like problem because each
+    layer's gains are non-increasing in r. Every layer keeps at least rank 1.
+    """
+    cost = [o + i for o, i in shapes]
+    ranks = [1] * len(shapes)
+    left = budget - sum(cost)
+    cand = []
+    for l, s in enumerate(spectra):
+        e = s.double() ** 2
+        for r in range(1, min(shapes[l])):
+            cand.append((float(e[r]) / cost[l], l))
+    cand.sort(key=lambda t: -t[0])
+    for _, l in cand:  # gains within a layer are already in order, so this takes prefixes
+        if cost[l] <= left:
+            ranks[l] += 1
+            left -= cost[l]
+    return ranks
+
+
+@register("lowrank", "global")
+class GlobalBudget:
+    """One parameter budget for the whole model (`lowrank.ratio` of all compressible parameters),
+    spread over layers by singular-value gain of their dense weights (see greedy_ranks)."""
+
+    needs = frozenset({"weight"})
+
+    def allocate(self, profiles: list[LayerProfile], target: dict, **_) -> dict[str, dict]:
+        spectra = [torch.linalg.svdvals(p.extra["weight"].double().cpu()) for p in profiles]
+        budget = int(target["ratio"] * sum(p.params for p in profiles))
+        ranks = greedy_ranks(spectra, [p.shape for p in profiles], budget)
+        return {p.name: {"rule": "rank", "rank": r} for p, r in zip(profiles, ranks)}

@@ -6,5 +6,5 @@ from ciuic_lab.compress.policies import LayerProfile, register
 @register("prune", "uniform")
 @register("quant", "uniform")
 class Uniform:
-    def allocate(self, profiles: list[LayerProfile], target: float) -> dict[str, float]:
+    def allocate(self, profiles: list[LayerProfile], target: float, **_) -> dict[str, float]:
         return {p.name: target for p in profiles}

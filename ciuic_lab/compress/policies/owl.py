@@ -1,0 +1,44 @@
+"""OWL: outlier-weighted layerwise sparsity (Yin et al., arXiv 2310.05175).
+
+Per block, the layerwise outlier distribution D = share of Wanda scores |W_ij|·‖x_j‖ above
+M × their block mean (M = `owl_m`, 5 in the paper). Blocks with more outliers are pruned less:
+s_l = S − λ·(2·D̃_l − 1) with D̃ the min-max normalised D (so s ∈ [S−λ, S+λ], λ = `owl_lambda`),
+then shifted (within the same bounds) so that the parameter-weighted mean is exactly S. Needs the profile pass's
+activation norms (`needs = {"act_norm"}`).
+"""
+
+import torch
+
+from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.policies._mean import meet_mean
+
+
+def outlier_ratio(weights: list[torch.Tensor], act_norms: list[torch.Tensor], m: float) -> float:
+    """Share of a block's Wanda scores above m × the block's mean score."""
+    scores = [(w.float().abs() * a.to(w.device).float()[None, :]).reshape(-1)
+              for w, a in zip(weights, act_norms)]
+    allv = torch.cat(scores)
+    return float((allv > m * allv.mean()).float().mean())
+
+
+@register("prune", "owl")
+class OWL:
+    needs = frozenset({"act_norm"})
+
+    def allocate(self, profiles: list[LayerProfile], target: float, owl_lambda: float = 0.08,
+                 owl_m: float = 5.0, **_) -> dict:
+        blocks = sorted({p.block for p in profiles})
+        ratio = {}
+        for b in blocks:
+            ps = [p for p in profiles if p.block == b]
+            ratio[b] = outlier_ratio([p.extra["weight"] for p in ps],
+                                     [p.extra["stats"].act_norm for p in ps], owl_m)
+        d = torch.tensor([ratio[b] for b in blocks])
+        span = float(d.max() - d.min())
+        dn = (d - d.min()) / span if span > 0 else torch.full_like(d, 0.5)
+        per_block = dict(zip(blocks, (target - owl_lambda * (2 * dn - 1)).tolist()))
+        raw = torch.tensor([per_block[p.block] for p in profiles])
+        w = torch.tensor([float(p.params) for p in profiles])
+        # The shift that restores the mean stays inside [S − λ, S + λ], as the paper constrains.
+        s = meet_mean(raw, w, target, max(0.0, target - owl_lambda), min(0.99, target + owl_lambda))
+        return {p.name: float(v) for p, v in zip(profiles, s)}

@@ -1,0 +1,84 @@
+"""Every config option composes; bad values fail fast, naming their key, before a model loads."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from ciuic_lab.compress.base import ConfigError
+from ciuic_lab.config import CONF_DIR, build_stages, compose, validate
+from ciuic_lab.models.loader import ModelNotFound
+
+GROUPS = ["model", "data", "prune", "lowrank", "quant", "eval", "tracker"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "hub"):
+        overrides.append("model.name_or_path=org/name")
+    cfg = compose(overrides)
+    stages = build_stages(cfg)
+    assert len(stages) == sum(1 for s in cfg.stages if "_target_" in (cfg.get(s) or {}))
+
+
+def test_default_run_has_all_three_stages_in_order():
+    assert [m.stage for m in build_stages(compose())] == ["prune", "lowrank", "quant"]
+
+
+def test_stage_order_is_configurable():
+    assert [m.stage for m in build_stages(compose(["stages=[prune,quant,lowrank]"]))] == \
+        ["prune", "quant", "lowrank"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("prune.sparsity=1.0", "prune.sparsity"),
+    ("prune.sparsity=-0.2", "prune.sparsity"),
+    ("prune.pattern=4:4", "prune.pattern"),
+    ("prune.pattern=3:2", "prune.pattern"),
+    ("quant.bits=1", "quant.bits"),
+    ("quant.bits=9", "quant.bits"),
+    ("quant.group_size=0", "quant.group_size"),
+    ("lowrank.mode=sideways", "lowrank.mode"),
+    ("lowrank.ratio=0", "lowrank.ratio"),
+    ("stages=[prune,distill]", "stages"),
+    ("model.name_or_path=/no/such/model", "model.name_or_path"),
+    ("model.name_or_path=not a model", "model.name_or_path"),
+    ("tracker.mode=loud", "tracker.mode"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises((ConfigError, ModelNotFound), match=key.replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_offline_hub_id_not_cached_is_rejected():
+    with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE"):
+        validate(compose(["model=hub", "model.name_or_path=deepseek-ai/DeepSeek-V2-Lite"]))
+
+
+def test_unknown_keys_and_methods_are_rejected_by_composition():
+    with pytest.raises(ConfigCompositionException, match="prune.foo|foo"):
+        compose(["prune.foo=1"])
+    with pytest.raises(ConfigCompositionException, match="wanda-typo|prune"):
+        compose(["prune=wanda-typo"])
+
+
+def test_cli_rejects_bad_value_fast_before_loading(tmp_path):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "ciuic_lab.run", "quant.bits=9",
+                        f"hydra.run.dir={tmp_path}", "tracker=none"],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr
+    assert "quant.bits" in r.stdout + r.stderr
+    assert elapsed < 30  # interpreter + imports; no model is built
+    import json
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["status"] == "failed" and "quant.bits" in res["error"]

@@ -1,0 +1,109 @@
+"""Policies turn a model-wide target into per-layer budgets and meet it."""
+
+import itertools
+
+import pytest
+import torch
+
+from ciuic_lab.compress.policies import LayerProfile, get_policy
+from ciuic_lab.compress.policies.rank import greedy_ranks
+from ciuic_lab.compress.policies.sensitivity import allocate_bits, layer_errors
+from ciuic_lab.compress.stats import LayerStats
+
+
+def _profiles(n_blocks=6, shapes=((64, 64), (128, 64), (64, 128))):
+    out = []
+    for b in range(n_blocks):
+        for j, sh in enumerate(shapes):
+            out.append(LayerProfile(f"l{b}.{j}", "mlp" if j else "attn", sh, b))
+    return out
+
+
+def _wmean(profiles, alloc):
+    tot = sum(p.params for p in profiles)
+    return sum(alloc[p.name] * p.params for p in profiles) / tot
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_depth_linear_meets_mean_and_ramps(target):
+    ps = _profiles()
+    alloc = get_policy("prune", "depth_linear").allocate(ps, target, ramp=0.2)
+    assert _wmean(ps, alloc) == pytest.approx(target, abs=1e-6)
+    assert alloc["l5.0"] > alloc["l0.0"]
+    assert alloc["l5.0"] - alloc["l0.0"] == pytest.approx(0.2, abs=1e-6)
+
+
+def _with_stats(ps, outlier_block):
+    torch.manual_seed(0)
+    for p in ps:
+        w = torch.randn(p.shape)
+        st = LayerStats(p.shape[1], hessian=False)
+        x = torch.randn(256, p.shape[1])
+        if p.block == outlier_block:
+            x[:, :3] *= 40  # a few outlier features, as in LLM activations
+        st.add_batch(x)
+        p.extra.update(weight=w, stats=st)
+    return ps
+
+
+def test_owl_meets_mean_and_spares_the_outlier_block():
+    ps = _with_stats(_profiles(), outlier_block=2)
+    alloc = get_policy("prune", "owl").allocate(ps, 0.7, owl_lambda=0.08, owl_m=5.0)
+    assert _wmean(ps, alloc) == pytest.approx(0.7, abs=1e-6)
+    assert alloc["l2.0"] == min(alloc.values())
+    assert all(0.7 - 0.08 - 1e-9 <= v <= 0.7 + 0.08 + 1e-9 for v in alloc.values())
+
+
+def test_greedy_ranks_respects_budget_and_is_optimal_on_small_case():
+    torch.manual_seed(0)
+    shapes = [(6, 4), (5, 5), (4, 8)]
+    spectra = [torch.sort(torch.rand(min(s)) * (i + 1), descending=True).values
+               for i, s in enumerate(shapes)]
+    budget = 60
+    ranks = greedy_ranks(spectra, shapes, budget)
+    cost = lambda rs: sum(r * (o + i) for r, (o, i) in zip(rs, shapes))  # noqa: E731
+    gain = lambda rs: sum(float((s[:r] ** 2).sum()) for r, s in zip(rs, spectra))  # noqa: E731
+    assert cost(ranks) <= budget
+    best = max((rs for rs in itertools.product(*[range(1, min(s) + 1) for s in shapes])
+                if cost(rs) <= budget), key=gain)
+    assert gain(ranks) >= 0.97 * gain(best)
+
+
+def test_global_rank_policy_meets_parameter_budget():
+    ps = _with_stats(_profiles(n_blocks=2), outlier_block=0)
+    alloc = get_policy("lowrank", "global").allocate(ps, {"ratio": 0.2})
+    used = sum(alloc[p.name]["rank"] * sum(p.shape) for p in ps)
+    total = sum(p.params for p in ps)
+    assert 0.18 * total <= used <= 0.2 * total
+
+
+def test_kind_map():
+    ps = _profiles(n_blocks=1)
+    alloc = get_policy("quant", "kind_map").allocate(ps, 4.0, kind_bits={"attn": 6}, bits=3)
+    assert alloc == {"l0.0": 6, "l0.1": 3, "l0.2": 3}
+
+
+@pytest.mark.parametrize("target", [3.0, 3.5, 4.25])
+def test_sensitivity_meets_mean_bits_and_beats_uniform(target):
+    ps = _profiles(n_blocks=4)
+    torch.manual_seed(1)
+    for p in ps:
+        st = LayerStats(p.shape[1], hessian=True)
+        st.add_batch(torch.randn(128, p.shape[1]) * (10 if p.block == 1 else 1))
+        p.extra.update(weight=torch.randn(p.shape), stats=st)
+    alloc = get_policy("quant", "sensitivity").allocate(ps, target, group_size=32, sym=True)
+    assert abs(_wmean(ps, alloc) - target) <= 0.05
+    errs = [layer_errors(p.extra["weight"], p.extra["stats"].hessian, None, [2, 3, 4, 5, 6, 8], 32, True)
+            for p in ps]
+    ours = sum(e[alloc[p.name]] for e, p in zip(errs, ps))
+    lo, hi = int(target), int(target) + 1  # the best uniform-ish mix without sensitivity
+    uniform = sum(e[lo] for e in errs) if target == lo else None
+    if uniform is not None:
+        assert ours <= uniform
+    assert alloc["l1.0"] >= max(alloc[p.name] for p in ps if p.block != 1 and p.shape == (64, 64))
+
+
+def test_allocate_bits_never_exceeds_budget():
+    errs = [{2: 10.0, 4: 1.0, 8: 0.0}, {2: 5.0, 4: 4.0, 8: 3.0}]
+    bits = allocate_bits(errs, [100, 100], 3.0)
+    assert bits == [4, 2]
