@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, memory (peak and stored bytes), speed."""
