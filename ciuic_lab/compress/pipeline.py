@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.base import Method
+from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.stats import LayerStats, relative_error
@@ -44,14 +45,14 @@ class CompressionReport:
                 "ratio_vs_fp16": 16 / bpp if params else float("nan")}
 
 
+def _block_targets(model: nn.Module) -> list[tuple[int, adapters.Target]]:
+    return [(i, t) for i, block in enumerate(adapters.blocks(model)) for t in adapters.targets(block)]
+
+
 def profile(model: nn.Module) -> list[LayerProfile]:
     """Every compressible weight of the model with its kind and shape, in walk order."""
-    out = []
-    for i, block in enumerate(adapters.blocks(model)):
-        for name, lin in adapters.compressible_linears(block).items():
-            out.append(LayerProfile(f"model.layers.{i}.{name}", adapters.linear_kind(name),
-                                    (lin.out_features, lin.in_features), i))
-    return out
+    return [LayerProfile(f"model.layers.{i}.{t.name}", t.kind, t.shape, i)
+            for i, t in _block_targets(model)]
 
 
 @torch.no_grad()
@@ -59,26 +60,23 @@ def profile_pass(model: nn.Module, profiles: list[LayerProfile], windows: torch.
                  batch_size: int, needs: frozenset[str]) -> None:
     """Fill profiles[i].extra with the dense weight and (if needed) calibration statistics.
 
-    One forward of the uncompressed model over the calibration windows, hooks on every
-    compressible linear: the model-wide facts that global policies (OWL, sensitivity) compare
-    across layers before any layer is changed.
+    One forward of the uncompressed model over the calibration windows, hooks on every target:
+    the model-wide facts that global policies (OWL, sensitivity) compare across layers before
+    any layer is changed.
     """
-    mods = {p.name: model.get_submodule(p.name) for p in profiles}
-    for p in profiles:
-        p.extra["weight"] = mods[p.name].weight.detach()
+    tlist = [t for _, t in _block_targets(model)]
+    for t, p in zip(tlist, profiles):
+        p.extra["weight"] = t.weight.detach()
     if not needs & {"act_norm", "hessian"}:
         return
-    stats = {n: LayerStats(m.in_features, "hessian" in needs, m.weight.device)
-             for n, m in mods.items()}
-    hooks = [m.register_forward_hook(lambda _m, args, _o, s=stats[n]: s.add_batch(args[0]))
-             for n, m in mods.items()]
+    # Targets of different blocks share short names: key stats by the full name.
+    named = [adapters.Target(p.name, t.kind, t.module, t.expert, t.proj)
+             for t, p in zip(tlist, profiles)]
+    stats = {t.name: LayerStats(t.shape[1], "hessian" in needs, t.weight.device) for t in named}
     dev = _device_of(model)
-    try:
+    with adapters.collect_stats(named, stats):
         for start in range(0, windows.shape[0], batch_size):
             model(input_ids=windows[start:start + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
     for p in profiles:
         p.extra["stats"] = stats[p.name]
 
@@ -127,6 +125,31 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def _install(block: nn.Module, packed: dict[str, tuple[adapters.Target, CompressedLinear]]) -> None:
+    """Swap each compressed target into the block; fused experts become CompressedExperts."""
+    experts: dict[str, tuple[nn.Module, dict]] = {}
+    for name, (t, mod) in packed.items():
+        if t.expert is None:
+            _set_submodule(block, name, mod)
+        else:
+            owner = name.rsplit(".", 2)[0]
+            experts.setdefault(owner, (t.module, {}))[1][(t.expert, t.proj)] = mod
+    for owner, (orig, parts) in experts.items():
+        n = orig.gate_up_proj.shape[0]
+        _set_submodule(block, owner, CompressedExperts(
+            [parts[(e, "gate_up_proj")] for e in range(n)],
+            [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
+
+
+def _fallback_stats(t: adapters.Target, moe_inputs: list[torch.Tensor], hessian: bool) \
+        -> LayerStats:
+    """Statistics of an expert from every token that entered its MoE layer (not only its own)."""
+    st = LayerStats(t.shape[1], hessian, t.weight.device)
+    for x in moe_inputs:
+        st.add_batch(x if t.proj == "gate_up_proj" else adapters.expert_intermediate(t.module, t.expert, x))
+    return st
+
+
 def store_dtype_for(model: nn.Module) -> torch.dtype:
     """16-bit parts keep the model's dtype when it is 16-bit, else fp16."""
     dt = next(model.parameters()).dtype
@@ -135,10 +158,15 @@ def store_dtype_for(model: nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method],
-                   batch_size: int = 1, progress: bool = True) -> CompressionReport:
+                   batch_size: int = 1, progress: bool = True,
+                   min_expert_tokens: int = 16) -> CompressionReport:
     """Compress `model` in place with `stages` (in order), calibrating on `windows` (n, seqlen).
 
-    Returns the per-layer report; the model's compressible linears become CompressedLinear.
+    Routed experts calibrate on the tokens their router sends them. An expert that received fewer
+    than `min_expert_tokens` tokens falls back to statistics from every token entering its MoE
+    layer (its weights still define the down projection's inputs); the report marks it
+    (`fallback`) and records each expert's own token count (`calib_tokens`).
+    Returns the per-layer report; targets become CompressedLinear / CompressedExperts.
     """
     t0 = time.perf_counter()
     profiles = profile(model)
@@ -158,35 +186,36 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
-        linears = adapters.compressible_linears(block)
+        tlist = adapters.targets(block)
         dev = _device_of(block)
-        stats = {n: LayerStats(lin.in_features, want_hessian, dev) for n, lin in linears.items()}
-        hooks = [lin.register_forward_hook(
-            lambda _m, args, _o, s=stats[n]: s.add_batch(args[0])) for n, lin in linears.items()]
-        try:
+        stats = {t.name: LayerStats(t.shape[1], want_hessian, dev) for t in tlist}
+        moe_inputs: dict = {}
+        with adapters.collect_stats(tlist, stats, moe_inputs):
             _run_block(block, inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, lin in linears.items():
-            full = f"model.layers.{i}.{name}"
-            state = LayerState.from_linear(lin.weight, lin.bias)
+        packed = {}
+        for t in tlist:
+            full = f"model.layers.{i}.{t.name}"
+            st = stats[t.name]
+            fallback = t.expert is not None and st.tokens < min_expert_tokens
+            if fallback:
+                st = _fallback_stats(t, moe_inputs[t.module], want_hessian)
+            state = LayerState.from_linear(t.weight, t.bias)
             for stage in stages:
-                stage.apply(state, stats[name], report.allocations[stage.stage][full])
-            packed = CompressedLinear.pack(state, store_dtype).to(dev)
+                stage.apply(state, st, report.allocations[stage.stage][full])
+            layer = CompressedLinear.pack(state, store_dtype).to(dev)
             report.layers.append({
-                "name": full, "kind": adapters.linear_kind(name),
-                "out": lin.out_features, "in": lin.in_features, "params": packed.params,
-                "bytes": packed.nbytes(), "bits_per_param": 8 * packed.nbytes() / packed.params,
+                "name": full, "kind": t.kind, "out": t.shape[0], "in": t.shape[1],
+                "params": layer.params, "bytes": layer.nbytes(),
+                "bits_per_param": 8 * layer.nbytes() / layer.params,
                 "sparsity": state.info.get("sparsity", 0.0), "rank": state.info.get("rank", 0),
                 "bits": state.info.get("bits", 16),
-                "rel_error": relative_error(state.weight, packed.dequantized_weight(),
-                                            stats[name]),
-                "calib_tokens": stats[name].tokens,
+                "rel_error": relative_error(state.weight, layer.dequantized_weight(), st),
+                "calib_tokens": stats[t.name].tokens, "fallback": fallback,
             })
-            _set_submodule(block, name, packed)
+            packed[t.name] = (t, layer)
             del state
-        del stats
+        _install(block, packed)
+        del stats, moe_inputs, packed
         # Feed the next block with what the compressed block really outputs.
         outs = _run_block(block, inputs)
         inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs)]

@@ -1,0 +1,45 @@
+"""CompressedExperts: routed experts of a MoE layer, each projection a packed CompressedLinear.
+
+Replaces a fused experts module (3-D `gate_up_proj`, `down_proj`) after compression. Expert e's
+projections live at `<experts>.<e>.gate_up_proj` / `.down_proj`, the same names the report uses.
+The routing inputs are unchanged (the router stays dense), and the forward is the eager
+per-expert loop of transformers' DeepSeek experts, so outputs equal a dense model holding the
+dequantised experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ciuic_lab.compress.linear import CompressedLinear
+
+
+class _Expert(nn.Module):
+    def __init__(self, gate_up_proj: CompressedLinear, down_proj: CompressedLinear):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj  # (2I, H)
+        self.down_proj = down_proj  # (H, I)
+
+
+class CompressedExperts(nn.Module):
+    def __init__(self, gate_up: list[CompressedLinear], down: list[CompressedLinear], act_fn):
+        super().__init__()
+        self.num_experts = len(gate_up)
+        for e, (gu, d) in enumerate(zip(gate_up, down)):
+            self.add_module(str(e), _Expert(gu, d))
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            expert = getattr(self, str(e))
+            token_idx, k_pos = torch.where(top_k_index == e)
+            gate, up = expert.gate_up_proj(hidden_states[token_idx]).chunk(2, dim=-1)
+            y = expert.down_proj(self.act_fn(gate) * up)
+            y = y * top_k_weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

@@ -1,0 +1,105 @@
+"""The block walk on tiny random DeepSeek-V3 and Llama models."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.lowrank.svd import SVD
+from ciuic_lab.compress.pipeline import compress_model, profile
+from ciuic_lab.compress.prune.magnitude import Magnitude
+from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.eval.memory import stored_bytes
+from ciuic_lab.models import adapters, tiny
+
+ARCHS = list(tiny.CONFIGS)
+
+
+def _stages():
+    return [Magnitude(0.5), SVD(mode="residual", ratio=0.1), RTN(4, 32, sym=False)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_attention_mlp_and_shared_expert_linear_is_packed(arch):
+    model = tiny.build(arch, vocab=256)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before.update({n: b.clone() for n, b in model.named_buffers()})
+    names = [p.name for p in profile(model)]
+    windows = torch.randint(0, 256, (4, 32))
+    report = compress_model(model, windows, _stages(), batch_size=2, progress=False)
+    assert [r["name"] for r in report.layers] == names
+    for name in names:
+        assert isinstance(model.get_submodule(name), CompressedLinear), name
+    kinds = {r["kind"] for r in report.layers}
+    assert {"attn", "mlp"} <= kinds
+    if "deepseek" in arch:
+        assert {"shared_expert", "expert"} <= kinds
+        # every routed expert of every MoE layer is packed, two projections each
+        n_moe = sum(1 for b in model.model.layers if hasattr(b.mlp, "gate"))
+        assert sum(r["kind"] == "expert" for r in report.layers) == n_moe * 8 * 2
+    # routers (weight and correction bias), norms, embeddings and head are bit-identical
+    after = dict(model.named_parameters())
+    after.update(dict(model.named_buffers()))
+    for n, p in before.items():
+        if any(k in n for k in ("mlp.gate.", "norm", "embed", "lm_head")):
+            assert torch.equal(after[n], p), n
+    assert all(r["calib_tokens"] == 4 * 32 for r in report.layers if r["kind"] != "expert")
+    experts = [r for r in report.layers if r["kind"] == "expert"]
+    # top-2 of 8 routing: per-expert token counts add up to 2 tokens' worth per MoE layer
+    by_layer = {}
+    for r in experts[::2]:
+        by_layer.setdefault(r["name"].split(".mlp")[0], 0)
+        by_layer[r["name"].split(".mlp")[0]] += r["calib_tokens"]
+    assert all(v == 2 * 4 * 32 for v in by_layer.values())
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in report.layers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outputs_equal_dense_model_holding_dequantised_weights(arch):
+    model = tiny.build(arch, vocab=256)
+    dense = copy.deepcopy(model)
+    compress_model(model, torch.randint(0, 256, (2, 16)), _stages(), progress=False)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, CompressedLinear):
+            continue
+        if ".experts." in name:  # fused 3-D parameter in the dense model: write expert e's slice
+            owner, e, proj = name.rsplit(".", 2)
+            getattr(dense.get_submodule(owner), proj).data[int(e)] = mod.dequantized_weight()
+        else:
+            lin: nn.Linear = dense.get_submodule(name)
+            lin.weight.data = mod.dequantized_weight(torch.float32)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        a, b = model(x).logits, dense(x).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+def test_stored_bytes_shrink_by_what_the_layers_save():
+    model = tiny.build("tiny-random-llama", vocab=256)
+    dense_bytes = stored_bytes(model)
+    lin_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n.startswith("model.layers"))
+    report = compress_model(model, torch.randint(0, 256, (2, 16)), [Magnitude(0.5), RTN(4, 32)],
+                            progress=False)
+    assert stored_bytes(model) == dense_bytes - lin_bytes + report.totals()["bytes"]
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(adapters.UnsupportedModel, match="deepseek_v3"):
+        profile(m)
+
+
+def test_starved_experts_fall_back_and_are_reported():
+    model = tiny.build("tiny-random-deepseek-v3", vocab=256)
+    report = compress_model(model, torch.randint(0, 256, (1, 8)), [RTN(4, 32)], progress=False,
+                            min_expert_tokens=10**6)
+    experts = [r for r in report.layers if r["kind"] == "expert"]
+    assert experts and all(r["fallback"] for r in experts)
+    assert all(not r["fallback"] for r in report.layers if r["kind"] != "expert")
+    out = model(torch.randint(0, 256, (1, 8))).logits
+    assert torch.isfinite(out).all()
