@@ -162,7 +162,6 @@ def test_peak_memory_cuda():
 
 
 def test_tokens_per_second_positive_and_counts_tokens(llama, monkeypatch):
-    import ciuic_lab.eval.speed as S
 
     windows = torch.randint(0, VOCAB, (20, 16))
     calls = []

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import torch
+from typing_extensions import Self
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -74,7 +75,7 @@ class PeakMemory:
         self.peak_bytes: int | None = None
         self._sampler: _RssSampler | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
