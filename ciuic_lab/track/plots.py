@@ -1,0 +1,109 @@
+"""Pareto plot of a sweep: every ok run, the frontier as a staircase, dense baseline.
+
+Draws on an Agg canvas directly (no pyplot), so it never changes the backend of a notebook or
+GUI session that calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def varying_config_columns(df: pd.DataFrame) -> list[str]:
+    """cfg.* columns whose value differs between rows: what a sweep changed."""
+    cols = []
+    for c in df.columns:
+        if c.startswith("cfg.") and df[c].astype(str).nunique(dropna=False) > 1:
+            cols.append(c)
+    return cols
+
+
+def point_labels(df: pd.DataFrame, label_cols: Sequence[str] | None = None,
+                 short: bool = False) -> list[str]:
+    """A label per row: its overrides if known, else the varying config values. `short` drops
+    the group prefix of each key (prune.sparsity -> sparsity) where that stays unambiguous."""
+    if label_cols is None and "overrides" in df.columns and df["overrides"].notna().all():
+        labels = [str(v) or "default" for v in df["overrides"]]
+    else:
+        cols = varying_config_columns(df) if label_cols is None else list(label_cols)
+        labels = [",".join(str(r[c]) if c == "overrides" else f"{c.removeprefix('cfg.')}="
+                           f"{_short(r[c])}" for c in cols) for _, r in df.iterrows()]
+    return _drop_prefixes(labels) if short else labels
+
+
+_KEY = re.compile(r"(?<![\w.])((?:[\w-]+\.)+)([\w-]+)=")
+
+
+def _drop_prefixes(labels: list[str]) -> list[str]:
+    full = {m.group(1) + m.group(2) for lab in labels for m in _KEY.finditer(lab)}
+    leaves = [k.rsplit(".", 1)[-1] for k in full]
+    if len(set(leaves)) != len(leaves):
+        return labels  # two groups share a leaf name (e.g. prune.bits, quant.bits): keep them
+    return [_KEY.sub(lambda m: m.group(2) + "=", lab) for lab in labels]
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def pareto_plot(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, path: str | Path,
+                label_cols: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Save a PNG of y against x for the ok rows of df, with `front` drawn as a staircase."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ok = df
+    if "status" in df.columns:
+        ok = df[df["status"] == "ok"]
+    if x in ok.columns and y in ok.columns:
+        xs = pd.to_numeric(ok[x], errors="coerce")
+        ys = pd.to_numeric(ok[y], errors="coerce")
+        good = xs.map(math.isfinite) & ys.map(math.isfinite)
+        ok, xs, ys = ok[good], xs[good], ys[good]
+    else:
+        ok = ok.iloc[0:0]
+        xs = ys = pd.Series(dtype=float)
+
+    if ok.empty:
+        ax.text(0.5, 0.5, "no successful runs with finite values", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7, label="runs", zorder=2)
+        for label, px, py in zip(point_labels(ok, label_cols, short=True), xs, ys):
+            ax.annotate(label, (px, py), xytext=(3, 3), textcoords="offset points", fontsize=6,
+                        alpha=0.8)
+        if not front.empty:
+            fx = pd.to_numeric(front[x]).to_numpy()
+            fy = pd.to_numeric(front[y]).to_numpy()
+            ax.step(fx, fy, where="post", color="tab:red", lw=1.5, label="Pareto frontier",
+                    zorder=3)
+            ax.scatter(fx, fy, s=30, color="tab:red", zorder=4)
+        dense_col = f"{y}_dense"
+        if dense_col in ok.columns:
+            dense = pd.to_numeric(ok[dense_col], errors="coerce").dropna()
+            dense = dense[dense.map(math.isfinite)]
+            if not dense.empty:
+                ax.axhline(float(dense.median()), color="gray", ls="--", lw=1,
+                           label=f"dense ({float(dense.median()):.3g})")
+                ys = pd.concat([ys, dense])
+        lo, hi = float(ys.min()), float(ys.max())
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(True, alpha=0.3, which="both")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
