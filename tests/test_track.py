@@ -319,3 +319,45 @@ def test_point_labels():
     no_ov = df.assign(overrides=None)  # not run by Hydra: what varies across the runs
     assert point_labels(no_ov) == ["quant.bits=4", "quant.bits=8"]
     assert point_labels(no_ov, label_cols=["cfg.seed"]) == ["seed=0", "seed=0"]
+
+
+APP = '''
+import hydra
+from omegaconf import OmegaConf
+from ciuic_lab.track.result import write_result
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="cfg")
+def main(cfg):
+    from hydra.core.hydra_config import HydraConfig
+    bits = cfg.quant.bits
+    write_result(HydraConfig.get().runtime.output_dir, config=OmegaConf.to_container(cfg),
+                 metrics={"size/bits_per_param": float(bits), "ppl/wikitext2": 100.0 / bits},
+                 layers=[], status="ok", error=None)
+
+main()
+'''
+
+CFG = '''
+quant: {bits: 4}
+tracker: {mode: disabled, project: p, group: null}
+hydra:
+  sweep: {dir: SWEEP, subdir: "${hydra.job.num}"}
+  callbacks:
+    sweep_summary: {_target_: ciuic_lab.track.callback.SweepSummary}
+'''
+
+
+def test_callback_in_a_real_hydra_multirun(tmp_path):
+    import subprocess
+
+    sweep = tmp_path / "multirun" / "day" / "time"
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "cfg.yaml").write_text(CFG.replace("SWEEP", str(sweep)))
+    (tmp_path / "app.py").write_text(APP)
+    proc = subprocess.run([sys.executable, "app.py", "-m", "quant.bits=2,4,8"], cwd=tmp_path, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 runs, 3 ok, 0 failed" in proc.stdout
+    front = pd.read_parquet(sweep / "pareto.parquet")
+    assert list(front["overrides"]) == ["quant.bits=2", "quant.bits=4", "quant.bits=8"]
+    assert (sweep / "pareto.png").exists()
