@@ -56,7 +56,8 @@ def dense_baseline(cfg: DictConfig, model, windows, batch_size: int, progress: b
     return out
 
 
-def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None) -> dict:
+def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
+            overrides: list[str] | None = None) -> dict:
     """Run one configured job; returns the metrics. Writes out_dir/result.json in every case."""
     from ciuic_lab.track.result import write_result
 
@@ -77,33 +78,39 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None) -
         tracker = Tracker(mode=cfg.tracker.mode, project=cfg.tracker.project,
                           group=cfg.tracker.group, name=job_name, config=config, dir=str(out_dir),
                           entity=cfg.tracker.get("entity"), tags=list(cfg.tracker.get("tags") or []))
-        metrics, layers = _measure(cfg, stages)
+        metrics, layers = _measure(cfg, stages, out_dir)
         tracker.log(metrics)
         tracker.log_table("layers", layers)
-        write_result(out_dir, config=config, metrics=metrics, layers=layers, status="ok", error=None)
+        write_result(out_dir, config=config, metrics=metrics, layers=layers, status="ok", error=None,
+                     extra={"overrides": list(overrides or [])})
         _print_summary(metrics)
         return metrics
     except BaseException as e:
         write_result(out_dir, config=config, metrics=metrics, layers=layers, status="failed",
-                     error="".join(traceback.format_exception(type(e), e, e.__traceback__)))
+                     error="".join(traceback.format_exception(type(e), e, e.__traceback__)),
+                     extra={"overrides": list(overrides or [])})
         raise
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def _measure(cfg: DictConfig, stages) -> tuple[dict, list[dict]]:
+def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict]]:
     from ciuic_lab.api import calibration
     from ciuic_lab.compress.pipeline import compress_model
     from ciuic_lab.data.wikitext import test_windows
     from ciuic_lab.eval.memory import PeakMemory, stored_bytes
     from ciuic_lab.eval.perplexity import perplexity
     from ciuic_lab.eval.speed import tokens_per_second
-    from ciuic_lab.models.loader import load
+    from ciuic_lab.models.loader import load, pick_device, pick_dtype
 
     torch.manual_seed(int(cfg.seed))
     progress = bool(cfg.progress)
-    model, tok = load(cfg.model.name_or_path, dtype=cfg.model.dtype, device=cfg.device,
+    device = pick_device(cfg.device)
+    # Layer-by-layer: the model waits on CPU, one block at a time is compressed on `device`.
+    offload = bool(cfg.compress.offload) and device.type != "cpu"
+    model, tok = load(cfg.model.name_or_path, dtype=pick_dtype(cfg.model.dtype, device),
+                      device="cpu" if offload else str(device),
                       trust_remote_code=cfg.model.trust_remote_code,
                       experts_implementation=cfg.model.experts_implementation,
                       seed=int(cfg.seed), revision=cfg.model.revision)
@@ -118,14 +125,26 @@ def _measure(cfg: DictConfig, stages) -> tuple[dict, list[dict]]:
                      "eval/tokens": int(windows.shape[0] * (seqlen - 1))}
     dense_params = sum(p.numel() for p in model.parameters())
     metrics["mem/weight_bytes_dense"] = stored_bytes(model)
-    if cfg.eval.dense_baseline:
+    if cfg.eval.dense_baseline and not offload:
         metrics.update(dense_baseline(cfg, model, windows, bs, progress))
 
     calib = calibration(tok, cfg)
     t0 = time.perf_counter()
-    report = compress_model(model, calib, stages, batch_size=int(cfg.compress.batch_size),
-                            progress=progress)
+    with PeakMemory(device) as cpm:
+        report = compress_model(model, calib, stages, batch_size=int(cfg.compress.batch_size),
+                                progress=progress, device=device,
+                                min_expert_tokens=int(cfg.compress.min_expert_tokens))
     metrics["time/compress_s"] = time.perf_counter() - t0
+    metrics["mem/compress_peak_bytes"] = cpm.peak_bytes
+    model.to(device)  # packed: fits where the dense model may not
+    if cfg.save:
+        from ciuic_lab.compress.checkpoint import save
+
+        save(model, out_dir / "compressed", tokenizer=tok, run_config=to_container(cfg))
+    experts = [r for r in report.layers if r["kind"] == "expert"]
+    if experts:
+        metrics["calib/expert_tokens_min"] = min(r["calib_tokens"] for r in experts)
+        metrics["calib/experts_fallback"] = sum(r["fallback"] for r in experts)
 
     dev = next(model.parameters()).device
     t0 = time.perf_counter()

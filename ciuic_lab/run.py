@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> float | None:
             cfg.tracker.group = sweep_group(hc.sweep.dir)
     name = ",".join(hc.overrides.task) or "default"
     try:
-        metrics = run_job(cfg, hc.runtime.output_dir, job_name=name)
+        metrics = run_job(cfg, hc.runtime.output_dir, job_name=name,
+                          overrides=list(hc.overrides.task))
         return metrics.get("ppl/wikitext2")
     except (ConfigError, ModelNotFound) as e:
         log.error("invalid config: %s", e)

@@ -96,7 +96,7 @@ def test_sensitivity_meets_mean_bits_and_beats_uniform(target):
     errs = [layer_errors(p.extra["weight"], p.extra["stats"].hessian, None, [2, 3, 4, 5, 6, 8], 32, True)
             for p in ps]
     ours = sum(e[alloc[p.name]] for e, p in zip(errs, ps))
-    lo, hi = int(target), int(target) + 1  # the best uniform-ish mix without sensitivity
+    lo = int(target)
     uniform = sum(e[lo] for e in errs) if target == lo else None
     if uniform is not None:
         assert ours <= uniform

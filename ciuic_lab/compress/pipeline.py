@@ -86,10 +86,17 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) \
-        -> list[tuple[torch.Tensor, dict]]:
-    """[(hidden_states, kwargs)] entering block 0, one per calibration batch."""
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                         device: torch.device | None = None) -> list[tuple[torch.Tensor, dict]]:
+    """[(hidden_states, kwargs)] entering block 0, one per calibration batch, on `device`.
+
+    Only what runs before block 0 (embeddings, rotary tables) moves to `device`; the forward is
+    stopped at block 0, so the rest of the model may stay where it is (offloaded).
+    """
     first = adapters.blocks(model)[0]
+    home = _device_of(model)
+    device = device or home
+    pre = [m for m in (model.model.embed_tokens, getattr(model.model, "rotary_emb", None)) if m]
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def grab(_mod, args, kwargs):
@@ -100,15 +107,18 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
         raise _StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    dev = _device_of(model)
+    for m in pre:
+        m.to(device)
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
-                model(input_ids=windows[start:start + batch_size].to(dev), use_cache=False)
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
+        for m in pre:
+            m.to(home)
     return captured
 
 
@@ -159,13 +169,18 @@ def store_dtype_for(model: nn.Module) -> torch.dtype:
 @torch.no_grad()
 def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method],
                    batch_size: int = 1, progress: bool = True,
-                   min_expert_tokens: int = 16) -> CompressionReport:
+                   min_expert_tokens: int = 16,
+                   device: str | torch.device | None = None) -> CompressionReport:
     """Compress `model` in place with `stages` (in order), calibrating on `windows` (n, seqlen).
 
     Routed experts calibrate on the tokens their router sends them. An expert that received fewer
     than `min_expert_tokens` tokens falls back to statistics from every token entering its MoE
     layer (its weights still define the down projection's inputs); the report marks it
     (`fallback`) and records each expert's own token count (`calib_tokens`).
+    `device`: where blocks are compressed. If it differs from where the model lives (e.g. the
+    model on CPU, device="cuda"), the walk is layer-by-layer: one block at a time moves to
+    `device` with the calibration activations and goes back compressed, so the working memory
+    on `device` is about one block plus activations, not the model.
     Returns the per-layer report; targets become CompressedLinear / CompressedExperts.
     """
     t0 = time.perf_counter()
@@ -181,13 +196,14 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
     want_hessian = any("hessian" in s.needs for s in stages)
     store_dtype = store_dtype_for(model)
 
-    inputs = capture_block_inputs(model, windows, batch_size)
+    home = _device_of(model)
+    dev = torch.device(device) if device is not None else home
+    inputs = capture_block_inputs(model, windows, batch_size, dev)
     blocks = adapters.blocks(model)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
-        block = blocks[i]
+        block = blocks[i].to(dev)
         tlist = adapters.targets(block)
-        dev = _device_of(block)
         stats = {t.name: LayerStats(t.shape[1], want_hessian, dev) for t in tlist}
         moe_inputs: dict = {}
         with adapters.collect_stats(tlist, stats, moe_inputs):
@@ -219,5 +235,6 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
         # Feed the next block with what the compressed block really outputs.
         outs = _run_block(block, inputs)
         inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs)]
+        block.to(home)
     report.seconds = time.perf_counter() - t0
     return report

@@ -65,7 +65,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         # bf16 on GPUs; fp32 on CPU where bf16 matmuls are slow and tests want exactness.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -80,7 +82,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
 
 
-def load(name_or_path: str, dtype: str = "auto", device: str = "auto",
+def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "auto",
          trust_remote_code: bool = False, experts_implementation: str | None = None,
          seed: int = 0, revision: str | None = None):
     """(model, tokenizer), model in eval mode on `device`."""

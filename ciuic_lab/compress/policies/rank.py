@@ -52,15 +52,15 @@ def greedy_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], bud
     ranks = [1] * len(shapes)
     left = budget - sum(cost)
     cand = []
-    for l, s in enumerate(spectra):
+    for li, s in enumerate(spectra):
         e = s.double() ** 2
-        for r in range(1, min(shapes[l])):
-            cand.append((float(e[r]) / cost[l], l))
+        for r in range(1, min(shapes[li])):
+            cand.append((float(e[r]) / cost[li], li))
     cand.sort(key=lambda t: -t[0])
-    for _, l in cand:  # gains within a layer are already in order, so this takes prefixes
-        if cost[l] <= left:
-            ranks[l] += 1
-            left -= cost[l]
+    for _, li in cand:  # gains within a layer are already in order, so this takes prefixes
+        if cost[li] <= left:
+            ranks[li] += 1
+            left -= cost[li]
     return ranks
 
 

@@ -40,16 +40,16 @@ def allocate_bits(errors: list[dict[int, float]], params: list[int], target: flo
     used = sum(p * cands[0] for p in params)
     while True:
         best, best_gain = None, 0.0
-        for l, e in enumerate(errors):
-            if level[l] + 1 >= len(cands):
+        for li, e in enumerate(errors):
+            if level[li] + 1 >= len(cands):
                 continue
-            b0, b1 = cands[level[l]], cands[level[l] + 1]
-            extra = (b1 - b0) * params[l]
+            b0, b1 = cands[level[li]], cands[level[li] + 1]
+            extra = (b1 - b0) * params[li]
             if used + extra > budget + 1e-9:
                 continue
             gain = (e[b0] - e[b1]) / extra
             if best is None or gain > best_gain:
-                best, best_gain = l, gain
+                best, best_gain = li, gain
         if best is None:
             return [cands[i] for i in level]
         used += (cands[level[best] + 1] - cands[level[best]]) * params[best]
