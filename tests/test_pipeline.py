@@ -103,3 +103,47 @@ def test_starved_experts_fall_back_and_are_reported():
     assert all(not r["fallback"] for r in report.layers if r["kind"] != "expert")
     out = model(torch.randint(0, 256, (1, 8))).logits
     assert torch.isfinite(out).all()
+
+
+_RSS_PROBE = """
+import gc, json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from ciuic_lab.compress.pipeline import compress_model
+from ciuic_lab.compress.prune.magnitude import Magnitude
+from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.eval.memory import PeakMemory
+torch.set_num_threads(1)
+layers = int(sys.argv[1])
+cfg = LlamaConfig(vocab_size=256, hidden_size=384, intermediate_size=1024,
+                  num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=6)
+model = LlamaForCausalLM(cfg).eval()
+dense = sum(p.numel() * p.element_size() for p in model.parameters())
+windows = torch.randint(0, 256, (4, 64))
+model(windows[:1])  # warm up kernels and allocator outside the measurement
+gc.collect()
+with PeakMemory("cpu") as before:
+    pass
+with PeakMemory("cpu") as pm:
+    compress_model(model, windows, [Magnitude(0.5), RTN(4, 128)], progress=False)
+print(json.dumps({"extra": pm.peak_bytes - before.peak_bytes, "dense": dense}))
+"""
+
+
+def _rss_extra_during_compress(layers: int) -> dict:
+    """Peak RSS during compression above the RSS before it, in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(layers)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_walk_working_memory_does_not_grow_with_depth():
+    """Compression holds one block's working state at a time: 4x the layers, not 4x the memory."""
+    m4, m16 = _rss_extra_during_compress(4), _rss_extra_during_compress(16)
+    assert m16["dense"] > 3.5 * m4["dense"]
+    # the model grew by 4x; the working memory beyond it must grow far less
+    assert m16["extra"] < 0.5 * m16["dense"], (m4, m16)
+    assert m16["extra"] < 2.0 * max(m4["extra"], 8 * 2**20), (m4, m16)

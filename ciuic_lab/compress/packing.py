@@ -45,6 +45,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: the first n codes as int32 (1-D)."""
     if bits == 8:
         return packed[:n].to(torch.int32)
+    if 8 % bits == 0:
+        # Whole codes per byte (1, 2, 4 bits): shift each byte once per code it holds, which
+        # avoids the 8-ints-per-byte bit stream on the forward path.
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:n]
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     stream = ((packed.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
