@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ciuic_lab.data.tokens import cached_ids
+from ciuic_lab.models.wikistyle import hf_stream
 
 CALIB_DIR = Path(__file__).parent / "bundled" / "wikipedia-calib"
 SOURCES = {"wikipedia": CALIB_DIR / "wikipedia-calib.txt"}
@@ -34,6 +35,10 @@ def source_path(source: str) -> Path:
 def calibration_ids(tokenizer, source: str = "wikipedia") -> torch.Tensor:
     """All token ids of the source text (no special tokens), 1-D; cached per tokenizer."""
     p = source_path(source)
+    if source in SOURCES:
+        # Bundled WikiText-style text is fed in the evaluation layout, the models' input format.
+        return cached_ids(tokenizer, f"calib:{source}",
+                          lambda: hf_stream(p.read_text(encoding="utf-8")))
     return cached_ids(tokenizer, f"calib:{p.resolve()}", lambda: p.read_text(encoding="utf-8"))
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from ciuic_lab.data.tokens import cached_ids
+from ciuic_lab.models.wikistyle import hf_rows
 
 TEST_FILE = Path(__file__).parent / "bundled" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def wikitext2_test_rows() -> list[str]:
     """The 4,358 rows of the HF test split: each line with its "\\n"; blank (" ") lines are ""."""
-    lines = TEST_FILE.read_text(encoding="utf-8").split("\n")[:-1]  # the file ends with "\n"
-    return [line + "\n" if line.strip() else "" for line in lines]
+    return hf_rows(TEST_FILE.read_text(encoding="utf-8"))
 
 
 @functools.cache

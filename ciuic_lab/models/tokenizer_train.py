@@ -11,6 +11,7 @@ offline as a fast tokenizer. Depends only on `tokenizers` and `transformers`.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -49,11 +50,16 @@ def save_pretrained(tok, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
+    # transformers 5 writes its internal class name; the public alias also loads in 4.x.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from ciuic_lab.models.wikistyle import read_corpus
+    from ciuic_lab.models.wikistyle import hf_stream, read_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="directory of .md/.txt Wikipedia pages")
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
 
     pages = read_corpus(args.corpus)
-    tok = train_bpe((text for _, text in pages), args.vocab, args.min_frequency)
+    # Trained on the evaluation layout (rows joined by blank lines) so its newline runs get merges.
+    tok = train_bpe((hf_stream(text) for _, text in pages), args.vocab, args.min_frequency)
     out = save_pretrained(tok, args.out)
     print(f"tokenizer: vocab {tok.get_vocab_size()} from {len(pages)} pages -> {out}")
     return out
