@@ -183,8 +183,12 @@ class QuantMethod(Method):
         return float(self.avg_bits if self.avg_bits is not None else self.bits)
 
     def quant_target(self, state: LayerState):
+        # Keep what a prune stage reconstructed (SparseGPT updates the kept weights); with a
+        # low-rank part, the base must carry what U·V does not.
         lr = state.lowrank_weight()
-        return state.weight if lr is None else state.weight - lr
+        if lr is None:
+            return state.base if state.base is not None else state.weight
+        return state.weight - lr
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         bits = int(budget)
