@@ -1,11 +1,13 @@
-"""ciuic_lab: compress DeepSeek language models (pruning, low-rank, quantisation), measured."""
+"""ciuic_lab: compress DeepSeek language models (pruning, low-rank, quantisation), measured.
+
+    import ciuic_lab
+    model, tok = ciuic_lab.load("tiny-random-deepseek-v3")
+    model, report = ciuic_lab.compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4"])
+"""
+
+from ciuic_lab import compress  # noqa: F401  (callable: see ciuic_lab/compress/__init__.py)
 
 __version__ = "0.1.0"
-
-
-def compress(*args, **kwargs):
-    from ciuic_lab.api import compress as _compress
-    return _compress(*args, **kwargs)
 
 
 def load(*args, **kwargs):
