@@ -78,11 +78,13 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
         tracker = Tracker(mode=cfg.tracker.mode, project=cfg.tracker.project,
                           group=cfg.tracker.group, name=job_name, config=config, dir=str(out_dir),
                           entity=cfg.tracker.get("entity"), tags=list(cfg.tracker.get("tags") or []))
-        metrics, layers = _measure(cfg, stages, out_dir)
+        metrics, layers, generations = _measure(cfg, stages, out_dir)
         tracker.log(metrics)
         tracker.log_table("layers", layers)
+        if generations:
+            tracker.log_table("generations", generations)
         write_result(out_dir, config=config, metrics=metrics, layers=layers, status="ok", error=None,
-                     extra={"overrides": list(overrides or [])})
+                     extra={"overrides": list(overrides or []), "generations": generations})
         _print_summary(metrics)
         return metrics
     except BaseException as e:
@@ -95,7 +97,29 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
             tracker.finish()
 
 
-def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict]]:
+def _lm_eval(cfg: DictConfig, model, tok, dense: bool) -> dict:
+    """Task accuracies (lm-eval, in-process); the dense model's are cached on disk."""
+    from ciuic_lab.eval.lm_eval_bridge import cached_dense_accuracy, evaluate_tasks
+
+    le = cfg.eval.lm_eval
+    kw = dict(batch_size=int(le.batch_size), limit=le.limit, include_path=le.include_path,
+              num_fewshot=int(le.num_fewshot), max_length=le.max_length, progress=bool(cfg.progress))
+    tasks = list(le.tasks)
+
+    def run():
+        return evaluate_tasks(model, tok, tasks, **kw)
+
+    if not dense:
+        return run()
+    from ciuic_lab.models.loader import resolve
+
+    key = [*resolve(cfg.model.name_or_path), str(cfg.model.revision), str(cfg.seed),
+           str(next(model.parameters()).dtype), json.dumps(tasks), json.dumps(kw, default=str)]
+    out = cached_dense_accuracy(key, run, include_path=le.include_path)
+    return {f"{k}_dense": v for k, v in out.items()}
+
+
+def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     from ciuic_lab.api import calibration
     from ciuic_lab.compress.pipeline import compress_model
     from ciuic_lab.data.wikitext import test_windows
@@ -127,6 +151,12 @@ def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict]]:
     metrics["mem/weight_bytes_dense"] = stored_bytes(model)
     if cfg.eval.dense_baseline and not offload:
         metrics.update(dense_baseline(cfg, model, windows, bs, progress))
+    le, gen = cfg.eval.lm_eval, cfg.eval.generate
+    if le.enabled and le.dense_baseline and not offload:
+        metrics.update(_lm_eval(cfg, model, tok, dense=True))
+    if gen.enabled and not offload:
+        from ciuic_lab.eval.generate import greedy_continuations
+        dense_text = greedy_continuations(model, tok, list(gen.prompts), int(gen.max_new_tokens))
 
     calib = calibration(tok, cfg)
     t0 = time.perf_counter()
@@ -156,6 +186,16 @@ def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict]]:
     if cfg.eval.speed:
         metrics["speed/tokens_per_s"] = tokens_per_second(
             model, windows, batch_size=1, max_windows=int(cfg.eval.speed_windows))
+    if le.enabled:
+        t0 = time.perf_counter()
+        metrics.update(_lm_eval(cfg, model, tok, dense=False))
+        metrics["time/lm_eval_s"] = time.perf_counter() - t0
+    generations: list[dict] = []
+    if gen.enabled:
+        from ciuic_lab.eval.generate import greedy_continuations, side_by_side
+        comp_text = greedy_continuations(model, tok, list(gen.prompts), int(gen.max_new_tokens))
+        generations = side_by_side(list(gen.prompts),
+                                   dense_text if not offload else [""] * len(comp_text), comp_text)
 
     totals = report.totals()
     weight_bytes = stored_bytes(model)
@@ -171,7 +211,7 @@ def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict]]:
     })
     for stage, alloc in report.allocations.items():
         metrics[f"alloc/{stage}"] = _mean_budget(alloc)
-    return metrics, report.layers
+    return metrics, report.layers, generations
 
 
 def _mean_budget(alloc: dict) -> float | None:
@@ -192,5 +232,8 @@ def _print_summary(m: dict) -> None:
     ]
     if "speed/tokens_per_s" in m:
         rows.append(("prefill speed", f"{m['speed/tokens_per_s']:.0f} tokens/s"))
+    if "acc/mean" in m:
+        rows.append(("lm-eval acc/mean (dense → compressed)",
+                     f"{m.get('acc/mean_dense', float('nan')):.4f} → {m['acc/mean']:.4f}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -178,7 +178,7 @@ def test_flatten_results():
 
 
 def test_conf_keys_are_evaluate_tasks_arguments():
-    conf = OmegaConf.load(Path(__file__).parents[1] / "conf/eval/lm_eval.yaml")
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf/eval/_lm_eval.yaml")
     params = inspect.signature(bridge.evaluate_tasks).parameters
     run_only = {"enabled", "tasks", "dense_baseline"}
     assert set(conf.lm_eval) - run_only <= set(params)

@@ -12,7 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["eval.max_windows=2", "eval.seqlen=128", "data.calib_samples=4", "data.calib_seqlen=64",
-         "eval.speed_windows=1", "progress=false"]
+         "eval.speed_windows=1", "progress=false", "eval.lm_eval.enabled=false",
+         "eval.generate.max_new_tokens=4"]
 METRICS = ["ppl/wikitext2", "ppl/wikitext2_dense", "mem/weight_bytes", "mem/peak_bytes",
            "size/bits_per_param", "size/ratio_vs_fp16", "time/compress_s", "time/eval_s",
            "speed/tokens_per_s"]
@@ -86,3 +87,17 @@ def test_python_api_compresses_and_reports():
     assert report.totals()["ratio_vs_fp16"] > 4.5
     after = model(x).logits
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_run_with_lm_eval_tasks_writes_accuracy_offline(tmp_path):
+    quick = [q for q in QUICK if not q.startswith("eval.lm_eval")]
+    r = _cli(*quick, "eval.lm_eval.tasks=[arc_easy,piqa]", "eval.lm_eval.limit=10",
+             f"hydra.run.dir={tmp_path}", "tracker.mode=offline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    m = res["metrics"]
+    for k in ("acc/arc_easy", "acc/piqa", "acc_norm/arc_easy", "acc/mean", "acc/mean_dense"):
+        assert 0.0 <= m[k] <= 1.0, k
+    assert m["acc/mean"] == pytest.approx((m["acc/arc_easy"] + m["acc/piqa"]) / 2)
+    gens = res["generations"]
+    assert len(gens) == 4 and {"prompt", "dense", "compressed"} <= set(gens[0])
