@@ -89,15 +89,20 @@ def test_python_api_compresses_and_reports():
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
-def test_run_with_lm_eval_tasks_writes_accuracy_offline(tmp_path):
+def test_run_with_lm_eval_tasks_and_a_user_task_writes_accuracy_offline(tmp_path):
+    from test_lm_eval import _toy_task  # a task whose accuracy is known whatever the model
+
+    _toy_task(tmp_path / "my_tasks", "my_toy", [0, 0, 1, 1, 1])
     quick = [q for q in QUICK if not q.startswith("eval.lm_eval")]
-    r = _cli(*quick, "eval.lm_eval.tasks=[arc_easy,piqa]", "eval.lm_eval.limit=10",
-             f"hydra.run.dir={tmp_path}", "tracker.mode=offline")
+    r = _cli(*quick, "eval.lm_eval.tasks=[arc_easy,piqa,my_toy]", "eval.lm_eval.limit=10",
+             f"eval.lm_eval.include_path={tmp_path / 'my_tasks'}",
+             f"hydra.run.dir={tmp_path / 'run'}", "tracker.mode=offline")
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "result.json").read_text())
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
     m = res["metrics"]
     for k in ("acc/arc_easy", "acc/piqa", "acc_norm/arc_easy", "acc/mean", "acc/mean_dense"):
         assert 0.0 <= m[k] <= 1.0, k
-    assert m["acc/mean"] == pytest.approx((m["acc/arc_easy"] + m["acc/piqa"]) / 2)
+    assert m["acc/my_toy"] == pytest.approx(0.4)
+    assert m["acc/mean"] == pytest.approx((m["acc/arc_easy"] + m["acc/piqa"] + 0.4) / 3)
     gens = res["generations"]
     assert len(gens) == 4 and {"prompt", "dense", "compressed"} <= set(gens[0])
