@@ -65,8 +65,10 @@ def _case_from_title(line: str, title: str | None, first_para: bool) -> str:
 def _is_table_or_math(line: str) -> bool:
     """Grid/simple tables and LaTeX the markdown conversion left behind; WikiText has neither."""
     s = _LIST.sub("", line).strip()
+    cells = len(_CELLS.findall(s))  # prose never has runs of 3+ spaces inside a line
+    indented = line.startswith("  ")
     return (s.startswith(("|", "+-", "+=")) or bool(_RULE.match(s)) or bool(_LATEX.search(s))
-            or len(_CELLS.findall(s)) >= 2)
+            or cells >= 2 or (indented and cells >= 1))
 
 
 def _clean(line: str) -> str:
@@ -76,7 +78,8 @@ def _clean(line: str) -> str:
     line = _CITATION.sub("", line)
     line = _IMAGE.sub("", line)
     line = _ITALIC.sub(r"\1", line)
-    return line.translate(_QUOTES)
+    line = line.translate(_QUOTES)
+    return re.sub(r"'{2,}", "", line)  # leftover wiki italic/bold apostrophe markup
 
 
 def _split_period(tok: str, last: bool) -> str:
