@@ -56,9 +56,41 @@ def dense_baseline(cfg: DictConfig, model, windows, batch_size: int, progress: b
     return out
 
 
+# Keys that do not change what a job computes: ignored when deciding whether to resume.
+_VOLATILE = ("tracker", "progress", "force")
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the resolved config without presentation keys (tracking, progress bars)."""
+    core = {k: v for k, v in config.items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed(out_dir: Path, chash: str) -> dict | None:
+    """The metrics of a finished identical job in out_dir, if there is one."""
+    from ciuic_lab.track.result import read_result
+
+    path = out_dir / "result.json"
+    if not path.exists():
+        return None
+    try:
+        res = read_result(path)
+    except (ValueError, OSError):
+        return None  # a torn or foreign file: recompute
+    if res.get("status") == "ok" and res.get("config_hash") == chash:
+        return res["metrics"]
+    return None
+
+
 def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
             overrides: list[str] | None = None) -> dict:
-    """Run one configured job; returns the metrics. Writes out_dir/result.json in every case."""
+    """Run one configured job; returns the metrics. Writes out_dir/result.json in every case.
+
+    A job whose out_dir already holds an ok result.json for the identical resolved config is
+    skipped (sweep resume); `+force=true` recomputes it.
+    """
+    from omegaconf import OmegaConf
+
     from ciuic_lab.track.result import write_result
 
     out_dir = Path(out_dir)
@@ -66,8 +98,14 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
     try:
         config = to_container(cfg)
     except Exception:  # an unresolvable interpolation: keep the raw config
-        from omegaconf import OmegaConf
         config = OmegaConf.to_container(cfg, resolve=False)
+    chash = config_hash(config)
+    if not OmegaConf.select(cfg, "force", default=False):
+        done = completed(out_dir, chash)
+        if done is not None:
+            print(f"skipped: {out_dir} already holds a complete result for this config (+force=true reruns it)")
+            return done
+    extra = {"overrides": list(overrides or []), "config_hash": chash}
     metrics: dict = {}
     layers: list[dict] = []
     tracker = None
@@ -84,13 +122,13 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
         if generations:
             tracker.log_table("generations", generations)
         write_result(out_dir, config=config, metrics=metrics, layers=layers, status="ok", error=None,
-                     extra={"overrides": list(overrides or []), "generations": generations})
+                     extra={**extra, "generations": generations})
         _print_summary(metrics)
         return metrics
     except BaseException as e:
         write_result(out_dir, config=config, metrics=metrics, layers=layers, status="failed",
                      error="".join(traceback.format_exception(type(e), e, e.__traceback__)),
-                     extra={"overrides": list(overrides or [])})
+                     extra=extra)
         raise
     finally:
         if tracker is not None:

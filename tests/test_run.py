@@ -106,3 +106,24 @@ def test_run_with_lm_eval_tasks_and_a_user_task_writes_accuracy_offline(tmp_path
     assert m["acc/mean"] == pytest.approx((m["acc/arc_easy"] + m["acc/piqa"] + 0.4) / 3)
     gens = res["generations"]
     assert len(gens) == 4 and {"prompt", "dense", "compressed"} <= set(gens[0])
+
+
+def test_rerun_into_same_sweep_dir_finishes_only_missing_points(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "quant.bits=3,4,8", *QUICK, "tracker=none", f"hydra.sweep.dir={sweep}"]
+    assert _cli(*args).returncode == 0
+    created = {p.parent.name: json.loads(p.read_text())["created"] for p in sweep.glob("*/result.json")}
+    assert len(created) == 3
+    # as if the sweep had been killed: one point never finished, one failed
+    (sweep / "1" / "result.json").unlink()
+    bad = json.loads((sweep / "2" / "result.json").read_text())
+    bad["status"] = "failed"
+    (sweep / "2" / "result.json").write_text(json.dumps(bad))
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("skipped:") == 1  # only point 0 was complete
+    now = {p.parent.name: json.loads(p.read_text())["created"] for p in sweep.glob("*/result.json")}
+    assert now["0"] == created["0"] and now["2"] != created["2"] and "1" in now
+    assert len(pd.read_parquet(sweep / "results.parquet")) == 3  # re-aggregated
+    r = _cli(*args, "+force=true")
+    assert r.stdout.count("skipped:") == 0
