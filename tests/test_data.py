@@ -27,6 +27,15 @@ def test_bundled_test_file_is_canonical():
         assert "CC BY-SA 3.0" in (d / "PROVENANCE.md").read_text()
 
 
+def test_calibration_slice_matches_its_provenance():
+    text = (calibration.CALIB_DIR / "wikipedia-calib.txt").read_bytes()
+    prov = (calibration.CALIB_DIR / "PROVENANCE.md").read_text()
+    assert hashlib.sha256(text).hexdigest() in prov and f"{len(text):,} bytes" in prov
+    rows = (calibration.CALIB_DIR / "articles.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 60 and all(r.split("\t")[1] in prov for r in rows)
+    assert 0.8e6 < len(text) < 1.2e6
+
+
 def test_test_rows_follow_hf_layout():
     rows = wikitext.wikitext2_test_rows()
     assert len(rows) == 4358

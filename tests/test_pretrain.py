@@ -151,3 +151,21 @@ def test_pretrain_reproducible_from_cache(tmp_path):
     b = pretrain.main(args + ["--corpus", str(cache), "--out", str(tmp_path / "b")])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert a["val_articles"] == b["val_articles"]
+
+
+def test_pretrain_needs_no_lab_dependencies():
+    # The GPU machine has torch/transformers/tokenizers/tqdm/matplotlib only.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'hydra', 'omegaconf', 'wandb', 'datasets', 'pandas'}:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ciuic_lab.models import pretrain\n"
+        "pretrain.build_config('deepseek-v3-tiny', 8192, 512)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

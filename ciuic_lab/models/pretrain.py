@@ -2,6 +2,9 @@
 
     python -m ciuic_lab.models.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
         --max-minutes 4 --device cuda
+    # optional: tokenise once here, ship the 6 MB cache instead of the pages
+    python -m ciuic_lab.models.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
+        --cache-only --save-cache corpus.pt      # then --corpus corpus.pt
 
 The architectures are transformers' own classes built from config (`ARCHS`): DeepSeek-V3 (MLA
 attention, a dense first layer, then MoE with shared + routed experts; arXiv:2412.19437) and
@@ -335,10 +338,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-cache", type=Path, default=None,
                     help="also write the tokenised corpus here (reusable as --corpus)")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="write --save-cache and exit (prepare a corpus for a GPU machine)")
     ap.add_argument("--tiny-test", action="store_true", help="toy widths, for tests")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.steps is None and args.max_minutes is None:
+    if args.cache_only:
+        if args.save_cache is None:
+            ap.error("--cache-only needs --save-cache PATH")
+    elif args.steps is None and args.max_minutes is None:
         ap.error("give --steps and/or --max-minutes")
     if args.seqlen < 2 or args.batch_size < 1:
         ap.error("--seqlen must be >= 2 and --batch-size >= 1")
@@ -367,6 +375,9 @@ def main(argv=None) -> dict:
     if args.save_cache:
         args.save_cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, args.save_cache)
+        if args.cache_only:
+            print(f"cache: {len(data['names'])} articles -> {args.save_cache}")
+            return {"cache": str(args.save_cache), "articles": len(data["names"])}
     names, ids = data["names"], data["ids"]
     if len(names) < 2:
         raise SystemExit(f"--corpus {args.corpus}: need at least 2 articles (train + validation)")
@@ -496,7 +507,9 @@ def main(argv=None) -> dict:
         "final_val_loss": last_val, "best_val_loss": best["loss"], "best_step": best["step"],
         "saved": args.keep, "saved_step": saved_step, "wikitext2_ppl": wt_ppl,
         "wikitext2_seqlen": args.seqlen if wt_ppl is not None else None,
-        "expert_imbalance_max_over_mean": load.imbalance(),
+        "expert_imbalance_max_over_mean": next(
+            (v["expert_imbalance"] for v in reversed(val_hist) if v.get("expert_imbalance")),
+            load.imbalance()),
         "corpus_articles": len(names), "train_tokens": n_train_tokens,
         "val_articles": val_names, "val_tokens": int(val_windows.numel()),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
