@@ -29,8 +29,12 @@ def test_every_option_composes(group, option):
     assert len(stages) == sum(1 for s in cfg.stages if "_target_" in (cfg.get(s) or {}))
 
 
-def test_default_run_has_all_three_stages_in_order():
-    assert [m.stage for m in build_stages(compose())] == ["prune", "lowrank", "quant"]
+def test_default_run_is_the_ciuic_recipe_with_all_three_stages():
+    stages = build_stages(compose())
+    assert [type(m).__name__ for m in stages] == ["SparseGPT", "GPTQ", "SVDLLM"]
+    assert [m.policy for m in stages] == ["owl", "sensitivity", "rank"]
+    plain = build_stages(compose(["recipe=none"]))
+    assert [m.stage for m in plain] == ["prune", "lowrank", "quant"]
 
 
 def test_stage_order_is_configurable():
