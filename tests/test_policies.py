@@ -107,3 +107,11 @@ def test_allocate_bits_never_exceeds_budget():
     errs = [{2: 10.0, 4: 1.0, 8: 0.0}, {2: 5.0, 4: 4.0, 8: 3.0}]
     bits = allocate_bits(errs, [100, 100], 3.0)
     assert bits == [4, 2]
+
+
+def test_uniform_bits_meets_a_fractional_mean():
+    ps = _profiles(n_blocks=4)
+    alloc = get_policy("quant", "uniform").allocate(ps, 3.5)
+    assert set(alloc.values()) == {3, 4}
+    assert abs(_wmean(ps, alloc) - 3.5) <= 0.05
+    assert set(get_policy("quant", "uniform").allocate(ps, 4.0).values()) == {4}

@@ -1,0 +1,102 @@
+"""Method and recipe quality, side by side, on one model: measured bits/param, WikiText-2 ppl, time.
+
+    python benchmarks/quality.py [--model deepseek-v3-tiny] [--max-windows N] [--only NAME ...]
+
+Every row compresses a fresh copy of the model with the run config's stages (CLI-style
+overrides, so each row is reproducible as `python -m ciuic_lab.run <overrides>`), then evaluates
+perplexity on the same WikiText-2 windows as the dense model. bits/param is read from the packed
+layers (masks, scales, indices and factors included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ciuic_lab.api import compress
+from ciuic_lab.config import compose
+from ciuic_lab.data.wikitext import test_windows
+from ciuic_lab.eval.perplexity import perplexity
+from ciuic_lab.models.loader import load
+
+PLAIN = ["recipe=none", "lowrank=none", "quant=none", "prune=none"]
+
+
+def row(*overrides: str) -> list[str]:
+    return [*PLAIN, *overrides]
+
+
+ROWS: dict[str, list[str]] = {
+    # pruning at 50% unstructured and 2:4
+    "magnitude 50%": row("prune=magnitude", "prune.sparsity=0.5"),
+    "wanda 50%": row("prune=wanda", "prune.sparsity=0.5"),
+    "sparsegpt 50%": row("prune=sparsegpt", "prune.sparsity=0.5"),
+    "magnitude 2:4": row("prune=magnitude", "prune.pattern=2:4"),
+    "wanda 2:4": row("prune=wanda", "prune.pattern=2:4"),
+    "sparsegpt 2:4": row("prune=sparsegpt", "prune.pattern=2:4"),
+    # quantisation, g128
+    "rtn 4-bit g128": row("quant=rtn", "quant.bits=4"),
+    "gptq 4-bit g128": row("quant=gptq", "quant.bits=4"),
+    "rtn 3-bit g128": row("quant=rtn", "quant.bits=3"),
+    "gptq 3-bit g128": row("quant=gptq", "quant.bits=3"),
+    "rtn 2-bit per-channel": row("quant=rtn", "quant.bits=2", "quant.group_size=-1"),
+    "rtn 8-bit per-channel": row("quant=rtn", "quant.bits=8", "quant.group_size=-1"),
+    # low-rank at the same parameter count
+    "svd factorize 60% params": row("lowrank=svd", "lowrank.mode=factorize", "lowrank.ratio=0.6"),
+    "svd-llm factorize 60% params": row("lowrank=svdllm", "lowrank.mode=factorize",
+                                        "lowrank.ratio=0.6"),
+    # layerwise sparsity at 70%
+    "wanda 70% uniform": row("prune=wanda", "prune.sparsity=0.7"),
+    "wanda 70% owl": row("prune=wanda", "prune.sparsity=0.7", "prune.policy=owl"),
+    "sparsegpt 70% uniform": row("prune=sparsegpt", "prune.sparsity=0.7"),
+    "sparsegpt 70% owl": row("prune=sparsegpt", "prune.sparsity=0.7", "prune.policy=owl"),
+    # bit allocation at a 3.5-bit mean (RTN so that only the allocation differs)
+    "rtn uniform 3.5 mean (3/4 by order)": row("quant=rtn", "quant.avg_bits=3.5"),
+    "rtn by kind (attn 4, rest 3)": row("quant=rtn", "quant.policy=kind_map", "quant.bits=3",
+                                        "quant.kind_bits={attn:4}"),
+    "rtn sensitivity 3.5 mean": row("quant=rtn", "quant.policy=sensitivity",
+                                    "quant.avg_bits=3.5"),
+    "gptq uniform 3.5 mean": row("quant=gptq", "quant.avg_bits=3.5"),
+    "gptq sensitivity 3.5 mean": row("quant=gptq", "quant.policy=sensitivity",
+                                     "quant.avg_bits=3.5"),
+    # the recipe next to GPTQ-only at matched measured bits
+    "ciuic recipe": [],
+    "gptq 4-bit g128 (only)": row("quant=gptq", "quant.bits=4"),
+    "gptq 3-bit g64 (only)": row("quant=gptq", "quant.bits=3", "quant.group_size=64"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="deepseek-v3-tiny")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="row names (substring match)")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load(a.model, device="cpu")
+    windows = test_windows(tok, a.seqlen)
+    if a.max_windows:
+        windows = windows[: a.max_windows]
+    dense = perplexity(model, windows, batch_size=4, progress=False)
+    print(f"model {a.model}, {windows.shape[0]} windows x {a.seqlen}, dense ppl {dense:.3f}")
+    print(f"{'method / recipe':38s} {'bits/param':>10s} {'ppl':>10s} {'dense ppl':>10s} "
+          f"{'Δppl %':>8s} {'time s':>7s}")
+    for name, overrides in ROWS.items():
+        if a.only and not any(o in name for o in a.only):
+            continue
+        model, tok = load(a.model, device="cpu")
+        cfg = compose([*overrides, f"model.name_or_path={a.model}"])
+        t0 = time.perf_counter()
+        model, report = compress(model, tok, cfg, progress=False)
+        dt = time.perf_counter() - t0
+        ppl = perplexity(model, windows, batch_size=4, progress=False)
+        bpp = report.totals()["bits_per_param"]
+        print(f"{name:38s} {bpp:10.3f} {ppl:10.3f} {dense:10.3f} {100 * (ppl / dense - 1):8.2f} "
+              f"{dt:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
