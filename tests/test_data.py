@@ -118,3 +118,15 @@ def test_package_never_reads_shared_data():
         if "shared/data" in p.read_text(encoding="utf-8", errors="ignore"):
             offenders.append(str(p))
     assert not offenders, f"run-time code must use bundled copies, not shared/data: {offenders}"
+
+
+def test_cache_keyed_on_tokenizer_content(tok):
+    from transformers import AutoTokenizer
+
+    from ciuic_lab.data.tokens import fingerprint
+
+    other = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    assert fingerprint(other) == fingerprint(tok)
+    other.add_tokens([" Robert Boulter"])  # a different tokenisation must not hit the cache
+    assert fingerprint(other) != fingerprint(tok)
+    assert wikitext.test_ids(other).numel() < wikitext.test_ids(tok).numel()

@@ -167,5 +167,6 @@ def test_pretrain_needs_no_lab_dependencies():
         "sys.meta_path.insert(0, Block())\n"
         "from ciuic_lab.models import pretrain\n"
         "pretrain.build_config('deepseek-v3-tiny', 8192, 512)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -20,16 +20,20 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def fingerprint(tokenizer) -> str:
     """Stable id of what a tokenizer does: its name plus a hash of its vocabulary/merges.
 
-    Memoised per tokenizer object: serialising a 100k-token vocabulary costs ~0.1 s per call.
+    Memoised per tokenizer object (serialising a 100k-token vocabulary costs ~0.1 s) and
+    recomputed when its length changes, since added tokens change the tokenisation.
     """
+    size = len(tokenizer)
     try:
-        return _FINGERPRINTS[tokenizer]
-    except (KeyError, TypeError):
-        pass
+        memo = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == size:
+        return memo[1]
     fp = _fingerprint(tokenizer)
     try:
-        _FINGERPRINTS[tokenizer] = fp
-    except TypeError:  # not weak-referenceable: just recompute next time
+        _FINGERPRINTS[tokenizer] = (size, fp)
+    except TypeError:
         pass
     return fp
 

@@ -39,25 +39,27 @@ CALIB_ARTICLES = HERE.parent / "data" / "bundled" / "wikipedia-calib" / "article
 
 # Widths are multiples of 64 so packing group sizes and N:M patterns divide every weight.
 ARCHS = {
-    "deepseek-v3-tiny": ("DeepseekV3Config", dict(
-        hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, first_k_dense_replace=1,
-        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+    "deepseek-v3-tiny": ("DeepseekV3Config", {
+        "hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 128,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 128, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+        "v_head_dim": 64, "first_k_dense_replace": 1, "n_shared_experts": 1,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
         # Top-2 of 8 experts as wide as the shared one: weigh routed and shared output alike.
-        routed_scaling_factor=1.0, norm_topk_prob=True, num_mtp_layers=0,
-        tie_word_embeddings=False, rms_norm_eps=1e-6)),
-    "deepseek-llm-tiny": ("LlamaConfig", dict(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False)),
+        "routed_scaling_factor": 1.0, "norm_topk_prob": True, "num_mtp_layers": 0,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6}),
+    "deepseek-llm-tiny": ("LlamaConfig", {
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+        "mlp_bias": False}),
 }
 # --tiny-test: the same layouts at toy width, for the test suite.
 TINY_TEST = {
-    "deepseek-v3-tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                             num_hidden_layers=2, q_lora_rank=32, kv_lora_rank=32,
-                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16),
-    "deepseek-llm-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+    "deepseek-v3-tiny": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                         "num_hidden_layers": 2, "q_lora_rank": 32, "kv_lora_rank": 32,
+                         "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16},
+    "deepseek-llm-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
 }
 
 
@@ -232,7 +234,7 @@ def pick_experts_impl(model, device: torch.device, requested: str, autocast) -> 
             model.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 return impl
-        except Exception as e:  # an unsupported kernel on this device/dtype: try the next
+        except Exception as e:  # noqa: BLE001  (unsupported kernel here: try the next)
             print(f"experts_implementation={impl} unusable here ({type(e).__name__}: {e})")
     raise SystemExit(f"no experts implementation of {order} works on {device}")
 
