@@ -170,3 +170,25 @@ def test_pretrain_needs_no_lab_dependencies():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_experts_kernel_falls_back(monkeypatch):
+    from contextlib import nullcontext
+
+    assert pretrain.experts_candidates("cuda", "auto") == ["grouped_mm", "eager"]
+    assert pretrain.experts_candidates("cpu", "auto") == ["eager"]
+    cfg = pretrain.build_config("deepseek-v3-tiny", 64, 512, tiny_test=True)
+    model = pretrain.build_model(cfg, seed=0)
+    real = model.set_experts_implementation
+
+    def flaky(impl):  # a device whose grouped_mm kernel is missing
+        if impl == "grouped_mm":
+            raise RuntimeError("no grouped_mm kernel")
+        real(impl)
+
+    monkeypatch.setattr(model, "set_experts_implementation", flaky)
+    monkeypatch.setattr(pretrain, "experts_candidates", lambda d, r: ["grouped_mm", "eager"])
+    assert pretrain.pick_experts_impl(model, torch.device("cpu"), "auto", nullcontext) == "eager"
+    assert all(p.grad is None for p in model.parameters())
+    llama = pretrain.build_model(pretrain.build_config("deepseek-llm-tiny", 64, 512, True), 0)
+    assert pretrain.pick_experts_impl(llama, torch.device("cpu"), "auto", nullcontext) is None

@@ -211,6 +211,12 @@ class ExpertLoad:
             h.remove()
 
 
+def experts_candidates(device_type: str, requested: str) -> list[str]:
+    if requested != "auto":
+        return [requested]
+    return ["grouped_mm", "eager"] if device_type == "cuda" else ["eager"]
+
+
 def pick_experts_impl(model, device: torch.device, requested: str, autocast) -> str | None:
     """The first experts kernel that runs forward+backward here.
 
@@ -220,10 +226,7 @@ def pick_experts_impl(model, device: torch.device, requested: str, autocast) -> 
     if not hasattr(model, "set_experts_implementation") or not any(
             hasattr(m, "e_score_correction_bias") for m in model.modules()):
         return None
-    if requested != "auto":
-        order = [requested]
-    else:
-        order = ["grouped_mm", "eager"] if device.type == "cuda" else ["eager"]
+    order = experts_candidates(device.type, requested)
     x = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
     for impl in order:
         try:
@@ -231,11 +234,13 @@ def pick_experts_impl(model, device: torch.device, requested: str, autocast) -> 
             with autocast():
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
-            model.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 return impl
+            print(f"experts_implementation={impl} gives a non-finite loss here")
         except Exception as e:  # noqa: BLE001  (unsupported kernel here: try the next)
             print(f"experts_implementation={impl} unusable here ({type(e).__name__}: {e})")
+        finally:
+            model.zero_grad(set_to_none=True)
     raise SystemExit(f"no experts implementation of {order} works on {device}")
 
 
@@ -367,6 +372,8 @@ def main(argv=None) -> dict:
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts autocast leaves (router)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else nullcontext)
     random.seed(args.seed)
