@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = ["eval.max_windows=2", "eval.seqlen=128", "data.calib_samples=4", "data.calib_seqlen=64",
+QUICK = ["model=tiny-random-deepseek-v3", "eval.max_windows=2", "eval.seqlen=128", "data.calib_samples=4", "data.calib_seqlen=64",
          "eval.speed_windows=1", "progress=false", "eval.lm_eval.enabled=false",
          "eval.generate.max_new_tokens=4"]
 METRICS = ["ppl/wikitext2", "ppl/wikitext2_dense", "mem/weight_bytes", "mem/peak_bytes",
