@@ -43,7 +43,7 @@ def test_layer_by_layer_peak_gpu_memory_is_about_one_block():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2816,
-                      num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16)
+                      num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()  # stays on CPU
     dense_bytes = stored_bytes(model)
     block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
@@ -52,5 +52,6 @@ def test_layer_by_layer_peak_gpu_memory_is_about_one_block():
                        progress=False, device="cuda")
     assert pm.kind == "cuda_max_allocated"
     assert next(model.model.layers[-1].buffers()).device.type == "cpu"  # went back home
-    assert pm.peak_bytes < 0.5 * dense_bytes
-    assert pm.peak_bytes < 8 * block_bytes + 64 * 2**20
+    # one block in bf16 plus its fp32 working copies and packing temporaries, not the model
+    assert pm.peak_bytes < 0.4 * dense_bytes, (pm.peak_bytes, dense_bytes)
+    assert pm.peak_bytes < 8 * block_bytes + 64 * 2**20, (pm.peak_bytes, block_bytes)

@@ -25,12 +25,31 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    flat = codes.reshape(-1).to(torch.int32)
+    flat = codes.reshape(-1)
     n = flat.numel()
     if n and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8).clone()
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device)
+    # Chunks of a multiple of 8 codes start on a byte boundary, so each packs on its own and
+    # the temporary bit matrix stays small (16 bytes per code would dwarf a large layer).
+    chunk = 1 << 20
+    for start in range(0, n, chunk):
+        part = flat[start:start + chunk].to(torch.int32)
+        lo = start * bits // 8
+        out[lo:lo + packed_nbytes(part.numel(), bits)] = _pack_chunk(part, bits)
+    return out
+
+
+def _pack_chunk(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    if 8 % bits == 0:  # whole codes per byte: shift and sum, no bit stream
+        per = 8 // bits
+        pad = (-flat.numel()) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=flat.device)
+        return (flat.view(-1, per) << shifts).sum(1).to(torch.uint8)
     # (n, bits) bit matrix -> one long little-endian bit stream -> bytes.
     shifts = torch.arange(bits, dtype=torch.int32, device=flat.device)
     stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
@@ -52,10 +71,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
         codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
         return codes.reshape(-1)[:n]
+    # 3, 5, 6, 7 bits: via a bit stream, in chunks of 8 codes' worth of whole bytes so the
+    # temporary stays small on the forward path.
+    out = torch.empty(n, dtype=torch.int32, device=packed.device)
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
-    stream = ((packed.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
-    return (stream.view(n, bits) * weights).sum(1).to(torch.int32)
+    chunk = 1 << 20  # codes per chunk (a multiple of 8: starts on a byte boundary)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        lo = start * bits // 8
+        part = packed[lo:lo + packed_nbytes(m, bits)]
+        stream = ((part.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: m * bits]
+        out[start:start + m] = (stream.view(m, bits) * weights).sum(1)
+    return out
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
