@@ -39,7 +39,10 @@ def test_slurm_preset_reaches_the_sbatch_script(tmp_path, monkeypatch):
         return []
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
-    launcher.launch([["quant.bits=3"], ["quant.bits=4"]], initial_job_idx=0)
+    try:
+        launcher.launch([["quant.bits=3"], ["quant.bits=4"]], initial_job_idx=0)
+    finally:
+        HydraConfig.instance().cfg = None  # process-wide: leave no Hydra run behind
     assert seen["jobs"] == 2
     script = seen["executor"]._executor._make_submission_file_text("python -u -m x", "0")
     for line in ("--partition=gpu", "--gpus-per-node=2", "--time=30", "--cpus-per-task=8",
