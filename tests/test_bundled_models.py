@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ciuic_lab.data.wikitext import test_windows
+from ciuic_lab.data.wikitext import test_windows as wikitext_windows
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.models.loader import BUNDLED_DIR, load
 
@@ -33,7 +33,7 @@ def test_loads_offline_with_hf_classes_and_fits_the_spec(name):
 
 def _first64(name):
     model, tok = load(name, device="cpu", dtype="float32")
-    return perplexity(model, test_windows(tok, 512)[:64], batch_size=8, progress=False)
+    return perplexity(model, wikitext_windows(tok, 512)[:64], batch_size=8, progress=False)
 
 
 def test_v3_card_perplexity_is_reproduced_within_1_percent():
@@ -60,7 +60,7 @@ def test_bench_sanity_on_v3():
         if overrides:
             plain = ["recipe=none", "prune=none", "lowrank=none", "quant=none"]
             model, _ = ciuic_lab.compress(model, tok, plain + overrides, progress=False)
-        return perplexity(model, test_windows(tok, 512)[:16], batch_size=8, progress=False)
+        return perplexity(model, wikitext_windows(tok, 512)[:16], batch_size=8, progress=False)
 
     torch.manual_seed(0)
     dense = ppl([])
