@@ -31,8 +31,11 @@ class OWL:
         ratio = {}
         for b in blocks:
             ps = [p for p in profiles if p.block == b]
-            ratio[b] = outlier_ratio([p.extra["weight"] for p in ps],
-                                     [p.extra["stats"].act_norm for p in ps], owl_m)
+            # RMS over the layer's own tokens, not the L2 norm: routed experts see only their
+            # share of the tokens, and a smaller sum must not read as fewer outliers. (With every
+            # layer seeing all tokens, as in the paper, the two differ by one constant.)
+            rms = [(p.extra["stats"].sq_norm / max(p.extra["stats"].tokens, 1)).sqrt() for p in ps]
+            ratio[b] = outlier_ratio([p.extra["weight"] for p in ps], rms, owl_m)
         d = torch.tensor([ratio[b] for b in blocks])
         span = float(d.max() - d.min())
         dn = (d - d.min()) / span if span > 0 else torch.full_like(d, 0.5)
