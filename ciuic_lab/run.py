@@ -13,12 +13,23 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ciuic_lab.compress.base import ConfigError
 from ciuic_lab.models.loader import ModelNotFound
 
 log = logging.getLogger("ciuic_lab")
+FRONTIER = ("size/bits_per_param", "ppl/wikitext2")
+
+
+def objective(cfg: DictConfig, metrics: dict, hc) -> float | tuple | None:
+    """What the job returns to the sweeper: perplexity; for a multi-objective search
+    (hydra/sweeper=pareto: a list of directions) `objectives` if set, else (bits/param, ppl)."""
+    direction = OmegaConf.select(hc, "sweeper.direction", default=None)
+    n = len(direction) if OmegaConf.is_list(direction) else 1
+    names = list(OmegaConf.select(cfg, "objectives", default=None) or FRONTIER[-n:])
+    values = tuple(metrics.get(k) for k in names)
+    return values[0] if len(values) == 1 else values
 
 
 def sweep_group(sweep_dir: str) -> str:
@@ -40,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_job(cfg, hc.runtime.output_dir, job_name=name,
                           overrides=list(hc.overrides.task))
-        return metrics.get("ppl/wikitext2")
+        return objective(cfg, metrics, hc)
     except (ConfigError, ModelNotFound) as e:
         log.error("invalid config: %s", e)
         if not multirun:
