@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,21 +11,9 @@ PROMPTS = ["The capital of France is", "Once upon a time,", "Question: 2 + 2 =\n
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    bundled = Path(__file__).parents[1] / "ciuic_lab/models/bundled/tokenizer"
-    try:
-        return AutoTokenizer.from_pretrained(str(bundled))
-    except (OSError, ValueError):  # not there yet: a tiny byte-level BPE trained here
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
+    from ciuic_lab.models.loader import TOKENIZER_DIR
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(PROMPTS * 10, trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        # no pad token on purpose: greedy_continuations must cope
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")

@@ -35,23 +35,9 @@ STANDARD = ["arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "la
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    bundled = Path(__file__).parents[1] / "ciuic_lab/models/bundled/tokenizer"
-    try:
-        return AutoTokenizer.from_pretrained(str(bundled))
-    except (OSError, ValueError):  # not there yet: a tiny byte-level BPE trained here
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
+    from ciuic_lab.models.loader import TOKENIZER_DIR
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        text = [json.loads(line)["query"] for line in
-                (TASKS_DIR / "arc_easy/arc_easy.jsonl").read_text().splitlines()[:500]]
-        tok.train_from_iterator(text, trainers.BpeTrainer(
-            vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       pad_token="<pad>")
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         # Whole codes per byte (1, 2, 4 bits): shift each byte once per code it holds, which
         # avoids the 8-ints-per-byte bit stream on the forward path.
-        per = 8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
         codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
         return codes.reshape(-1)[:n]

@@ -47,3 +47,12 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats | Non
     else:
         num, den = (d * d).sum(), (w * w).sum()
     return float((num.clamp(min=0) / den.clamp(min=1e-30)).sqrt())
+
+
+def require_hessian(stats: LayerStats | None, method: str) -> torch.Tensor:
+    """The layer's Hessian, or a clear error: the pipeline collects it for methods whose
+    `needs` include "hessian"."""
+    if stats is None or stats.hessian is None:
+        raise ValueError(f"{method} needs the layer's Hessian XᵀX (calibration statistics with "
+                         f"hessian=True); the pipeline collects it from the method's `needs`")
+    return stats.hessian

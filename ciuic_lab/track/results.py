@@ -80,7 +80,11 @@ def row(path: str | Path) -> dict:
 
 def load(path_or_glob: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One row per run: run_dir, status, error, created, overrides, cfg.<dotted key>, metrics."""
-    rows = [row(p) for p in find_results(path_or_glob)]
+    return frame([row(p) for p in find_results(path_or_glob)])
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame with the base columns first (present even when empty)."""
     df = pd.DataFrame(rows)
     for c in BASE_COLUMNS:
         if c not in df.columns:

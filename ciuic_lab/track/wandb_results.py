@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from ciuic_lab.track.results import BASE_COLUMNS, flatten
+from ciuic_lab.track.results import flatten, frame
 
 PRIMARY = "ppl/wikitext2"  # every ok job logs it; a run without it never finished measuring
 SUMMARY_JOB = "sweep-summary"  # job_type of the callback's per-sweep summary run
@@ -121,11 +121,5 @@ def load_wandb(project: str, group: str | None = None, *, entity: str | None = N
     path = project if entity is None or "/" in project else f"{entity}/{project}"
     filters = {"group": group} if group is not None else {}
     runs = api.runs(path, filters=filters, order="+created_at")
-    rows = [row(r) for r in runs
-            if include_summary or getattr(r, "job_type", None) != SUMMARY_JOB]
-    df = pd.DataFrame(rows)
-    for c in BASE_COLUMNS:
-        if c not in df.columns:
-            df[c] = pd.Series(dtype=object)
-    rest = [c for c in df.columns if c not in BASE_COLUMNS]
-    return df[BASE_COLUMNS + rest]
+    return frame([row(r) for r in runs
+                  if include_summary or getattr(r, "job_type", None) != SUMMARY_JOB])

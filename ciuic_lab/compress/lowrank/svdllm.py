@@ -23,6 +23,7 @@ import torch
 
 from ciuic_lab.compress.base import LowRankMethod, _check
 from ciuic_lab.compress.policies.rank import rank_for
+from ciuic_lab.compress.stats import require_hessian
 
 
 def whitening(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -66,11 +67,9 @@ class SVDLLM(LowRankMethod):
                "lowrank.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
 
     def apply(self, state, stats, budget) -> None:
-        if stats is None or stats.hessian is None:
-            raise ValueError("SVD-LLM needs the layer's Hessian XXᵀ (calibration statistics "
-                             "with hessian=True); the pipeline collects it from `needs`")
+        h = require_hessian(stats, "SVD-LLM")
         target = self.fit_target(state)
-        s = whitening(stats.hessian.to(target.device), self.percdamp)
+        s = whitening(h.to(target.device), self.percdamp)
         u, sv, vh = whitened_svd(target, s)
         r = rank_for(tuple(target.shape), sv, budget)
         self.finish(state, *svdllm_factors(u, sv, vh, s, r))

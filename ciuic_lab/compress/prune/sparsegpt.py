@@ -18,6 +18,7 @@ import torch
 
 from ciuic_lab.compress.base import PruneMethod, _check
 from ciuic_lab.compress.quant.gptq import inverse_hessian_cholesky
+from ciuic_lab.compress.stats import require_hessian
 
 
 def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -95,11 +96,8 @@ class SparseGPT(PruneMethod):
                "prune.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
 
     def apply(self, state, stats, budget) -> None:
-        if stats is None or stats.hessian is None:
-            raise ValueError("SparseGPT needs the layer's Hessian (calibration statistics with "
-                             "hessian=True); the pipeline collects it from `needs`")
+        h = require_hessian(stats, "SparseGPT")
         w = self.prune_target(state)
-        base, mask = sparsegpt_prune(w, stats.hessian, float(budget), self.nm, self.blocksize,
-                                     self.percdamp)
+        base, mask = sparsegpt_prune(w, h, float(budget), self.nm, self.blocksize, self.percdamp)
         state.base, state.mask, state.nm, state.quant = base, mask, self.nm, None
         state.info["sparsity"] = 1.0 - mask.float().mean().item()

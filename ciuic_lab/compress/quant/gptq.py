@@ -30,7 +30,7 @@ import torch
 from ciuic_lab.compress.base import QuantMethod, _check
 from ciuic_lab.compress.linear import LayerState, QuantPart
 from ciuic_lab.compress.quant import grid
-from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.stats import LayerStats, require_hessian
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +175,4 @@ class GPTQ(QuantMethod):
 
     @staticmethod
     def _hessian(stats: LayerStats | None) -> torch.Tensor:
-        if stats is None or stats.hessian is None:
-            raise ValueError("GPTQ needs the layer's Hessian (calibration statistics with "
-                             "hessian=True); the pipeline collects it from `needs`")
-        return stats.hessian
+        return require_hessian(stats, "GPTQ")
