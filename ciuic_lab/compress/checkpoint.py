@@ -25,6 +25,7 @@ from torch import nn
 
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.pipeline import _set_submodule
 
 FORMAT = "ciuic_lab.compressed/1"
 WEIGHTS = "model.safetensors"
@@ -79,11 +80,6 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, run_config: dict | 
     return path
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The compressed model stored at `path`, without recompressing."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,13 +112,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         for e in range(n):
             for proj in ("gate_up_proj", "down_proj"):
                 shells[(e, proj)] = _shell(f"{owner}.{e}.{proj}", manifest, tensors)
-        _set(model, owner, CompressedExperts([shells[(e, "gate_up_proj")] for e in range(n)],
-                                             [shells[(e, "down_proj")] for e in range(n)],
-                                             orig.act_fn))
+        _set_submodule(model, owner, CompressedExperts(
+            [shells[(e, "gate_up_proj")] for e in range(n)],
+            [shells[(e, "down_proj")] for e in range(n)], orig.act_fn))
     for name in manifest["layers"]:
         if ".experts." in name and name.rsplit(".", 2)[0] in manifest["experts"]:
             continue
-        _set(model, name, _shell(name, manifest, tensors))
+        _set_submodule(model, name, _shell(name, manifest, tensors))
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
