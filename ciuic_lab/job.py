@@ -247,14 +247,18 @@ def _measure(cfg: DictConfig, stages, out_dir: Path) -> tuple[dict, list[dict], 
         "size/model_ratio_vs_fp16": 16 * dense_params / (8 * weight_bytes),
         "calib/tokens": int(calib.numel()),
     })
+    params = {r["name"]: r["params"] for r in report.layers}
     for stage, alloc in report.allocations.items():
-        metrics[f"alloc/{stage}"] = _mean_budget(alloc)
+        metrics[f"alloc/{stage}"] = _mean_budget(alloc, params)
     return metrics, report.layers, generations
 
 
-def _mean_budget(alloc: dict) -> float | None:
-    vals = [v for v in alloc.values() if isinstance(v, (int, float))]
-    return sum(vals) / len(vals) if vals else None
+def _mean_budget(alloc: dict, params: dict[str, int]) -> float | None:
+    """Parameter-weighted mean of a stage's per-layer budgets: the figure its policy meets."""
+    pairs = [(v, params.get(k, 0)) for k, v in alloc.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
 
 
 def _print_summary(m: dict) -> None:

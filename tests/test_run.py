@@ -37,6 +37,10 @@ def test_single_run_writes_result_with_every_metric(tmp_path):
     assert m["mem/weight_bytes"] < m["mem/weight_bytes_dense"]
     assert m["size/ratio_vs_fp16"] == pytest.approx(16 / m["size/bits_per_param"])
     assert res["config"]["prune"]["sparsity"] == 0.5
+    # OWL gives layers different sparsities; their parameter-weighted mean is the target
+    assert len({row["sparsity"] for row in res["layers"]}) > 1
+    assert m["alloc/prune"] == pytest.approx(0.5, abs=1e-6)
+    assert m["alloc/quant"] == pytest.approx(4.0, abs=0.05)
     kinds = {row["kind"] for row in res["layers"]}
     assert {"attn", "mlp", "shared_expert", "expert"} <= kinds
     assert {"name", "kind", "sparsity", "rank", "bits", "rel_error"} <= set(res["layers"][0])
