@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-import ciuic_lab.compress.policies.owl as owl
+from ciuic_lab.compress.policies import owl
 from ciuic_lab.api import calibration, compress
 from ciuic_lab.compress.pipeline import profile, profile_pass
 from ciuic_lab.compress.policies import register

@@ -65,6 +65,16 @@ ROWS: dict[str, list[str]] = {
     "ciuic recipe": [],
     "gptq 4-bit g128 (only)": row("quant=gptq", "quant.bits=4"),
     "gptq 3-bit g64 (only)": row("quant=gptq", "quant.bits=3", "quant.group_size=64"),
+    # below 3 bits, where 2-bit quantisation alone breaks down
+    "ciuic recipe, quant.bits=3": ["quant.bits=3"],
+    "gptq sensitivity 2.75 mean (only)": row("quant=gptq", "quant.policy=sensitivity",
+                                             "quant.avg_bits=2.75"),
+    "ciuic recipe, quant.avg_bits=2.5": ["quant.avg_bits=2.5"],
+    "gptq sensitivity 2.4 mean (only)": row("quant=gptq", "quant.policy=sensitivity",
+                                            "quant.avg_bits=2.4"),
+    "gptq sensitivity 2.45 mean (only)": row("quant=gptq", "quant.policy=sensitivity",
+                                             "quant.avg_bits=2.45"),
+    "gptq 2-bit g32 (only)": row("quant=gptq", "quant.bits=2", "quant.group_size=32"),
 }
 
 
