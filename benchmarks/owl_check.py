@@ -16,10 +16,9 @@ import argparse
 
 import torch
 
-from ciuic_lab.compress.policies import owl
 from ciuic_lab.api import calibration, compress
 from ciuic_lab.compress.pipeline import profile, profile_pass
-from ciuic_lab.compress.policies import register
+from ciuic_lab.compress.policies import owl, register
 from ciuic_lab.compress.policies._mean import meet_mean
 from ciuic_lab.config import compose
 from ciuic_lab.data.wikitext import test_windows
