@@ -147,3 +147,24 @@ def test_walk_working_memory_does_not_grow_with_depth():
     # the model grew by 4x; the working memory beyond it must grow far less
     assert m16["extra"] < 0.5 * m16["dense"], (m4, m16)
     assert m16["extra"] < 2.0 * max(m4["extra"], 8 * 2**20), (m4, m16)
+
+
+def test_nm_pattern_on_indivisible_input_dim_fails_before_calibration(monkeypatch):
+    from ciuic_lab.compress import pipeline
+    from ciuic_lab.compress.base import ConfigError
+    from ciuic_lab.compress.prune.wanda import Wanda
+
+    model = tiny.build("tiny-random-llama", vocab=256)
+    model.model.layers[0].mlp.down_proj = nn.Linear(model.config.intermediate_size - 2,
+                                                    model.config.hidden_size, bias=False)
+
+    def never(*a, **k):
+        raise AssertionError("calibration ran before the shape check")
+
+    monkeypatch.setattr(pipeline, "capture_block_inputs", never)
+    monkeypatch.setattr(pipeline, "profile_pass", never)
+    with pytest.raises(ConfigError, match=r"prune.pattern: 2:4 .*layers.0.mlp.down_proj \(in="):
+        compress_model(model, torch.randint(0, 256, (1, 8)), [Wanda(pattern="2:4")],
+                       progress=False)
+    # a pattern every dim divides passes the check (and would go on to calibrate)
+    Wanda(pattern="2:4").check_shapes(profile(tiny.build("tiny-random-llama", vocab=256)))

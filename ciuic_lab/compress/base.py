@@ -59,6 +59,9 @@ class Method:
         # Policies take the knobs they know by keyword (ramp, owl_lambda, kind_bits, ...).
         return get_policy(self.stage, self.policy).allocate(profiles, self.target(), **asdict(self))
 
+    def check_shapes(self, profiles: list[LayerProfile]) -> None:
+        """Raise ConfigError if a layer's shape rules this method out (before any calibration)."""
+
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         raise NotImplementedError
 
@@ -80,6 +83,14 @@ class PruneMethod(Method):
                "prune.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
         self.nm = parse_pattern(self.pattern)
         get_policy("prune", self.policy)
+
+    def check_shapes(self, profiles: list[LayerProfile]) -> None:
+        if not self.nm:
+            return
+        m = self.nm[1]
+        bad = [f"{p.name} (in={p.shape[1]})" for p in profiles if p.shape[1] % m]
+        _check(not bad, "prune.pattern", f"{self.pattern} needs every input dim divisible by {m}; "
+               f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
     def target(self) -> float:
         # An N:M pattern fixes the sparsity of every layer: 1 - N/M.

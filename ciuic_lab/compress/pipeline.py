@@ -185,6 +185,8 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
     """
     t0 = time.perf_counter()
     profiles = profile(model)
+    for stage in stages:  # shape errors now, not after calibrating half the model
+        stage.check_shapes(profiles)
     report = CompressionReport()
     needs = frozenset().union(*(s.policy_needs() for s in stages))
     if needs:
