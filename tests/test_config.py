@@ -1,5 +1,6 @@
 """Every config option composes; bad values fail fast, naming their key, before a model loads."""
 
+import re
 import subprocess
 import sys
 import time
@@ -56,9 +57,12 @@ def test_stage_order_is_configurable():
     ("model.name_or_path=/no/such/model", "model.name_or_path"),
     ("model.name_or_path=not a model", "model.name_or_path"),
     ("tracker.mode=loud", "tracker.mode"),
+    ("prune.layers={layers.0:1.0}", "prune.layers[layers.0]"),
+    ("quant.layers={down_proj:9}", "quant.layers[down_proj]"),
+    ("lowrank.layers={self_attn:0}", "lowrank.layers[self_attn]"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):
-    with pytest.raises((ConfigError, ModelNotFound), match=key.replace(".", r"\.")):
+    with pytest.raises((ConfigError, ModelNotFound), match=re.escape(key)):
         validate(compose([override]))
 
 

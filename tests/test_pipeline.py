@@ -168,3 +168,56 @@ def test_nm_pattern_on_indivisible_input_dim_fails_before_calibration(monkeypatc
                        progress=False)
     # a pattern every dim divides passes the check (and would go on to calibrate)
     Wanda(pattern="2:4").check_shapes(profile(tiny.build("tiny-random-llama", vocab=256)))
+
+
+@pytest.mark.parametrize("pattern,name,hit", [
+    ("layers.0", "model.layers.0.self_attn.q_a_proj", True),
+    ("layers.0", "model.layers.10.self_attn.q_a_proj", False),
+    ("down_proj", "model.layers.3.mlp.experts.2.down_proj", True),
+    ("mlp.experts.*.down_proj", "model.layers.3.mlp.experts.2.down_proj", True),
+    ("mlp.experts.*.down_proj", "model.layers.3.mlp.shared_experts.down_proj", False),
+    ("self_attn.q_*", "model.layers.1.self_attn.q_b_proj", True),
+    ("proj", "model.layers.1.self_attn.q_b_proj", False),  # whole parts, not substrings
+])
+def test_layer_name_patterns_match_whole_dotted_parts(pattern, name, hit):
+    from ciuic_lab.compress.base import name_matches
+
+    assert name_matches(pattern, name) is hit
+
+
+def test_per_layer_overrides_by_name_set_or_skip_each_stage():
+    model = tiny.build("tiny-random-deepseek-v3", vocab=256)
+    stages = [Magnitude(0.5, layers={"layers.0": 0.25, "down_proj": None}),
+              RTN(4, 32, layers={"self_attn": 8, "layers.1.mlp.experts.0": None})]
+    report = compress_model(model, torch.randint(0, 256, (2, 16)), stages, progress=False)
+    rows = {r["name"]: r for r in report.layers}
+    for name, r in rows.items():
+        if ".layers.0." in name:
+            want_s = 0.25  # the first matching pattern wins, also for block 0's down_proj
+        elif name.endswith("down_proj"):
+            want_s = 0.0
+        else:
+            want_s = 0.5
+        assert r["sparsity"] == pytest.approx(want_s, abs=0.01), name
+        if ".self_attn." in name:
+            assert r["bits"] == 8, name
+        elif ".layers.1.mlp.experts.0." in name:
+            assert r["bits"] == 16, name  # not quantised: stored at the store dtype
+        else:
+            assert r["bits"] == 4, name
+    skipped = [n for n in rows if ".layers.1.mlp.experts.0." in n and n.endswith("down_proj")]
+    assert skipped and rows[skipped[0]]["bits_per_param"] == pytest.approx(16.0)
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
+
+
+def test_a_layer_pattern_matching_nothing_fails_before_calibration(monkeypatch):
+    from ciuic_lab.compress import pipeline
+    from ciuic_lab.compress.base import ConfigError
+
+    def never(*a, **k):
+        raise AssertionError("calibration ran before the name check")
+
+    monkeypatch.setattr(pipeline, "capture_block_inputs", never)
+    with pytest.raises(ConfigError, match=r"quant.layers: 'dwon_proj' matches no compressible layer"):
+        compress_model(tiny.build("tiny-random-llama", vocab=256), torch.randint(0, 256, (1, 8)),
+                       [RTN(4, 32, layers={"dwon_proj": 8})], progress=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from typing import ClassVar
 
 from ciuic_lab.compress.linear import LayerState, QuantPart
@@ -43,6 +44,17 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, mm
 
 
+def _parts(pattern) -> list[str]:
+    return [p for p in str(pattern).split(".") if p]
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether the dotted parts of `pattern` (globs) match a contiguous run of `name`'s parts."""
+    pat, parts = _parts(pattern), name.split(".")
+    return any(all(fnmatchcase(parts[i + j], p) for j, p in enumerate(pat))
+               for i in range(len(parts) - len(pat) + 1))
+
+
 @dataclass
 class Method:
     stage: ClassVar[str] = ""
@@ -57,10 +69,44 @@ class Method:
 
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
         # Policies take the knobs they know by keyword (ramp, owl_lambda, kind_bits, ...).
-        return get_policy(self.stage, self.policy).allocate(profiles, self.target(), **asdict(self))
+        alloc = get_policy(self.stage, self.policy).allocate(profiles, self.target(), **asdict(self))
+        return self.pin(alloc)
+
+    # ---- per-layer overrides by name (`<stage>.layers`) -------------------------------------
+    # {name pattern: budget}: the first pattern that matches a layer sets its budget after the
+    # policy has spread the target (the other layers keep theirs); null skips this stage there.
+    # A pattern is dotted name parts that must appear as a run in the layer's name, each part a
+    # shell-style glob: `layers.0` (block 0, not block 10), `down_proj`, `mlp.experts.*.up_proj`.
+    def _check_layers(self) -> None:
+        for pattern, budget in (self.layers or {}).items():
+            _check(bool(_parts(pattern)), f"{self.stage}.layers", f"empty name pattern {pattern!r}")
+            if budget is not None:
+                self._check_budget(f"{self.stage}.layers[{pattern}]", budget)
+
+    def _check_budget(self, key: str, budget) -> None:
+        raise NotImplementedError
+
+    def _budget(self, value):
+        return value
+
+    def pin(self, alloc: dict[str, object]) -> dict[str, object]:
+        if not self.layers:
+            return alloc
+        out = {}
+        for name, budget in alloc.items():
+            for pattern, value in self.layers.items():
+                if name_matches(pattern, name):
+                    budget = None if value is None else self._budget(value)
+                    break
+            out[name] = budget
+        return out
 
     def check_shapes(self, profiles: list[LayerProfile]) -> None:
         """Raise ConfigError if a layer's shape rules this method out (before any calibration)."""
+        for pattern in self.layers or {}:
+            _check(any(name_matches(pattern, p.name) for p in profiles), f"{self.stage}.layers",
+                   f"{pattern!r} matches no compressible layer (names look like "
+                   f"{profiles[0].name if profiles else '?'})")
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         raise NotImplementedError
@@ -77,14 +123,26 @@ class PruneMethod(Method):
     ramp: float = 0.2  # depth_linear: sparsity difference between last and first block
     owl_lambda: float = 0.08  # owl: layer sparsities within target ± lambda
     owl_m: float = 5.0  # owl: outlier = score above M × block mean
+    layers: dict | None = None  # {name pattern: sparsity or null (not pruned)}
 
     def __post_init__(self):
         _check(isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
                "prune.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
         self.nm = parse_pattern(self.pattern)
         get_policy("prune", self.policy)
+        self._check_layers()
+
+    def _check_budget(self, key: str, budget) -> None:
+        _check(not self.nm, key, f"pattern {self.pattern} fixes every layer's sparsity: a layer "
+               "can only be left out (null)")
+        _check(isinstance(budget, (int, float)) and 0.0 <= budget < 1.0, key,
+               f"sparsity must be in [0, 1) or null, got {budget!r}")
+
+    def _budget(self, value):
+        return float(value)
 
     def check_shapes(self, profiles: list[LayerProfile]) -> None:
+        super().check_shapes(profiles)
         if not self.nm:
             return
         m = self.nm[1]
@@ -132,6 +190,7 @@ class LowRankMethod(Method):
     rank: int | None = None
     factor_bits: int = 16
     policy: str = "rank"  # rank: the rule per layer | global: one budget spread by σ² gain
+    layers: dict | None = None  # {name pattern: rank or null (no low-rank part)}
 
     def __post_init__(self):
         _check(self.mode in ("factorize", "residual"), "lowrank.mode",
@@ -145,6 +204,14 @@ class LowRankMethod(Method):
         _check(self.factor_bits == 16 or 2 <= self.factor_bits <= 8, "lowrank.factor_bits",
                f"must be 16 or in 2..8, got {self.factor_bits}")
         get_policy("lowrank", self.policy)
+        self._check_layers()
+
+    def _check_budget(self, key: str, budget) -> None:
+        _check(isinstance(budget, int) and not isinstance(budget, bool) and budget > 0, key,
+               f"rank must be a positive integer or null, got {budget!r}")
+
+    def _budget(self, value):
+        return {"rule": "rank", "rank": int(value)}
 
     def target(self) -> dict:
         return {"rule": self.rule, "ratio": self.ratio, "energy": self.energy, "rank": self.rank}
@@ -177,6 +244,7 @@ class QuantMethod(Method):
     avg_bits: float | None = None  # sensitivity: mean bits target (null = `bits`)
     kind_bits: dict | None = None  # kind_map: {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
     candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    layers: dict | None = None  # {name pattern: bits or null (kept at the store dtype)}
 
     def __post_init__(self):
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "quant.bits",
@@ -189,6 +257,14 @@ class QuantMethod(Method):
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
                "quant.group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
         get_policy("quant", self.policy)
+        self._check_layers()
+
+    def _check_budget(self, key: str, budget) -> None:
+        _check(isinstance(budget, int) and not isinstance(budget, bool) and 2 <= budget <= 8, key,
+               f"bits must be an integer in 2..8 or null, got {budget!r}")
+
+    def _budget(self, value):
+        return int(value)
 
     def target(self) -> float:
         return float(self.avg_bits if self.avg_bits is not None else self.bits)

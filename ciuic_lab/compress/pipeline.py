@@ -219,7 +219,9 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
                 st = _fallback_stats(t, moe_inputs[t.module], want_hessian)
             state = LayerState.from_linear(t.weight, t.bias)
             for stage in stages:
-                stage.apply(state, st, report.allocations[stage.stage][full])
+                budget = report.allocations[stage.stage][full]
+                if budget is not None:  # None: `<stage>.layers` leaves this layer out
+                    stage.apply(state, st, budget)
             layer = CompressedLinear.pack(state, store_dtype).to(dev)
             report.layers.append({
                 "name": full, "kind": t.kind, "out": t.shape[0], "in": t.shape[1],
