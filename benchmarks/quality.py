@@ -63,6 +63,9 @@ ROWS: dict[str, list[str]] = {
                                      "quant.avg_bits=3.5"),
     # the recipe next to GPTQ-only at matched measured bits
     "ciuic recipe": [],
+    "ciuic recipe, block 0 not pruned": ["prune.layers={layers.0:null}"],
+    "gptq sensitivity 3.35 mean (only)": row("quant=gptq", "quant.policy=sensitivity",
+                                             "quant.avg_bits=3.35"),
     "gptq 4-bit g128 (only)": row("quant=gptq", "quant.bits=4"),
     "gptq 3-bit g64 (only)": row("quant=gptq", "quant.bits=3", "quant.group_size=64"),
     # below 3 bits, where 2-bit quantisation alone breaks down
