@@ -41,6 +41,9 @@ ROWS: dict[str, list[str]] = {
     "gptq 4-bit g128": row("quant=gptq", "quant.bits=4"),
     "rtn 3-bit g128": row("quant=rtn", "quant.bits=3"),
     "gptq 3-bit g128": row("quant=gptq", "quant.bits=3"),
+    # the bitsandbytes baselines a user would pick instead (the `bnb` extra)
+    "bitsandbytes nf4": row("quant=bnb_nf4"),
+    "bitsandbytes int8 (LLM.int8)": row("quant=bnb_int8"),
     "rtn 2-bit per-channel": row("quant=rtn", "quant.bits=2", "quant.group_size=-1"),
     "rtn 8-bit per-channel": row("quant=rtn", "quant.bits=8", "quant.group_size=-1"),
     # low-rank at the same parameter count

@@ -53,11 +53,16 @@ def build_stages(cfg: DictConfig) -> list[Method]:
                 raise cause from None
             if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
                 key = str(cause).split("'")[-2] if "'" in str(cause) else "?"
-                raise ConfigError(f"{s}.{key}: unknown key for {group._target_}") from None
+                raise ConfigError(f"{s}.{key}: unknown key for {group._target_} (if the recipe "
+                                  "set it, add recipe=none)") from None
             raise
         if m.stage != s:
             raise ConfigError(f"{s}: {group._target_} is a {m.stage} method, not a {s} method")
         methods.append(m)
+    for m in methods:
+        if m.alone and len(methods) > 1:
+            others = " ".join(f"{x.stage}=none" for x in methods if x is not m)
+            raise ConfigError(f"{m.stage}: {type(m).__name__} runs alone; set {others}")
     return methods
 
 
@@ -77,6 +82,9 @@ def validate(cfg: DictConfig) -> list[Method]:
             raise ConfigError(f"data.{key}: must be >= 1, got {cfg.data[key]}")
     if cfg.tracker.mode not in ("online", "offline", "disabled", "auto"):
         raise ConfigError(f"tracker.mode: must be online, offline, disabled or auto; got {cfg.tracker.mode!r}")
+    if cfg.get("save") and any(m.alone for m in methods):
+        raise ConfigError("save: the lab's checkpoint format holds its own packed layers; a "
+                          "bitsandbytes baseline is not saved (save=false)")
     return methods
 
 

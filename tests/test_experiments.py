@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
 # name -> number of points its grid sweeps
 GRIDS = {"ablation_stages": 7, "prune_methods": 9, "quant_methods": 8, "lowrank_rules": 24,
-         "ciuic_pareto": 18}
+         "ciuic_pareto": 18, "baselines": 4}
 POINTS = ["prune", "lowrank", "quant", "prune_lowrank", "prune_quant", "lowrank_quant",
           "prune_lowrank_quant"]
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import ClassVar
 
+from torch import nn
+
 from ciuic_lab.compress.linear import LayerState, QuantPart
 from ciuic_lab.compress.policies import LayerProfile, get_policy
 from ciuic_lab.compress.quant import grid
@@ -59,6 +61,7 @@ def name_matches(pattern: str, name: str) -> bool:
 class Method:
     stage: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # stats: "hessian", "act_norm"
+    alone: ClassVar[bool] = False  # True: the run's only stage (a whole-weight baseline)
 
     def target(self) -> float:
         raise NotImplementedError
@@ -110,6 +113,11 @@ class Method:
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         raise NotImplementedError
+
+    def make_layer(self, state: LayerState, dtype) -> nn.Module | None:
+        """The module that stores this layer, if this method has its own format (None: the
+        packed CompressedLinear built from the state)."""
+        return None
 
 
 @dataclass

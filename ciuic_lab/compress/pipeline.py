@@ -135,6 +135,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def _make_layer(stages: list[Method], state: LayerState, dtype: torch.dtype) -> nn.Module:
+    for stage in stages:
+        layer = stage.make_layer(state, dtype)
+        if layer is not None:
+            return layer
+    return CompressedLinear.pack(state, dtype)
+
+
 def _install(block: nn.Module, packed: dict[str, tuple[adapters.Target, CompressedLinear]]) -> None:
     """Swap each compressed target into the block; fused experts become CompressedExperts."""
     experts: dict[str, tuple[nn.Module, dict]] = {}
@@ -222,7 +230,7 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
                 budget = report.allocations[stage.stage][full]
                 if budget is not None:  # None: `<stage>.layers` leaves this layer out
                     stage.apply(state, st, budget)
-            layer = CompressedLinear.pack(state, store_dtype).to(dev)
+            layer = _make_layer(stages, state, store_dtype).to(dev)
             report.layers.append({
                 "name": full, "kind": t.kind, "out": t.shape[0], "in": t.shape[1],
                 "params": layer.params, "bytes": layer.nbytes(),
