@@ -34,9 +34,11 @@ def test_bnb_linear_stores_what_bitsandbytes_stores_and_computes_with_it(scheme,
     if scheme == "nf4":  # every weight is absmax x one of the 16 NF4 levels
         levels = wq[:, :64] / layer.absmax[0::4, None]  # each row's first block of 64
         assert len(torch.unique(levels.round(decimals=4))) <= 16
-    y = layer(x)
     ref = torch.nn.functional.linear(x, wq, b)
-    assert float((y - ref).norm() / ref.norm()) < 2e-2
+    for dt in (torch.float32, torch.bfloat16):  # bf16: bitsandbytes' own 16-bit matmul paths
+        y = layer(x.to(dt))
+        assert y.dtype == dt
+        assert float((y.float() - ref).norm() / ref.norm()) < 2e-2, dt
 
 
 def test_bnb_runs_alone_and_names_what_to_turn_off():
