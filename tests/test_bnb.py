@@ -12,7 +12,7 @@ from ciuic_lab.config import build_stages, compose, validate
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from ciuic_lab.compress.quant.bnb import BnbLinear  # noqa: E402
+from ciuic_lab.compress.quant.bnb import BnbLinear
 
 ALONE = ["recipe=none", "prune=none", "lowrank=none"]
 

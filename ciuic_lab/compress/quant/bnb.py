@@ -123,9 +123,6 @@ class BnbQuant(Method):
     def target(self) -> float:
         return 4.0 if self.scheme == "nf4" else 8.0
 
-    def _check_budget(self, key: str, budget) -> None:
-        raise ConfigError(f"{key}: a bitsandbytes baseline can only leave layers out (null)")
-
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         state.info["bits"] = int(self.target())
         state.info["bnb"] = True
