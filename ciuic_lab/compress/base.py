@@ -80,8 +80,11 @@ class Method:
     # policy has spread the target (the other layers keep theirs); null skips this stage there.
     # A pattern is dotted name parts that must appear as a run in the layer's name, each part a
     # shell-style glob: `layers.0` (block 0, not block 10), `down_proj`, `mlp.experts.*.up_proj`.
+    def _overrides(self) -> dict:
+        return getattr(self, "layers", None) or {}  # a Method subclass may have no `layers`
+
     def _check_layers(self) -> None:
-        for pattern, budget in (self.layers or {}).items():
+        for pattern, budget in self._overrides().items():
             _check(bool(_parts(pattern)), f"{self.stage}.layers", f"empty name pattern {pattern!r}")
             if budget is not None:
                 self._check_budget(f"{self.stage}.layers[{pattern}]", budget)
@@ -93,11 +96,12 @@ class Method:
         return value
 
     def pin(self, alloc: dict[str, object]) -> dict[str, object]:
-        if not self.layers:
+        overrides = self._overrides()
+        if not overrides:
             return alloc
         out = {}
         for name, budget in alloc.items():
-            for pattern, value in self.layers.items():
+            for pattern, value in overrides.items():
                 if name_matches(pattern, name):
                     budget = None if value is None else self._budget(value)
                     break
@@ -106,7 +110,7 @@ class Method:
 
     def check_shapes(self, profiles: list[LayerProfile]) -> None:
         """Raise ConfigError if a layer's shape rules this method out (before any calibration)."""
-        for pattern in self.layers or {}:
+        for pattern in self._overrides():
             _check(any(name_matches(pattern, p.name) for p in profiles), f"{self.stage}.layers",
                    f"{pattern!r} matches no compressible layer (names look like "
                    f"{profiles[0].name if profiles else '?'})")
