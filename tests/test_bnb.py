@@ -48,6 +48,8 @@ def test_bnb_runs_alone_and_names_what_to_turn_off():
         build_stages(compose(["quant=bnb_int8"]))
     with pytest.raises(ConfigError, match="quant.scheme"):
         build_stages(compose([*ALONE, "quant=bnb_nf4", "quant.scheme=fp3"]))
+    with pytest.raises(ConfigError, match=r"quant.layers\[down_proj\]: .*only leave layers out"):
+        build_stages(compose([*ALONE, "quant=bnb_nf4", "quant.layers={down_proj:4}"]))
     with pytest.raises(ConfigError, match="^save"):
         validate(compose([*ALONE, "quant=bnb_nf4", "save=true"]))
     (m,) = build_stages(compose([*ALONE, "quant=bnb_nf4"]))

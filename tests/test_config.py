@@ -63,6 +63,9 @@ def test_stage_order_is_configurable():
     ("prune.layers={layers.0:1.0}", "prune.layers[layers.0]"),
     ("quant.layers={down_proj:9}", "quant.layers[down_proj]"),
     ("lowrank.layers={self_attn:0}", "lowrank.layers[self_attn]"),
+    ("prune.percdamp=2", "prune.percdamp"),  # the default recipe's SparseGPT
+    ("quant.blocksize=0", "quant.blocksize"),  # its GPTQ
+    ("lowrank.percdamp=-1", "lowrank.percdamp"),  # its SVD-LLM
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key):
     with pytest.raises((ConfigError, ModelNotFound), match=re.escape(key)):

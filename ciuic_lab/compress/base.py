@@ -118,6 +118,14 @@ class Method:
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
         raise NotImplementedError
 
+    def _check_hessian_knobs(self) -> None:
+        """`percdamp` (and `blocksize` where the method has one) of the Hessian-based methods."""
+        if hasattr(self, "blocksize"):
+            _check(isinstance(self.blocksize, int) and self.blocksize > 0, f"{self.stage}.blocksize",
+                   f"must be a positive integer, got {self.blocksize!r}")
+        _check(isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp <= 1,
+               f"{self.stage}.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
+
     def make_layer(self, state: LayerState, dtype) -> nn.Module | None:
         """The module that stores this layer, if this method has its own format (None: the
         packed CompressedLinear built from the state)."""

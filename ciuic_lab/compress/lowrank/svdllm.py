@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from ciuic_lab.compress.base import LowRankMethod, _check
+from ciuic_lab.compress.base import LowRankMethod
 from ciuic_lab.compress.policies.rank import rank_for
 from ciuic_lab.compress.stats import require_hessian
 
@@ -63,8 +63,7 @@ class SVDLLM(LowRankMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp <= 1,
-               "lowrank.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
+        self._check_hessian_knobs()
 
     def apply(self, state, stats, budget) -> None:
         h = require_hessian(stats, "SVD-LLM")

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ciuic_lab.compress.base import PruneMethod, _check
+from ciuic_lab.compress.base import PruneMethod
 from ciuic_lab.compress.quant.gptq import inverse_hessian_cholesky
 from ciuic_lab.compress.stats import require_hessian
 
@@ -90,10 +90,7 @@ class SparseGPT(PruneMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.blocksize, int) and self.blocksize > 0, "prune.blocksize",
-               f"must be a positive integer, got {self.blocksize!r}")
-        _check(isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp <= 1,
-               "prune.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
+        self._check_hessian_knobs()
 
     def apply(self, state, stats, budget) -> None:
         h = require_hessian(stats, "SparseGPT")

@@ -116,9 +116,11 @@ class BnbQuant(Method):
         _check(self.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
                f"must be a power of two in 64..4096 (bitsandbytes' block sizes), got {self.blocksize!r}")
         _check(self.threshold >= 0, "quant.threshold", f"must be >= 0, got {self.threshold!r}")
-        _check(all(v is None for v in (self.layers or {}).values()), "quant.layers",
-               "a bitsandbytes baseline can only leave layers out (null)")
+        self._check_layers()
         _bnb()
+
+    def _check_budget(self, key: str, budget) -> None:
+        _check(False, key, f"a bitsandbytes baseline can only leave layers out (null), got {budget!r}")
 
     def target(self) -> float:
         return 4.0 if self.scheme == "nf4" else 8.0

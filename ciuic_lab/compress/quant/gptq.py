@@ -146,10 +146,7 @@ class GPTQ(QuantMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.blocksize, int) and self.blocksize > 0, "quant.blocksize",
-               f"must be a positive integer, got {self.blocksize!r}")
-        _check(isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp <= 1,
-               "quant.percdamp", f"must be in [0, 1], got {self.percdamp!r}")
+        self._check_hessian_knobs()
         _check(isinstance(self.act_order, bool), "quant.act_order",
                f"must be true or false, got {self.act_order!r}")
 
