@@ -67,3 +67,24 @@ def test_forward_follows_input_dtype(dtype):
     _, layer = _packed([RTN(4, 32)], torch.randn(8, 64), dtype=dtype)
     y = layer(torch.randn(2, 64, dtype=dtype))
     assert y.dtype == dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), pattern=st.sampled_from(["none", "unstructured", "2:4"]),
+       sym=st.booleans(), group=st.sampled_from([-1, 16, 24]), seed=st.integers(0, 99))
+def test_dense_codes_dequantise_to_the_layer_weight(bits, pattern, sym, group, seed):
+    """Pruned entries carry the zero code, so the dense grid rebuilds exactly the packed weight."""
+    torch.manual_seed(seed)
+    methods = [] if pattern == "none" else [Magnitude(0.5, pattern=pattern)]
+    _, layer = _packed(methods + [RTN(bits, group, sym)], torch.randn(8, 48))
+    q = layer.dense_codes()
+    assert q.codes.shape == (8, 48) and q.codes.dtype == torch.int32
+    assert torch.equal(q.dequantize(), layer.dequantized_weight())
+    if pattern != "none":
+        assert (q.dequantize()[~layer._kept_mask()] == 0).all()
+
+
+def test_dense_codes_needs_a_quantised_base():
+    _, layer = _packed([Magnitude(0.5)], torch.randn(8, 48))
+    with pytest.raises(ValueError, match="not quantised"):
+        layer.dense_codes()

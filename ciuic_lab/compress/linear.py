@@ -211,6 +211,29 @@ class CompressedLinear(nn.Module):
         dense_codes[kept] = codes
         return grid.dequantize(dense_codes, scale, zero, qmeta["group_size"]) * kept
 
+    def dense_codes(self) -> QuantPart:
+        """The base part's codes as a dense (out, in) int32 grid with its scale and zero (float32).
+
+        Pruned entries get their group's zero code, so they dequantise to exactly 0: the form a
+        dense integer kernel or an exporter needs. Raises ValueError if the base is not quantised.
+        """
+        base = self.meta["base"]
+        if base is None or base["quant"] is None:
+            raise ValueError("this layer's base part is not quantised: it has no codes")
+        q = base["quant"]
+        shape = (self.out_features, self.in_features)
+        kept = self._kept_mask()
+        n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
+        codes = packing.unpack_bits(self.codes, q["bits"], n)
+        scale, zero = self._grid("", q)
+        if kept is None:
+            dense = codes.view(shape)
+        else:
+            dense = grid.expand_groups(zero, shape[1], q["group_size"]).round().to(torch.int32)
+            dense = dense.contiguous()
+            dense[kept] = codes
+        return QuantPart(dense, scale, zero, q["bits"], q["group_size"], q["sym"])
+
     def _device(self) -> torch.device:
         return next(self.buffers()).device
 
