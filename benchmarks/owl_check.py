@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from ciuic_lab.api import calibration, compress
+from ciuic_lab.api import compress
 from ciuic_lab.compress.pipeline import profile, profile_pass
 from ciuic_lab.compress.policies import owl, register
 from ciuic_lab.compress.policies._mean import meet_mean
@@ -24,6 +24,7 @@ from ciuic_lab.config import compose
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.models.loader import load
+from ciuic_lab.runner import calibration
 
 PLAIN = ["recipe=none", "lowrank=none", "quant=none", "prune=none"]
 _PICK: dict = {"block": None, "delta": 0.0}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ciuic_lab.compress.base import ConfigError, Method
+from ciuic_lab.compress.base import Method
+from ciuic_lab.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("prune", "lowrank", "quant")
@@ -28,7 +29,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         return hydra_compose(config_name="run", overrides=list(overrides or []))
 
 
-def build_stages(cfg: DictConfig) -> list[Method]:
+def build_methods(cfg: DictConfig) -> list[Method]:
     """Instantiate the enabled stages in `cfg.stages` order, checking every value."""
     from hydra.utils import instantiate
 
@@ -66,12 +67,20 @@ def build_stages(cfg: DictConfig) -> list[Method]:
     return methods
 
 
-def validate(cfg: DictConfig) -> list[Method]:
-    """All cheap checks of a run config; returns the stages. Raises ConfigError / ModelNotFound."""
-    from ciuic_lab.models.loader import resolve
+def validate(cfg: DictConfig, model_config=None) -> list[Method]:
+    """All cheap checks of a run config; returns the methods. Raises ConfigError / ModelNotFound.
 
-    methods = build_stages(cfg)
-    resolve(cfg.model.name_or_path)
+    Reads no weights: the model's config.json (for its maximum positions; `model_config` when
+    the caller already holds the model) and the calibration text are the most it touches.
+    """
+    from ciuic_lab.data.calibration import check_source
+    from ciuic_lab.models.loader import load_config, resolve
+
+    methods = build_methods(cfg)
+    if model_config is None:
+        resolve(cfg.model.name_or_path)
+        model_config = load_config(cfg.model.name_or_path, cfg.model.trust_remote_code,
+                                   cfg.model.revision)
     ev = cfg.eval
     if ev.seqlen is not None and int(ev.seqlen) < 2:
         raise ConfigError(f"eval.seqlen: must be >= 2 or null, got {ev.seqlen}")
@@ -80,11 +89,18 @@ def validate(cfg: DictConfig) -> list[Method]:
     for key in ("calib_samples", "calib_seqlen"):
         if int(cfg.data[key]) < 1:
             raise ConfigError(f"data.{key}: must be >= 1, got {cfg.data[key]}")
+    # Positions beyond the model's trained range run silently with meaningless numbers.
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    for key, value in (("eval.seqlen", ev.seqlen), ("data.calib_seqlen", cfg.data.calib_seqlen)):
+        if value is not None and max_pos is not None and int(value) > int(max_pos):
+            raise ConfigError(f"{key}: {value} is beyond the model's max_position_embeddings "
+                              f"({max_pos})")
+    try:
+        check_source(str(cfg.data.calib_source))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.calib_source: {e}") from None
     if cfg.tracker.mode not in ("online", "offline", "disabled", "auto"):
         raise ConfigError(f"tracker.mode: must be online, offline, disabled or auto; got {cfg.tracker.mode!r}")
-    if cfg.get("save") and any(m.alone for m in methods):
-        raise ConfigError("save: the lab's checkpoint format holds its own packed layers; a "
-                          "bitsandbytes baseline is not saved (save=false)")
     return methods
 
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ciuic_lab.compress.base import ConfigError
-from ciuic_lab.models.loader import ModelNotFound
+from ciuic_lab.errors import ConfigError, ModelNotFound
+from ciuic_lab.track import FRONTIER
+from ciuic_lab.track.tracker import sweep_group
 
 log = logging.getLogger("ciuic_lab")
-FRONTIER = ("size/bits_per_param", "ppl/wikitext2")
 
 
 def objective(cfg: DictConfig, metrics: dict, hc) -> float | tuple | None:
@@ -30,12 +29,6 @@ def objective(cfg: DictConfig, metrics: dict, hc) -> float | tuple | None:
     names = list(OmegaConf.select(cfg, "objectives", default=None) or FRONTIER[-n:])
     values = tuple(metrics.get(k) for k in names)
     return values[0] if len(values) == 1 else values
-
-
-def sweep_group(sweep_dir: str) -> str:
-    """The W&B group of a sweep: its directory, e.g. multirun/2026-11-27/10-00-00 -> 2026-11-27_10-00-00."""
-    p = Path(sweep_dir)
-    return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

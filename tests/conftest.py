@@ -16,8 +16,8 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_datasets_
 # (CLI tests) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
@@ -25,3 +25,19 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# CI cannot tell a skipped test from a passing one, so with CIUIC_LAB_NO_SKIPS=1 (set by .ci/run,
+# which installs every extra) any skip other than a GPU test's fails the session.
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and os.environ.get("CIUIC_LAB_NO_SKIPS") == "1" and "gpu" not in report.keywords:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS:
+        print("\nunexpected skips (CIUIC_LAB_NO_SKIPS=1):\n  " + "\n  ".join(_UNEXPECTED_SKIPS))
+        session.exitstatus = 1

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_run import QUICK, _cli
 
-from ciuic_lab.compress.base import ConfigError
-from ciuic_lab.config import build_stages, compose, validate
+from ciuic_lab.config import build_methods, compose
+from ciuic_lab.errors import ConfigError
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -22,7 +22,7 @@ ALONE = ["recipe=none", "prune=none", "lowrank=none"]
 def test_bnb_linear_stores_what_bitsandbytes_stores_and_computes_with_it(scheme, bits):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 256), torch.randn(96), torch.randn(7, 256)
-    layer = BnbLinear(w, b, scheme)
+    layer = BnbLinear.quantize(w, b, scheme)
     # plus the 16-entry NF4 table and the bias: nothing dense stays behind
     extra = (16 * 4 if scheme == "nf4" else 0) + 96 * 4
     assert 8 * (layer.nbytes() - extra) / layer.params == pytest.approx(bits)
@@ -43,22 +43,20 @@ def test_bnb_linear_stores_what_bitsandbytes_stores_and_computes_with_it(scheme,
 
 def test_bnb_runs_alone_and_names_what_to_turn_off():
     with pytest.raises(ConfigError, match="prune=none lowrank=none"):
-        build_stages(compose(["recipe=none", "quant=bnb_nf4"]))
+        build_methods(compose(["recipe=none", "quant=bnb_nf4"]))
     with pytest.raises(ConfigError, match="recipe=none"):  # the recipe's quant.bits
-        build_stages(compose(["quant=bnb_int8"]))
+        build_methods(compose(["quant=bnb_int8"]))
     with pytest.raises(ConfigError, match="quant.scheme"):
-        build_stages(compose([*ALONE, "quant=bnb_nf4", "quant.scheme=fp3"]))
+        build_methods(compose([*ALONE, "quant=bnb_nf4", "quant.scheme=fp3"]))
     with pytest.raises(ConfigError, match=r"quant.layers\[down_proj\]: .*only leave layers out"):
-        build_stages(compose([*ALONE, "quant=bnb_nf4", "quant.layers={down_proj:4}"]))
-    with pytest.raises(ConfigError, match="^save"):
-        validate(compose([*ALONE, "quant=bnb_nf4", "save=true"]))
-    (m,) = build_stages(compose([*ALONE, "quant=bnb_nf4"]))
+        build_methods(compose([*ALONE, "quant=bnb_nf4", "quant.layers={down_proj:4}"]))
+    (m,) = build_methods(compose([*ALONE, "quant=bnb_nf4"]))
     assert m.scheme == "nf4" and m.alone
 
 
 @pytest.mark.parametrize("q,lo,hi", [("bnb_nf4", 4.4, 4.8), ("bnb_int8", 8.0, 8.8)])
 def test_cli_baseline_run_measures_real_bytes_with_experts_included(tmp_path, q, lo, hi):
-    r = _cli(*QUICK, *ALONE, f"quant={q}", "tracker=none", f"hydra.run.dir={tmp_path}")
+    r = _cli(*QUICK, *ALONE, f"quant={q}", "tracker=none", f"hydra.run.dir={tmp_path}", "save=true")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
     m = res["metrics"]
@@ -69,3 +67,15 @@ def test_cli_baseline_run_measures_real_bytes_with_experts_included(tmp_path, q,
     assert {"attn", "mlp", "shared_expert", "expert"} <= kinds
     assert {row["bits"] for row in res["layers"]} == {4 if q == "bnb_nf4" else 8}
     assert m["ppl/wikitext2"] < 1.5 * m["ppl/wikitext2_dense"]
+    # the checkpoint holds bitsandbytes' own format and reloads to the same perplexity
+    from ciuic_lab.compress.checkpoint import load
+    from ciuic_lab.data.wikitext import test_windows
+    from ciuic_lab.eval.perplexity import perplexity
+    from ciuic_lab.models.loader import load_tokenizer
+
+    manifest = json.loads((tmp_path / "compressed" / "compressed.json").read_text())
+    assert {spec["format"] for spec in manifest["layers"].values()} == {"bnb"}
+    model = load(tmp_path / "compressed")
+    assert sum(isinstance(mod, BnbLinear) for mod in model.modules()) == len(res["layers"])
+    windows = test_windows(load_tokenizer("tiny-random-deepseek-v3"), 128)[:2]
+    assert perplexity(model, windows, batch_size=4, progress=False) == m["ppl/wikitext2"]

@@ -36,11 +36,56 @@ def test_roundtrip_is_bit_identical(compressed, tmp_path):
     assert manifest["run_config"] == {"quant": {"bits": 3}}
 
 
-def test_truncated_file_is_rejected(compressed, tmp_path):
+def test_one_shard_per_block_plus_the_rest(compressed, tmp_path):
     checkpoint.save(compressed, tmp_path)
-    w = tmp_path / checkpoint.WEIGHTS
+    n = len(compressed.model.layers)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == \
+        [checkpoint.block_shard(i) for i in range(n)] + [checkpoint.REST]
+    manifest = json.loads((tmp_path / checkpoint.MANIFEST).read_text())
+    assert all(spec["format"] == "ciuic.packed" for spec in manifest["layers"].values())
+
+
+def test_truncated_shard_is_rejected_naming_it(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    w = tmp_path / checkpoint.block_shard(1)
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"blocks-00001.safetensors .*truncated"):
+        checkpoint.load(tmp_path)
+
+
+def test_missing_shard_is_rejected_naming_it(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    (tmp_path / checkpoint.REST).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"rest.safetensors is missing"):
+        checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["model_config", "shards", "layers"])
+def test_incomplete_manifest_names_the_missing_key(compressed, tmp_path, key):
+    checkpoint.save(compressed, tmp_path)
+    m = json.loads((tmp_path / checkpoint.MANIFEST).read_text())
+    m.pop(key)
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(checkpoint.CheckpointError, match=f"lacks {key}"):
+        checkpoint.load(tmp_path)
+
+
+def test_shard_without_sha256_is_rejected(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    m = json.loads((tmp_path / checkpoint.MANIFEST).read_text())
+    m["shards"][checkpoint.REST].pop("sha256")
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(checkpoint.CheckpointError, match="rest.safetensors has no sha256"):
+        checkpoint.load(tmp_path)
+
+
+def test_unknown_format_key_is_rejected(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    m = json.loads((tmp_path / checkpoint.MANIFEST).read_text())
+    name = next(iter(m["layers"]))
+    m["layers"][name]["format"] = "someone.elses/9"
+    (tmp_path / checkpoint.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(checkpoint.CheckpointError, match=r"unknown packed format 'someone.elses/9'"):
         checkpoint.load(tmp_path)
 
 
@@ -55,5 +100,5 @@ def test_mismatched_manifest_is_rejected(compressed, tmp_path):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="not a compressed checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a finished compressed checkpoint"):
         checkpoint.load(tmp_path)

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from test_run import QUICK
 
 from ciuic_lab.config import compose, validate
-from ciuic_lab.track.callback import sweep_group
+from ciuic_lab.track.tracker import sweep_group
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"

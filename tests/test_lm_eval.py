@@ -238,29 +238,13 @@ def test_custom_modules_run_in_place(tok):
     assert out["acc/winogrande"] == pytest.approx(ref["acc/winogrande"])
 
 
-# ---------------------------------------------------------------- dense-baseline cache
+# ---------------------------------------------------------------- cache-key parts
 
 
-def test_cache_computes_once_per_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIUIC_LAB_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"acc/piqa": 0.5 + len(calls), "acc/mean": 0.5}
-
-    key = ["tiny-random-llama", "float32", "piqa", "limit=20", "fewshot=0"]
-    first = bridge.cached_dense_accuracy(key, compute)
-    assert bridge.cached_dense_accuracy(key, compute) == first and len(calls) == 1
-    assert list((tmp_path / "cache/lm_eval").glob("*.json"))
-    bridge.cached_dense_accuracy([*key[:-1], "fewshot=5"], compute)
-    assert len(calls) == 2
-
+def test_task_files_hash_changes_with_a_task_file(tmp_path):
     user = tmp_path / "tasks"
     _toy_task(user, "my_toy", [0, 1])
-    bridge.cached_dense_accuracy(key, compute, include_path=str(user))
-    bridge.cached_dense_accuracy(key, compute, include_path=str(user))
-    assert len(calls) == 3
+    before = bridge.task_files_hash(str(user))
+    assert before == bridge.task_files_hash(str(user)) != bridge.task_files_hash(None)
     (user / "toy.jsonl").write_text('{"q": "changed", "opts": ["a"], "label": 0}\n')
-    bridge.cached_dense_accuracy(key, compute, include_path=str(user))
-    assert len(calls) == 4  # a changed task file invalidates the entry
+    assert bridge.task_files_hash(str(user)) != before  # a changed task file changes the key

@@ -5,8 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress.base import ConfigError, rtn_quantize
-from ciuic_lab.compress.linear import LayerState
 from ciuic_lab.compress.lowrank.svd import SVD, svd_factors
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.policies.rank import rank_for
@@ -14,6 +12,8 @@ from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.prune.masks import mask_from_scores
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.state import LayerState, rtn_quantize
+from ciuic_lab.errors import ConfigError
 
 
 def _apply(methods, w):

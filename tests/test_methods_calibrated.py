@@ -9,8 +9,7 @@ error ‖(W − Ŵ)X‖ / ‖WX‖. GPTQ and SparseGPT are also checked against 
 import pytest
 import torch
 
-from ciuic_lab.compress.base import ConfigError, rtn_quantize
-from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM, whitened_svd, whitening
 from ciuic_lab.compress.policies import LayerProfile
@@ -20,7 +19,9 @@ from ciuic_lab.compress.prune.wanda import Wanda, row_mask_from_scores, wanda_sc
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.quant.gptq import GPTQ, gptq_quantize
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.state import LayerState, rtn_quantize
 from ciuic_lab.compress.stats import LayerStats, relative_error
+from ciuic_lab.errors import ConfigError
 
 
 def calib(seed=0, tokens=512, cols=128, rows=64, dead=()):
@@ -329,9 +330,9 @@ def test_svdllm_rank_rules_and_factor_bits(layer):
 @pytest.mark.parametrize("override,cls", [("prune=wanda", Wanda), ("prune=sparsegpt", SparseGPT),
                                           ("quant=gptq", GPTQ), ("lowrank=svdllm", SVDLLM)])
 def test_yaml_composes(override, cls):
-    from ciuic_lab.config import build_stages, compose
+    from ciuic_lab.config import build_methods, compose
 
-    stages = build_stages(compose([override]))
+    stages = build_methods(compose([override]))
     assert any(type(m) is cls for m in stages)
 
 

@@ -61,8 +61,8 @@ def test_greedy_ranks_respects_budget_and_is_optimal_on_small_case():
                for i, s in enumerate(shapes)]
     budget = 60
     ranks = greedy_ranks(spectra, shapes, budget)
-    cost = lambda rs: sum(r * (o + i) for r, (o, i) in zip(rs, shapes))  # noqa: E731
-    gain = lambda rs: sum(float((s[:r] ** 2).sum()) for r, s in zip(rs, spectra))  # noqa: E731
+    cost = lambda rs: sum(r * (o + i) for r, (o, i) in zip(rs, shapes))
+    gain = lambda rs: sum(float((s[:r] ** 2).sum()) for r, s in zip(rs, spectra))
     assert cost(ranks) <= budget
     best = max((rs for rs in itertools.product(*[range(1, min(s) + 1) for s in shapes])
                 if cost(rs) <= budget), key=gain)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ciuic_lab.data.calibration import CALIB_DIR
-from ciuic_lab.models import pretrain
-from ciuic_lab.models.wikistyle import hf_rows, hf_stream, to_wikitext_style, tokenize_line
+from ciuic_lab.data.layout import hf_rows, hf_stream
+from ciuic_lab.tools import pretrain
+from ciuic_lab.tools.wikistyle import to_wikitext_style, tokenize_line
 
 # --- wikistyle ------------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ def test_pretrain_needs_no_lab_dependencies():
         "        if name.split('.')[0] in {'hydra', 'omegaconf', 'wandb', 'datasets', 'pandas'}:\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from ciuic_lab.models import pretrain\n"
+        "from ciuic_lab.tools import pretrain\n"
         "pretrain.build_config('deepseek-v3-tiny', 8192, 512)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        check=False)

@@ -11,7 +11,7 @@ import pytest
 from test_experiments import _compose_hydra
 from test_run import QUICK
 
-from ciuic_lab.track.callback import sweep_group
+from ciuic_lab.track.tracker import sweep_group
 
 submitit = pytest.importorskip("submitit")
 

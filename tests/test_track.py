@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.track.callback import SweepSummary, summarize_sweep, sweep_group
+from ciuic_lab.track.callback import SweepSummary, summarize_sweep
 from ciuic_lab.track.plots import pareto_plot
 from ciuic_lab.track.result import read_result, write_result
 from ciuic_lab.track.results import flatten, load, load_layers, pareto
-from ciuic_lab.track.tracker import Tracker, api_key_configured, resolve_mode
+from ciuic_lab.track.tracker import Tracker, api_key_configured, resolve_mode, sweep_group
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -300,11 +300,9 @@ def test_callback_never_raises(tmp_path, caplog):
     assert "sweep summary failed" in caplog.text
 
 
-def test_sweep_group_matches_the_jobs():
-    from ciuic_lab.run import sweep_group as jobs_group
-
-    for d in ("multirun/2026-11-27/10-00-00", "sweeps/abc", "solo"):
-        assert sweep_group(d) == jobs_group(d)
+def test_sweep_group_names_the_sweep_dir():
+    assert sweep_group("multirun/2026-11-27/10-00-00") == "2026-11-27_10-00-00"
+    assert sweep_group("sweeps/abc") == "sweeps_abc" and sweep_group("solo") == "solo"
 
 
 def test_point_labels():

@@ -1,7 +1,7 @@
 """The three stage kinds. A method is a per-layer algorithm bound to its config (a dataclass);
-its maths lives in pure functions beside it. A stage = method + policy + model-wide target:
+its maths lives in pure functions beside it. A stage = method + policy + model-wide goal:
 
-    budgets = method.allocate(profiles)        # the policy: model-wide target -> per-layer budgets
+    budgets = method.allocate(profiles)        # the policy: model-wide goal -> per-layer budgets
     method.apply(state, stats, budgets[name])  # one layer, edits its LayerState
 
 Adding a method is one file (a subclass) plus one YAML in conf/<stage>/ whose `_target_` names it.
@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatchcase
 from typing import ClassVar
 
 from torch import nn
 
-from ciuic_lab.compress.linear import LayerState, QuantPart
 from ciuic_lab.compress.policies import LayerProfile, get_policy
-from ciuic_lab.compress.quant import grid
+from ciuic_lab.compress.prune.masks import mask_from_scores
+from ciuic_lab.compress.state import LayerState, QuantPart, rtn_quantize
 from ciuic_lab.compress.stats import LayerStats
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, named by its key (raised before any expensive work)."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
+from ciuic_lab.errors import check as _check
+from ciuic_lab.names import name_matches, pattern_parts
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -46,24 +37,14 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, mm
 
 
-def _parts(pattern) -> list[str]:
-    return [p for p in str(pattern).split(".") if p]
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """Whether the dotted parts of `pattern` (globs) match a contiguous run of `name`'s parts."""
-    pat, parts = _parts(pattern), name.split(".")
-    return any(all(fnmatchcase(parts[i + j], p) for j, p in enumerate(pat))
-               for i in range(len(parts) - len(pat) + 1))
-
-
 @dataclass
 class Method:
     stage: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # stats: "hessian", "act_norm"
     alone: ClassVar[bool] = False  # True: the run's only stage (a whole-weight baseline)
 
-    def target(self) -> float:
+    def goal(self):
+        """The model-wide goal the policy spreads over layers (mean sparsity, rank rule, bits)."""
         raise NotImplementedError
 
     def policy_needs(self) -> frozenset[str]:
@@ -72,12 +53,12 @@ class Method:
 
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
         # Policies take the knobs they know by keyword (ramp, owl_lambda, kind_bits, ...).
-        alloc = get_policy(self.stage, self.policy).allocate(profiles, self.target(), **asdict(self))
+        alloc = get_policy(self.stage, self.policy).allocate(profiles, self.goal(), **asdict(self))
         return self.pin(alloc)
 
     # ---- per-layer overrides by name (`<stage>.layers`) -------------------------------------
     # {name pattern: budget}: the first pattern that matches a layer sets its budget after the
-    # policy has spread the target (the other layers keep theirs); null skips this stage there.
+    # policy has spread the goal (the other layers keep theirs); null skips this stage there.
     # A pattern is dotted name parts that must appear as a run in the layer's name, each part a
     # shell-style glob: `layers.0` (block 0, not block 10), `down_proj`, `mlp.experts.*.up_proj`.
     def _overrides(self) -> dict:
@@ -85,7 +66,7 @@ class Method:
 
     def _check_layers(self) -> None:
         for pattern, budget in self._overrides().items():
-            _check(bool(_parts(pattern)), f"{self.stage}.layers", f"empty name pattern {pattern!r}")
+            _check(bool(pattern_parts(pattern)), f"{self.stage}.layers", f"empty name pattern {pattern!r}")
             if budget is not None:
                 self._check_budget(f"{self.stage}.layers[{pattern}]", budget)
 
@@ -141,7 +122,7 @@ class PruneMethod(Method):
     pattern: str = "unstructured"
     policy: str = "uniform"  # uniform | depth_linear | owl
     ramp: float = 0.2  # depth_linear: sparsity difference between last and first block
-    owl_lambda: float = 0.08  # owl: layer sparsities within target ± lambda
+    owl_lambda: float = 0.08  # owl: layer sparsities within goal ± lambda
     owl_m: float = 5.0  # owl: outlier = score above M × block mean
     layers: dict | None = None  # {name pattern: sparsity or null (not pruned)}
 
@@ -170,19 +151,17 @@ class PruneMethod(Method):
         _check(not bad, "prune.pattern", f"{self.pattern} needs every input dim divisible by {m}; "
                f"{len(bad)} layer(s) are not: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
-    def target(self) -> float:
+    def goal(self) -> float:
         # An N:M pattern fixes the sparsity of every layer: 1 - N/M.
         return 1.0 - self.nm[0] / self.nm[1] if self.nm else float(self.sparsity)
 
-    def prune_target(self, state: LayerState):
+    def to_prune(self, state: LayerState):
         """What the mask is chosen for: the weight minus any low-rank part already fitted."""
         lr = state.lowrank_weight()
         return state.weight if lr is None else state.weight - lr
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
-        from ciuic_lab.compress.prune.masks import mask_from_scores
-
-        w = self.prune_target(state)
+        w = self.to_prune(state)
         mask = mask_from_scores(self.scores(w, stats), float(budget), self.nm)
         state.base, state.mask, state.nm, state.quant = w, mask, self.nm, None
         state.info["sparsity"] = 1.0 - mask.float().mean().item()
@@ -233,10 +212,10 @@ class LowRankMethod(Method):
     def _budget(self, value):
         return {"rule": "rank", "rank": int(value)}
 
-    def target(self) -> dict:
+    def goal(self) -> dict:
         return {"rule": self.rule, "ratio": self.ratio, "energy": self.energy, "rank": self.rank}
 
-    def fit_target(self, state: LayerState):
+    def to_fit(self, state: LayerState):
         if self.mode == "factorize":
             return state.reconstruct()
         return state.weight - state.base_weight()
@@ -261,7 +240,7 @@ class QuantMethod(Method):
     group_size: int = 128
     sym: bool = True
     policy: str = "uniform"  # uniform | kind_map | sensitivity
-    avg_bits: float | None = None  # sensitivity: mean bits target (null = `bits`)
+    avg_bits: float | None = None  # sensitivity: mean bits goal (null = `bits`)
     kind_bits: dict | None = None  # kind_map: {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
     candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     layers: dict | None = None  # {name pattern: bits or null (kept at the store dtype)}
@@ -286,10 +265,10 @@ class QuantMethod(Method):
     def _budget(self, value):
         return int(value)
 
-    def target(self) -> float:
+    def goal(self) -> float:
         return float(self.avg_bits if self.avg_bits is not None else self.bits)
 
-    def quant_target(self, state: LayerState):
+    def to_quantize(self, state: LayerState):
         # Keep what a prune stage reconstructed (SparseGPT updates the kept weights); with a
         # low-rank part, the base must carry what U·V does not.
         lr = state.lowrank_weight()
@@ -303,7 +282,7 @@ class QuantMethod(Method):
             state.u_quant = self.quantize(state.u, None, None, bits)
             state.v_quant = self.quantize(state.v, None, None, bits)
         else:
-            w = self.quant_target(state)
+            w = self.to_quantize(state)
             state.base = w
             state.quant = self.quantize(w, state.mask, stats, bits)
         state.info["bits"] = bits
@@ -311,9 +290,3 @@ class QuantMethod(Method):
     def quantize(self, w, mask, stats: LayerStats | None, bits: int) -> QuantPart:
         raise NotImplementedError
 
-
-def rtn_quantize(w, bits: int, group_size: int, sym: bool, mask=None) -> QuantPart:
-    """Round-to-nearest onto the min/max grid of each (row, group)."""
-    scale, zero = grid.fit_grid(w, bits, group_size, sym, mask)
-    codes = grid.quantize(w, scale, zero, bits, group_size)
-    return QuantPart(codes, scale, zero, bits, group_size, sym)

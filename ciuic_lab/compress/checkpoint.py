@@ -1,21 +1,26 @@
-"""Compressed checkpoints: the packed model as safetensors + a JSON manifest.
+"""Compressed checkpoints: the packed model as sharded safetensors + a JSON manifest.
 
-    DIR/model.safetensors   every tensor the compressed model stores (packed codes, masks,
-                            scales, factors; dense embeddings, norms, routers, head)
-    DIR/compressed.json     format version, the model's HF config, each compressed layer's
-                            format (CompressedLinear.meta), the run config, and the weights'
-                            sha256 so that a corrupted file is rejected before it is used
-    DIR/tokenizer files     when a tokenizer is given
+    DIR/blocks-00000.safetensors   one shard per decoder block: its packed layers' buffers
+    ...                            (codes, masks, scales, factors) and its dense norms / routers
+    DIR/rest.safetensors           everything outside the blocks (embeddings, final norm, head)
+    DIR/compressed.json            format version, the model's HF config, each packed layer's
+                                   spec (its format key first: the loader dispatches on it), the
+                                   fused-experts modules, tied-tensor aliases, the run config, and
+                                   each shard's sha256 so a corrupted file is rejected before use
+    DIR/tokenizer files            when a tokenizer is given
 
-Loading never unpickles: tensors come from safetensors, structure from JSON, and the model is
-rebuilt from its config, its targets swapped for CompressedLinear shells of the stored shapes,
-then filled with a strict load (a missing or extra tensor is an error).
+A shard is written as soon as its block is compressed (`CheckpointWriter`), so a model larger
+than memory is written block by block; the manifest is written last, atomically: a directory
+without one is an unfinished checkpoint. Loading never unpickles: tensors come from safetensors,
+structure from JSON; the model is rebuilt from its config, its layers swapped for shells of the
+stored formats and shapes, then filled with a strict load (a missing or extra tensor is an error).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,19 +29,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.linear import CompressedLinear
-from ciuic_lab.compress.pipeline import _set_submodule
+from ciuic_lab.compress.formats import format_class, is_packed
+from ciuic_lab.errors import CheckpointError
+from ciuic_lab.models.adapters import adapter_for
 
-FORMAT = "ciuic_lab.compressed/1"
-WEIGHTS = "model.safetensors"
+FORMAT = "ciuic_lab.compressed/2"
 MANIFEST = "compressed.json"
+REST = "rest.safetensors"
+_REQUIRED = ("format", "model_config", "dtype", "layers", "experts", "aliases", "shards")
 
 
-class CheckpointError(ValueError):
-    pass
-
-
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -44,98 +47,180 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None, run_config: dict | None = None) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    layers, experts = {}, {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, CompressedLinear):
-            layers[name] = {"in": mod.in_features, "out": mod.out_features, "meta": mod.meta}
-        elif isinstance(mod, CompressedExperts):
-            experts[name] = mod.num_experts
-    # Tied tensors (e.g. embeddings shared with the head) are stored once; aliases recorded.
-    tensors, aliases, seen = {}, {}, {}
-    for name, t in model.state_dict().items():
+def block_shard(i: int) -> str:
+    return f"blocks-{i:05d}.safetensors"
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (e.g. embeddings shared with the head) stored once; aliases recorded."""
+    out, aliases, seen = {}, {}, {}
+    for name, t in tensors.items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
         if key is not None:
             seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": FORMAT})
-    manifest = {
-        "format": FORMAT,
-        "model_config": model.config.to_dict(),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "layers": layers,
-        "experts": experts,
-        "aliases": aliases,
-        "run_config": run_config,
-        "sha256": _sha256(path / WEIGHTS),
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    return path
+        out[name] = t.detach().contiguous().cpu()
+    return out, aliases
+
+
+class CheckpointWriter:
+    """Writes a compressed checkpoint shard by shard; `finish` writes the manifest last."""
+
+    def __init__(self, path: str | Path, model_config, dtype: torch.dtype):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)  # unfinished until finish() rewrites it
+        self.manifest = {"format": FORMAT, "model_config": model_config.to_dict(),
+                         "dtype": str(dtype).removeprefix("torch."), "layers": {}, "experts": {},
+                         "aliases": {}, "shards": {}}
+
+    def add(self, shard: str, module: nn.Module, prefix: str) -> None:
+        """Write `module`'s state (names prefixed with `prefix.`) as one shard, recording the
+        packed layers and fused experts found in it."""
+        for name, mod in module.named_modules():
+            full = f"{prefix}.{name}" if name else prefix
+            if is_packed(mod):
+                self.manifest["layers"][full] = mod.spec()
+            elif isinstance(mod, CompressedExperts):
+                self.manifest["experts"][full] = mod.num_experts
+        state = {f"{prefix}.{k}" if prefix else k: v for k, v in module.state_dict().items()}
+        tensors, aliases = _dedupe(state)
+        save_file(tensors, str(self.path / shard), metadata={"format": FORMAT})
+        self.manifest["aliases"].update(aliases)
+        self.manifest["shards"][shard] = {"sha256": sha256_file(self.path / shard),
+                                          "tensors": sorted(tensors)}
+
+    def finish(self, tokenizer=None, run_config: dict | None = None) -> Path:
+        self.manifest["run_config"] = run_config
+        tmp = self.path / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.manifest, indent=1))
+        os.replace(tmp, self.path / MANIFEST)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.path))
+        return self.path
+
+
+class _Cfg:
+    """The model_type of a manifest, shaped like a config for adapter_for."""
+
+    def __init__(self, manifest: dict):
+        self.model_type = manifest["model_config"].get("model_type")
+
+
+def save(model: nn.Module, path: str | Path, tokenizer=None, run_config: dict | None = None) -> Path:
+    """Write an in-memory compressed model: one shard per block, then the rest, then the manifest."""
+    ad = adapter_for(model)
+    writer = CheckpointWriter(path, model.config, next(model.parameters()).dtype)
+    blocks = ad.blocks(model)
+    for i, block in enumerate(blocks):
+        writer.add(block_shard(i), block, ad.block_name(i))
+    # Everything outside the blocks, as one shard (the blocks' tensors are already stored).
+    block_names = {f"{ad.block_name(i)}." for i in range(len(blocks))}
+    rest = {k: v for k, v in model.state_dict().items()
+            if not any(k.startswith(b) for b in block_names)}
+    tensors, aliases = _dedupe(rest)
+    save_file(tensors, str(writer.path / REST), metadata={"format": FORMAT})
+    writer.manifest["aliases"].update(aliases)
+    writer.manifest["shards"][REST] = {"sha256": sha256_file(writer.path / REST),
+                                       "tensors": sorted(tensors)}
+    return writer.finish(tokenizer, run_config)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a finished checkpoint, checked for the keys the loader needs."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise CheckpointError(f"{path} is not a finished compressed checkpoint: no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{mpath}: unknown format {got!r}, expected {FORMAT}")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{mpath} lacks {', '.join(missing)}: the manifest is incomplete")
+    for shard, entry in manifest["shards"].items():
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            raise CheckpointError(f"{mpath}: shard {shard} has no sha256")
+    return manifest
+
+
+def read_shard(path: Path, shard: str, manifest: dict) -> dict[str, torch.Tensor]:
+    """A shard's tensors after checking its sha256 against the manifest."""
+    f = path / shard
+    if not f.exists():
+        raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
+    if sha256_file(f) != manifest["shards"][shard]["sha256"]:
+        raise CheckpointError(f"{f} does not match the sha256 in {MANIFEST}: the file is "
+                              f"truncated, corrupted or from another checkpoint")
+    try:
+        return load_file(str(f))
+    except SafetensorError as e:
+        raise CheckpointError(f"{f} cannot be read as safetensors: {e}") from None
+
+
+def skeleton(manifest: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """The dense model of the manifest's config, built with uninitialised weights on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = dict(manifest["model_config"])
+    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
+
+
+def install_shells(block: nn.Module, prefix: str, manifest: dict,
+                   tensors: dict[str, torch.Tensor]) -> None:
+    """Swap the block's packed layers for empty shells of their stored format and shapes,
+    through the adapter's install (the same path the pipeline uses)."""
+    ad = adapter_for(_Cfg(manifest))
+    packed = {}
+    for layer in ad.layers(block):
+        full = f"{prefix}.{layer.name}"
+        spec = manifest["layers"].get(full)
+        if spec is None:
+            owner = full.rsplit(".", 2)[0]
+            if layer.expert is not None and owner in manifest["experts"]:
+                raise CheckpointError(f"{MANIFEST} has no entry for compressed layer {full}")
+            continue  # a layer the run left dense
+        packed[layer.name] = (layer, _shell(full, spec, tensors))
+    ad.install(block, packed)
+
+
+def _shell(name: str, spec: dict, tensors: dict) -> nn.Module:
+    prefix = name + "."
+    shapes = {k[len(prefix):]: (tuple(t.shape), t.dtype) for k, t in tensors.items()
+              if k.startswith(prefix) and "." not in k[len(prefix):]}
+    if not shapes:
+        raise CheckpointError(f"the checkpoint holds no tensors for compressed layer {name}")
+    try:
+        cls = format_class(spec["format"])
+    except KeyError as e:
+        raise CheckpointError(f"{name}: {e.args[0]}") from None
+    return cls.shell(spec, shapes)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The compressed model stored at `path`, without recompressing."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
-    mpath, wpath = path / MANIFEST, path / WEIGHTS
-    if not mpath.exists() or not wpath.exists():
-        raise CheckpointError(f"{path} is not a compressed checkpoint: needs {MANIFEST} and {WEIGHTS}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupted") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
-    if _sha256(wpath) != manifest["sha256"]:
-        raise CheckpointError(f"{wpath} does not match the sha256 in {MANIFEST}: the file is "
-                              f"truncated, corrupted or from another checkpoint")
-    try:
-        tensors = load_file(str(wpath))
-    except SafetensorError as e:
-        raise CheckpointError(f"{wpath} cannot be read as safetensors: {e}") from None
-
-    cfg_dict = dict(manifest["model_config"])
-    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    dtype = getattr(torch, manifest["dtype"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for owner, n in manifest["experts"].items():
-        orig = model.get_submodule(owner)
-        shells = {}
-        for e in range(n):
-            for proj in ("gate_up_proj", "down_proj"):
-                shells[(e, proj)] = _shell(f"{owner}.{e}.{proj}", manifest, tensors)
-        _set_submodule(model, owner, CompressedExperts(
-            [shells[(e, "gate_up_proj")] for e in range(n)],
-            [shells[(e, "down_proj")] for e in range(n)], orig.act_fn))
-    for name in manifest["layers"]:
-        if ".experts." in name and name.rsplit(".", 2)[0] in manifest["experts"]:
-            continue
-        _set_submodule(model, name, _shell(name, manifest, tensors))
+    manifest = read_manifest(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in manifest["shards"]:
+        tensors.update(read_shard(path, shard, manifest))
+    model = skeleton(manifest, "cpu")
+    ad = adapter_for(model)
+    for i, block in enumerate(ad.blocks(model)):
+        install_shells(block, ad.block_name(i), manifest, tensors)
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # Non-persistent buffers (rotary caches) are not in state_dict; anything else must match.
     if missing or unexpected:
-        raise CheckpointError(f"{wpath} does not match the model in {MANIFEST}: "
+        raise CheckpointError(f"{path} does not match the model in {MANIFEST}: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model.to(device).eval()
-
-
-def _shell(name: str, manifest: dict, tensors: dict) -> CompressedLinear:
-    spec = manifest["layers"].get(name)
-    if spec is None:
-        raise CheckpointError(f"{MANIFEST} has no entry for compressed layer {name}")
-    prefix = name + "."
-    shapes = {k[len(prefix):]: (tuple(t.shape), t.dtype) for k, t in tensors.items()
-              if k.startswith(prefix) and "." not in k[len(prefix):]}
-    if not shapes:
-        raise CheckpointError(f"{WEIGHTS} holds no tensors for compressed layer {name}")
-    return CompressedLinear.empty_like_meta(spec["in"], spec["out"], spec["meta"], shapes)

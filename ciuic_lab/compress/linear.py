@@ -1,10 +1,10 @@
-"""CompressedLinear: the packed form of one weight, and LayerState, its unpacked working form.
+"""CompressedLinear: the lab's own packed format ("ciuic.packed") of one weight.
 
     W ≈ dequant(Q) masked by M  +  U·V        (each part optional)
 
-Stages (prune → lowrank → quant by default) edit a LayerState in float32; `CompressedLinear.pack`
-then stores only packed parts as persistent buffers, so `nbytes()` and the model-level byte count
-are read from what is really stored:
+Stages edit a LayerState (compress/state.py) in float32; `CompressedLinear.pack` then stores only
+packed parts as persistent buffers, so `nbytes()` and the model-level byte count are read from
+what is really stored:
 
     mask_bits   uint8   1 bit per weight            (unstructured sparsity)
     nm_index    uint8   ceil(log2 M) bits per kept   (N:M sparsity)
@@ -19,79 +19,21 @@ The reference forward rebuilds the dense weight transiently in the input's dtype
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ciuic_lab.compress import packing
+from ciuic_lab.compress.formats import buffer_nbytes
 from ciuic_lab.compress.quant import grid
-
-
-@dataclass
-class QuantPart:
-    """k-bit codes of a dense (out, in) matrix on a per-group grid (unpacked, int32)."""
-
-    codes: torch.Tensor  # (out, in) int32
-    scale: torch.Tensor  # (out, G) float32 (fp16-representable)
-    zero: torch.Tensor  # (out, G) float32 integers
-    bits: int
-    group_size: int
-    sym: bool
-
-    def dequantize(self) -> torch.Tensor:
-        return grid.dequantize(self.codes, self.scale, self.zero, self.group_size)
-
-
-@dataclass
-class LayerState:
-    """One layer's weight while stages work on it (float32, unpacked).
-
-    `base` is the sparse/quantised part (None once a factorize stage replaced it by U·V);
-    `mask` marks its kept entries; `quant` holds its codes; `u`, `v` the low-rank part.
-    """
-
-    weight: torch.Tensor  # (out, in) the original weight, float32
-    bias: torch.Tensor | None = None
-    base: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    nm: tuple[int, int] | None = None
-    quant: QuantPart | None = None
-    u: torch.Tensor | None = None  # (out, r)
-    v: torch.Tensor | None = None  # (r, in)
-    u_quant: QuantPart | None = None
-    v_quant: QuantPart | None = None
-    info: dict = field(default_factory=dict)  # what each stage allocated, for the report
-
-    @classmethod
-    def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> LayerState:
-        w = weight.detach().float().clone()
-        return cls(weight=w, bias=None if bias is None else bias.detach().float().clone(),
-                   base=w.clone())
-
-    def base_weight(self) -> torch.Tensor:
-        """Current value of the base part (zeros where pruned; dequantised if quantised)."""
-        if self.base is None:
-            return torch.zeros_like(self.weight)
-        b = self.quant.dequantize() if self.quant is not None else self.base
-        return b if self.mask is None else b * self.mask
-
-    def lowrank_weight(self) -> torch.Tensor | None:
-        if self.u is None:
-            return None
-        u = self.u_quant.dequantize() if self.u_quant is not None else self.u
-        v = self.v_quant.dequantize() if self.v_quant is not None else self.v
-        return u @ v
-
-    def reconstruct(self) -> torch.Tensor:
-        w = self.base_weight()
-        lr = self.lowrank_weight()
-        return w if lr is None else w + lr
+from ciuic_lab.compress.state import LayerState, QuantPart
 
 
 class CompressedLinear(nn.Module):
-    """A linear layer whose weight lives only in packed parts (see module docstring)."""
+    """A linear layer whose weight lives only in packed parts (see module docstring).
+    Implements the packed-layer contract of compress/formats.py."""
+
+    format = "ciuic.packed"
 
     def __init__(self, in_features: int, out_features: int, meta: dict):
         super().__init__()
@@ -141,11 +83,15 @@ class CompressedLinear(nn.Module):
             mod._buf("bias", state.bias.to(dtype))
         return mod
 
+    def spec(self) -> dict:
+        return {"format": self.format, "in": self.in_features, "out": self.out_features,
+                "meta": self.meta}
+
     @classmethod
-    def empty_like_meta(cls, in_features: int, out_features: int, meta: dict,
-                        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> CompressedLinear:
+    def shell(cls, spec: dict, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) \
+            -> CompressedLinear:
         """A module with uninitialised buffers of the given shapes (for loading checkpoints)."""
-        mod = cls(in_features, out_features, meta)
+        mod = cls(spec["in"], spec["out"], spec["meta"])
         for name, (shape, dt) in shapes.items():
             mod._buf(name, torch.empty(shape, dtype=dt))
         return mod
@@ -161,7 +107,7 @@ class CompressedLinear(nn.Module):
 
     # ---- reading --------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return buffer_nbytes(self)
 
     @property
     def params(self) -> int:
@@ -194,22 +140,14 @@ class CompressedLinear(nn.Module):
 
         Unquantised parts live in buffer `dense_name`; quantised ones in `<prefix>codes` (+grid).
         """
-        dev = self._device()
         if qmeta is None:
-            vals = getattr(self, dense_name).float()
-            if kept is None:
-                return vals.view(shape)
-            w = torch.zeros(shape, device=dev)
-            w[kept] = vals
-            return w
+            return _scatter(getattr(self, dense_name).float(), kept, torch.zeros(shape, device=self._device()))
         n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
         codes = packing.unpack_bits(getattr(self, prefix + "codes"), qmeta["bits"], n)
         scale, zero = self._grid(prefix, qmeta)
-        if kept is None:
-            return grid.dequantize(codes.view(shape), scale, zero, qmeta["group_size"])
-        dense_codes = torch.zeros(shape, dtype=torch.int32, device=dev)
-        dense_codes[kept] = codes
-        return grid.dequantize(dense_codes, scale, zero, qmeta["group_size"]) * kept
+        dense = _scatter(codes, kept, torch.zeros(shape, dtype=torch.int32, device=codes.device))
+        w = grid.dequantize(dense, scale, zero, qmeta["group_size"])
+        return w if kept is None else w * kept
 
     def dense_codes(self) -> QuantPart:
         """The base part's codes as a dense (out, in) int32 grid with its scale and zero (float32).
@@ -226,12 +164,8 @@ class CompressedLinear(nn.Module):
         n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
         codes = packing.unpack_bits(self.codes, q["bits"], n)
         scale, zero = self._grid("", q)
-        if kept is None:
-            dense = codes.view(shape)
-        else:
-            dense = grid.expand_groups(zero, shape[1], q["group_size"]).round().to(torch.int32)
-            dense = dense.contiguous()
-            dense[kept] = codes
+        fill = grid.expand_groups(zero, shape[1], q["group_size"]).round().to(torch.int32)
+        dense = _scatter(codes, kept, fill.contiguous())
         return QuantPart(dense, scale, zero, q["bits"], q["group_size"], q["sym"])
 
     def _device(self) -> torch.device:
@@ -260,3 +194,12 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bytes={self.nbytes()}, "
                 f"bits/param={8 * self.nbytes() / self.params:.3f}")
+
+
+def _scatter(values: torch.Tensor, kept: torch.Tensor | None, fill: torch.Tensor) -> torch.Tensor:
+    """A dense matrix shaped like `fill`: the stored values (row-major) at the kept entries, `fill`
+    elsewhere; with no mask the values are the whole matrix."""
+    if kept is None:
+        return values.view(fill.shape)
+    fill[kept] = values
+    return fill

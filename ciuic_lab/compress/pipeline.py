@@ -20,11 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.base import Method
-from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
+from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats, relative_error
-from ciuic_lab.models import adapters
+from ciuic_lab.models.adapters import DecoderAdapter, Layer, adapter_for, collect_stats
 
 
 class _StopForward(Exception):
@@ -45,14 +45,31 @@ class CompressionReport:
                 "ratio_vs_fp16": 16 / bpp if params else float("nan")}
 
 
-def _block_targets(model: nn.Module) -> list[tuple[int, adapters.Target]]:
-    return [(i, t) for i, block in enumerate(adapters.blocks(model)) for t in adapters.targets(block)]
+def _block_layers(model: nn.Module) -> list[tuple[str, Layer]]:
+    """(full name, Layer) of every compressible weight of the model, in walk order."""
+    ad = adapter_for(model)
+    return [(f"{ad.block_name(i)}.{layer.name}", layer)
+            for i, block in enumerate(ad.blocks(model)) for layer in ad.layers(block)]
 
 
 def profile(model: nn.Module) -> list[LayerProfile]:
     """Every compressible weight of the model with its kind and shape, in walk order."""
-    return [LayerProfile(f"model.layers.{i}.{t.name}", t.kind, t.shape, i)
-            for i, t in _block_targets(model)]
+    ad = adapter_for(model)
+    return [LayerProfile(f"{ad.block_name(i)}.{layer.name}", layer.kind, layer.shape, i)
+            for i, block in enumerate(ad.blocks(model)) for layer in ad.layers(block)]
+
+
+def dense_report(model: nn.Module) -> CompressionReport:
+    """The report of a model left as it is: each compressible layer at its stored dtype."""
+    report = CompressionReport()
+    for name, layer in _block_layers(model):
+        w = layer.weight
+        nbytes = w.numel() * w.element_size()
+        report.layers.append({"name": name, "kind": layer.kind, "out": w.shape[0],
+                              "in": w.shape[1], "params": w.numel(), "bytes": nbytes,
+                              "bits_per_param": 8.0 * w.element_size(), "sparsity": 0.0,
+                              "rank": 0, "bits": 8 * w.element_size(), "rel_error": 0.0})
+    return report
 
 
 @torch.no_grad()
@@ -60,21 +77,21 @@ def profile_pass(model: nn.Module, profiles: list[LayerProfile], windows: torch.
                  batch_size: int, needs: frozenset[str]) -> None:
     """Fill profiles[i].extra with the dense weight and (if needed) calibration statistics.
 
-    One forward of the uncompressed model over the calibration windows, hooks on every target:
+    One forward of the uncompressed model over the calibration windows, hooks on every layer:
     the model-wide facts that global policies (OWL, sensitivity) compare across layers before
     any layer is changed.
     """
-    tlist = [t for _, t in _block_targets(model)]
-    for t, p in zip(tlist, profiles):
-        p.extra["weight"] = t.weight.detach()
+    named = _block_layers(model)
+    for (_, layer), p in zip(named, profiles):
+        p.extra["weight"] = layer.weight.detach()
     if not needs & {"act_norm", "hessian"}:
         return
-    # Targets of different blocks share short names: key stats by the full name.
-    named = [adapters.Target(p.name, t.kind, t.module, t.expert, t.proj)
-             for t, p in zip(tlist, profiles)]
-    stats = {t.name: LayerStats(t.shape[1], "hessian" in needs, t.weight.device) for t in named}
+    # Layers of different blocks share short names: key stats by the full name.
+    full = [Layer(p.name, layer.kind, layer.module, layer.expert, layer.proj)
+            for (_, layer), p in zip(named, profiles)]
+    stats = {x.name: LayerStats(x.shape[1], "hessian" in needs, x.weight.device) for x in full}
     dev = _device_of(model)
-    with adapters.collect_stats(named, stats):
+    with collect_stats(adapter_for(model), full, stats):
         for start in range(0, windows.shape[0], batch_size):
             model(input_ids=windows[start:start + batch_size].to(dev), use_cache=False)
     for p in profiles:
@@ -93,10 +110,11 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     Only what runs before block 0 (embeddings, rotary tables) moves to `device`; the forward is
     stopped at block 0, so the rest of the model may stay where it is (offloaded).
     """
-    first = adapters.blocks(model)[0]
+    ad = adapter_for(model)
+    first = ad.blocks(model)[0]
     home = _device_of(model)
     device = device or home
-    pre = [m for m in (model.model.embed_tokens, getattr(model.model, "rotary_emb", None)) if m]
+    pre = [m for _, m in ad.pre_blocks(model)]
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def grab(_mod, args, kwargs):
@@ -130,41 +148,23 @@ def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> lis
     return outs
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-def _make_layer(stages: list[Method], state: LayerState, dtype: torch.dtype) -> nn.Module:
-    for stage in stages:
-        layer = stage.make_layer(state, dtype)
+def _make_layer(methods: list[Method], state: LayerState, dtype: torch.dtype) -> nn.Module:
+    """The packed layer for a finished state: a method's own format if it has one (e.g. a
+    bitsandbytes baseline), else the lab's CompressedLinear."""
+    for method in methods:
+        layer = method.make_layer(state, dtype)
         if layer is not None:
             return layer
     return CompressedLinear.pack(state, dtype)
 
 
-def _install(block: nn.Module, packed: dict[str, tuple[adapters.Target, CompressedLinear]]) -> None:
-    """Swap each compressed target into the block; fused experts become CompressedExperts."""
-    experts: dict[str, tuple[nn.Module, dict]] = {}
-    for name, (t, mod) in packed.items():
-        if t.expert is None:
-            _set_submodule(block, name, mod)
-        else:
-            owner = name.rsplit(".", 2)[0]
-            experts.setdefault(owner, (t.module, {}))[1][(t.expert, t.proj)] = mod
-    for owner, (orig, parts) in experts.items():
-        n = orig.gate_up_proj.shape[0]
-        _set_submodule(block, owner, CompressedExperts(
-            [parts[(e, "gate_up_proj")] for e in range(n)],
-            [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
-
-
-def _fallback_stats(t: adapters.Target, moe_inputs: list[torch.Tensor], hessian: bool) \
-        -> LayerStats:
+def _fallback_stats(ad: DecoderAdapter, layer: Layer, moe_inputs: list[torch.Tensor],
+                    hessian: bool) -> LayerStats:
     """Statistics of an expert from every token that entered its MoE layer (not only its own)."""
-    st = LayerStats(t.shape[1], hessian, t.weight.device)
+    st = LayerStats(layer.shape[1], hessian, layer.weight.device)
     for x in moe_inputs:
-        st.add_batch(x if t.proj == "gate_up_proj" else adapters.expert_intermediate(t.module, t.expert, x))
+        st.add_batch(x if layer.proj == "gate_up_proj"
+                     else ad.expert_intermediate(layer.module, layer.expert, x))
     return st
 
 
@@ -175,11 +175,11 @@ def store_dtype_for(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method],
+def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method],
                    batch_size: int = 1, progress: bool = True,
                    min_expert_tokens: int = 16,
                    device: str | torch.device | None = None) -> CompressionReport:
-    """Compress `model` in place with `stages` (in order), calibrating on `windows` (n, seqlen).
+    """Compress `model` in place with `methods` (in order), calibrating on `windows` (n, seqlen).
 
     Routed experts calibrate on the tokens their router sends them. An expert that received fewer
     than `min_expert_tokens` tokens falls back to statistics from every token entering its MoE
@@ -189,60 +189,61 @@ def compress_model(model: nn.Module, windows: torch.Tensor, stages: list[Method]
     model on CPU, device="cuda"), the walk is layer-by-layer: one block at a time moves to
     `device` with the calibration activations and goes back compressed, so the working memory
     on `device` is about one block plus activations, not the model.
-    Returns the per-layer report; targets become CompressedLinear / CompressedExperts.
+    Returns the per-layer report; layers become packed layers / CompressedExperts.
     """
     t0 = time.perf_counter()
+    ad = adapter_for(model)
     profiles = profile(model)
-    for stage in stages:  # shape errors now, not after calibrating half the model
-        stage.check_shapes(profiles)
+    for method in methods:  # shape errors now, not after calibrating half the model
+        method.check_shapes(profiles)
     report = CompressionReport()
-    needs = frozenset().union(*(s.policy_needs() for s in stages))
+    needs = frozenset().union(*(m.policy_needs() for m in methods))
     if needs:
         profile_pass(model, profiles, windows, batch_size, needs)
-    for stage in stages:
-        report.allocations[stage.stage] = stage.allocate(profiles)
+    for method in methods:
+        report.allocations[method.stage] = method.allocate(profiles)
     for p in profiles:
         p.extra.clear()  # release the profile statistics before the walk
-    want_hessian = any("hessian" in s.needs for s in stages)
+    want_hessian = any("hessian" in m.needs for m in methods)
     store_dtype = store_dtype_for(model)
 
     home = _device_of(model)
     dev = torch.device(device) if device is not None else home
     inputs = capture_block_inputs(model, windows, batch_size, dev)
-    blocks = adapters.blocks(model)
+    blocks = ad.blocks(model)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i].to(dev)
-        tlist = adapters.targets(block)
-        stats = {t.name: LayerStats(t.shape[1], want_hessian, dev) for t in tlist}
+        layers = ad.layers(block)
+        stats = {x.name: LayerStats(x.shape[1], want_hessian, dev) for x in layers}
         moe_inputs: dict = {}
-        with adapters.collect_stats(tlist, stats, moe_inputs):
+        with collect_stats(ad, layers, stats, moe_inputs):
             _run_block(block, inputs)
         packed = {}
-        for t in tlist:
-            full = f"model.layers.{i}.{t.name}"
-            st = stats[t.name]
-            fallback = t.expert is not None and st.tokens < min_expert_tokens
+        for x in layers:
+            full = f"{ad.block_name(i)}.{x.name}"
+            st = stats[x.name]
+            fallback = x.expert is not None and st.tokens < min_expert_tokens
             if fallback:
-                st = _fallback_stats(t, moe_inputs[t.module], want_hessian)
-            state = LayerState.from_linear(t.weight, t.bias)
-            for stage in stages:
-                budget = report.allocations[stage.stage][full]
+                st = _fallback_stats(ad, x, moe_inputs[x.module], want_hessian)
+            state = LayerState.from_linear(x.weight, x.bias, name=full)
+            for method in methods:
+                budget = report.allocations[method.stage][full]
                 if budget is not None:  # None: `<stage>.layers` leaves this layer out
-                    stage.apply(state, st, budget)
-            layer = _make_layer(stages, state, store_dtype).to(dev)
+                    method.apply(state, st, budget)
+            layer = _make_layer(methods, state, store_dtype).to(dev)
             report.layers.append({
-                "name": full, "kind": t.kind, "out": t.shape[0], "in": t.shape[1],
+                "name": full, "kind": x.kind, "out": x.shape[0], "in": x.shape[1],
                 "params": layer.params, "bytes": layer.nbytes(),
                 "bits_per_param": 8 * layer.nbytes() / layer.params,
                 "sparsity": state.info.get("sparsity", 0.0), "rank": state.info.get("rank", 0),
                 "bits": state.info.get("bits", 16),
                 "rel_error": relative_error(state.weight, layer.dequantized_weight(), st),
-                "calib_tokens": stats[t.name].tokens, "fallback": fallback,
+                "calib_tokens": stats[x.name].tokens, "fallback": fallback,
             })
-            packed[t.name] = (t, layer)
+            packed[x.name] = (x, layer)
             del state
-        _install(block, packed)
+        ad.install(block, packed)
         del stats, moe_inputs, packed
         # Feed the next block with what the compressed block really outputs.
         outs = _run_block(block, inputs)

@@ -7,6 +7,8 @@ act_norm: Σ x_j² per input column (in,) — Wanda's ‖x_j‖², and a diagona
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -56,3 +58,27 @@ def require_hessian(stats: LayerStats | None, method: str) -> torch.Tensor:
         raise ValueError(f"{method} needs the layer's Hessian XᵀX (calibration statistics with "
                          f"hessian=True); the pipeline collects it from the method's `needs`")
     return stats.hessian
+
+
+def damped_cholesky(h: torch.Tensor, percdamp: float, floor: float,
+                    then: Callable[[torch.Tensor], torch.Tensor | None] = lambda lower: lower,
+                    attempts: int = 8) -> torch.Tensor:
+    """then(L) for L the lower Cholesky factor of H + λI, λ = frac · mean(diag H).
+
+    frac starts at `percdamp` and grows tenfold (to at least `floor`) until the factorisation
+    succeeds and `then` returns a finite result (None from `then` means it failed too): XᵀX of
+    calibration inputs is often singular in float32, and a small damping is the usual remedy
+    (GPTQ, arXiv 2210.17323, §4). Computed in h's dtype.
+    """
+    diag = torch.diagonal(h)
+    mean = diag.mean() if bool((diag > 0).any()) else torch.ones((), dtype=h.dtype, device=h.device)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    frac = float(percdamp)
+    for _ in range(attempts):
+        lower, info = torch.linalg.cholesky_ex(h + frac * mean * eye)
+        if int(info) == 0:
+            out = then(lower)
+            if out is not None and bool(torch.isfinite(out).all()):
+                return out
+        frac = max(frac * 10, floor)
+    raise RuntimeError("XᵀX is not positive definite even with heavy damping")

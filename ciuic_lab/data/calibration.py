@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ciuic_lab.data.layout import hf_stream
 from ciuic_lab.data.tokens import cached_ids
-from ciuic_lab.models.wikistyle import hf_stream
 
 CALIB_DIR = Path(__file__).parent / "bundled" / "wikipedia-calib"
 SOURCES = {"wikipedia": CALIB_DIR / "wikipedia-calib.txt"}
@@ -29,6 +29,19 @@ def source_path(source: str) -> Path:
         raise FileNotFoundError(
             f"calibration source {source!r} is neither a bundled source ({', '.join(SOURCES)}) "
             f"nor an existing text file")
+    return p
+
+
+def check_source(source: str) -> Path:
+    """The source's path, after checking it is a non-empty UTF-8 text (cheap: before any model
+    is loaded, so a bad file fails in a second, not after the dense baseline)."""
+    p = source_path(source)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"{p} is empty")
     return p
 
 

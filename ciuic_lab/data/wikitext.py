@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ciuic_lab.data.layout import hf_rows
 from ciuic_lab.data.tokens import cached_ids
-from ciuic_lab.models.wikistyle import hf_rows
 
 TEST_FILE = Path(__file__).parent / "bundled" / "wikitext-2-raw" / "wiki.test.raw"
 

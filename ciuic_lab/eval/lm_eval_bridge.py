@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from ciuic_lab.eval.tasks import TASKS_DIR
@@ -180,7 +178,7 @@ def _quiet(enabled: bool):
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 8,
-                   limit: int | float | None = None, include_path: str | None = None,
+                   limit: float | None = None, include_path: str | None = None,
                    device: str | None = None, num_fewshot: int = 0, progress: bool = True,
                    max_length: int | None = None) -> dict[str, float]:
     """Run lm-eval tasks on `model` as it is and return flat metrics (see flatten_results).
@@ -241,12 +239,7 @@ def _spec_name(spec: str | dict) -> str:
     return spec["task"] if isinstance(spec, dict) else spec
 
 
-# ---------------------------------------------------------------- dense-baseline cache
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("CIUIC_LAB_CACHE", Path.home() / ".cache" / "ciuic_lab")
-    return Path(root) / "lm_eval"
+# ---------------------------------------------------------------- cache-key parts
 
 
 def task_files_hash(include_path: str | Path | list | None = None) -> str:
@@ -261,46 +254,10 @@ def task_files_hash(include_path: str | Path | list | None = None) -> str:
     return h.hexdigest()
 
 
-def _lm_eval_version() -> str:
+def lm_eval_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("lm_eval")
     except PackageNotFoundError:
         return "absent"
-
-
-def cache_key(key_parts: list[str], include_path=None) -> str:
-    """Key of a cached result: the caller's parts (model id, dtype, tasks, limit, few-shot, ...)
-    plus the task files' content, the lm-eval version and this module's source."""
-    ident = [
-        [str(p) for p in key_parts],
-        task_files_hash(include_path),
-        _lm_eval_version(),
-        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # metric naming lives here
-    ]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
-
-
-def cached_dense_accuracy(key_parts: list[str], compute: Callable[[], dict], *,
-                          include_path=None) -> dict:
-    """compute() once per key, then read from `$CIUIC_LAB_CACHE/lm_eval/<sha>.json`.
-
-    Meant for the dense baseline, which is the same for every point of a sweep. The key covers
-    key_parts and everything of ours that changes the numbers (cache_key); a changed task file
-    or lm-eval version recomputes.
-    """
-    path = _cache_dir() / f"{cache_key(key_parts, include_path)}.json"
-    if path.exists():
-        try:
-            return dict(json.loads(path.read_text())["metrics"])
-        except (ValueError, KeyError):  # a truncated write from a killed job: recompute
-            pass
-    metrics = dict(compute())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Parallel sweep jobs may race on the same key: write aside, then rename atomically.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key_parts": [str(p) for p in key_parts], "metrics": metrics},
-                              indent=1))
-    os.replace(tmp, path)
-    return metrics

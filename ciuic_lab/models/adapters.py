@@ -1,15 +1,31 @@
-"""What the pipeline may compress in each supported architecture, and how it sees their inputs.
+"""The architecture boundary: everything the lab knows about how a decoder is laid out.
 
-One rule for every decoder: the blocks are `model.model.layers`; inside a block every nn.Linear
-is a target except routers (`mlp.gate`: compressing it changes which experts run), and every
-routed expert of a fused experts module (transformers 5 stores DeepSeek-V2/V3 experts as 3-D
-parameters `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I)) gives two targets per expert,
-each an (out, in) slice. Norms and the router's correction bias are never targets. Embeddings and
-the LM head sit outside the blocks and stay dense.
+The pipeline, the checkpoint and the evaluators never name a module path themselves; they ask the
+model's adapter:
+
+    blocks(model)            the decoder blocks, walked in order
+    block_name(i)            "model.layers.{i}": the prefix of block i's names (reports, files)
+    pre_blocks / post_blocks what runs before block 0 (embeddings, rotary tables) and after the
+                             last one (final norm, head): loaded once, never compressed
+    layers(block)            every compressible weight of a block (a Layer): each nn.Linear except
+                             routers, and each projection of each routed expert of a fused experts
+                             module, as an (out, in) slice
+    install(block, packed)   swap packed layers in (fused experts become CompressedExperts)
+    expert_intermediate      the input of a routed expert's down projection
+    checkpoint_tensors       how a block's checkpoint tensors (per-expert, official layout) map
+                             onto the module's parameters (fused experts)
+
+One adapter (`DecoderAdapter`) serves every supported architecture, since transformers lays them
+out alike: `model.model.{embed_tokens, rotary_emb, layers, norm}` + `lm_head`, routers at
+`mlp.gate` (compressing one would change which experts run), and DeepSeek-V2/V3 routed experts as
+fused 3-D parameters `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I). Adding an architecture
+is one entry in ADAPTERS (a subclass where its layout differs) plus a tiny config for the tests.
+Norms, the router's correction bias, embeddings and the head are never compressed.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,48 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
-ROUTER_NAMES = ("gate",)  # last path component of MoE routers, e.g. `mlp.gate`
-EXPERT_PROJS = ("gate_up_proj", "down_proj")
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-def check_supported(config) -> None:
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED:
-        raise UnsupportedModel(
-            f"model_type {mt!r} is not supported; supported architectures: {', '.join(SUPPORTED)}")
-
-
-def blocks(model: nn.Module) -> nn.ModuleList:
-    check_supported(model.config)
-    return model.model.layers
-
-
-def linear_kind(name: str) -> str:
-    if "self_attn" in name:
-        return "attn"
-    if "shared_expert" in name:
-        return "shared_expert"
-    if "experts" in name:
-        return "expert"
-    return "mlp"
-
-
-def is_fused_experts(mod: nn.Module) -> bool:
-    return all(isinstance(getattr(mod, p, None), nn.Parameter) and getattr(mod, p).dim() == 3
-               for p in EXPERT_PROJS)
+from ciuic_lab.compress.experts import CompressedExperts
+from ciuic_lab.errors import UnsupportedModel
 
 
 @dataclass
-class Target:
+class Layer:
     """One compressible (out, in) weight: a linear, or one projection of one routed expert."""
 
-    name: str  # path below the root it was found in, e.g. "mlp.experts.3.down_proj"
-    kind: str
+    name: str  # path below its block, e.g. "mlp.experts.3.down_proj"
+    kind: str  # attn | mlp | shared_expert | expert
     module: nn.Module  # the nn.Linear, or the fused experts module holding the slice
     expert: int | None = None
     proj: str | None = None
@@ -78,56 +62,177 @@ class Target:
         return tuple(self.weight.shape)
 
 
-def targets(block: nn.Module) -> list[Target]:
-    """Every target of one decoder block, in module order."""
-    out = []
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) and name.split(".")[-1] not in ROUTER_NAMES:
-            out.append(Target(name, linear_kind(name), mod))
-        elif is_fused_experts(mod):
-            for e in range(getattr(mod, EXPERT_PROJS[0]).shape[0]):
-                for proj in EXPERT_PROJS:
-                    out.append(Target(f"{name}.{e}.{proj}", "expert", mod, e, proj))
-    return out
+class DecoderAdapter:
+    router_names = ("gate",)  # last name part of MoE routers, e.g. `mlp.gate`
+    expert_projs = ("gate_up_proj", "down_proj")
+    # official per-expert checkpoint names -> (fused parameter, its rows in the fused slice)
+    _EXPERT_KEY = re.compile(r"^(?P<owner>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+    # ---- the walk ----------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def block_name(self, i: int) -> str:
+        return f"model.layers.{i}"
+
+    def pre_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) that run before block 0: the input embeddings and shared rotary tables."""
+        out = [("model.embed_tokens", model.model.embed_tokens)]
+        if getattr(model.model, "rotary_emb", None) is not None:
+            out.append(("model.rotary_emb", model.model.rotary_emb))
+        return out
+
+    def post_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) that run after the last block: final norm, then the LM head."""
+        return [("model.norm", model.model.norm), ("lm_head", model.lm_head)]
+
+    # ---- what is compressible ----------------------------------------------------------------
+    def kind(self, name: str) -> str:
+        if "self_attn" in name:
+            return "attn"
+        if "shared_expert" in name:
+            return "shared_expert"
+        if "experts" in name:
+            return "expert"
+        return "mlp"
+
+    def is_fused_experts(self, mod: nn.Module) -> bool:
+        return all(isinstance(getattr(mod, p, None), nn.Parameter) and getattr(mod, p).dim() == 3
+                   for p in self.expert_projs)
+
+    def layers(self, block: nn.Module) -> list[Layer]:
+        """Every compressible weight of one decoder block, in module order."""
+        out = []
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear) and name.split(".")[-1] not in self.router_names:
+                out.append(Layer(name, self.kind(name), mod))
+            elif self.is_fused_experts(mod):
+                for e in range(getattr(mod, self.expert_projs[0]).shape[0]):
+                    for proj in self.expert_projs:
+                        out.append(Layer(f"{name}.{e}.{proj}", "expert", mod, e, proj))
+        return out
+
+    # ---- routed experts ----------------------------------------------------------------------
+    def expert_intermediate(self, mod: nn.Module, e: int, x: torch.Tensor,
+                            gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """act(x·W_gateᵀ) ⊙ (x·W_upᵀ): the input of expert e's down projection (with `gate_up`,
+        the (2I, H) weight to use instead of the module's own)."""
+        w = mod.gate_up_proj[e] if gate_up is None else gate_up
+        gate, up = F.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
+        return mod.act_fn(gate) * up
+
+    @staticmethod
+    def experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states, top_k_index) of a call to a fused experts module."""
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[n] for n in names[len(args):]]
+        return vals[0], vals[1]
+
+    # ---- installing packed layers ------------------------------------------------------------
+    def install(self, block: nn.Module, packed: dict[str, tuple[Layer, nn.Module]]) -> None:
+        """Swap each packed layer into the block; a fused experts module whose experts are all
+        packed becomes a CompressedExperts."""
+        experts: dict[str, tuple[nn.Module, dict]] = {}
+        for name, (layer, mod) in packed.items():
+            if layer.expert is None:
+                set_submodule(block, name, mod)
+            else:
+                owner = name.rsplit(".", 2)[0]
+                experts.setdefault(owner, (layer.module, {}))[1][(layer.expert, layer.proj)] = mod
+        for owner, (orig, parts) in experts.items():
+            n = getattr(orig, self.expert_projs[0]).shape[0]
+            set_submodule(block, owner, CompressedExperts(
+                [parts[(e, "gate_up_proj")] for e in range(n)],
+                [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's tensors as stored in a checkpoint -> the module's state-dict names.
+
+        Official and transformers-saved DeepSeek checkpoints keep routed experts per expert
+        (`experts.{j}.gate_proj.weight`, `up_proj`, `down_proj`); the module holds them fused:
+        gate_up_proj[j] = cat(gate_j, up_j) (gate rows first, as the module splits them), and
+        down_proj[j] = down_j. Other names pass through.
+        """
+        out, fused = {}, {}
+        for key, t in tensors.items():
+            m = self._EXPERT_KEY.match(key)
+            if m is None:
+                out[key] = t
+            else:
+                fused.setdefault(m["owner"], {})[(int(m["e"]), m["proj"])] = t
+        for owner, parts in fused.items():
+            n = 1 + max(e for e, _ in parts)
+            missing = [f"{owner}.{e}.{p}.weight" for e in range(n)
+                       for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in parts]
+            if missing:
+                raise KeyError(f"checkpoint lacks expert tensors: {', '.join(missing[:4])}")
+            out[f"{owner}.gate_up_proj"] = torch.stack(
+                [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n)])
+            out[f"{owner}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
+        return out
 
 
-def _experts_call(args, kwargs):
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    vals = list(args) + [kwargs[n] for n in names[len(args):]]
-    return vals[0], vals[1]
+ADAPTERS: dict[str, DecoderAdapter] = {
+    "deepseek_v3": DecoderAdapter(),
+    "deepseek_v2": DecoderAdapter(),
+    "llama": DecoderAdapter(),
+    "qwen2": DecoderAdapter(),
+}
+SUPPORTED = tuple(ADAPTERS)
+
+
+def adapter_for(model_or_config) -> DecoderAdapter:
+    """The adapter of a model (or its config); UnsupportedModel lists the supported ones."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(config, "model_type", None)
+    if mt not in ADAPTERS:
+        raise UnsupportedModel(
+            f"model_type {mt!r} is not supported; supported architectures: {', '.join(SUPPORTED)}")
+    return ADAPTERS[mt]
+
+
+def check_supported(config) -> None:
+    adapter_for(config)
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 @contextmanager
-def collect_stats(tlist: list[Target], stats: dict, keep_moe_inputs: dict | None = None):
-    """Hooks that feed `stats[target.name].add_batch(inputs)` while the caller runs forwards.
+def collect_stats(adapter: DecoderAdapter, layers: list[Layer], stats: dict,
+                  keep_moe_inputs: dict | None = None):
+    """Hooks that feed `stats[layer.name].add_batch(inputs)` while the caller runs forwards.
 
     Routed experts see only the tokens the router sends them (top-k), and their down projection
     sees act(gate)·up of those tokens computed from the current expert weights.
     `keep_moe_inputs[module]` collects every token entering each experts module (for fallbacks).
     """
     handles = []
-    experts_mods: dict[int, tuple[nn.Module, list[Target]]] = {}
-    for t in tlist:
-        if t.expert is None:
-            handles.append(t.module.register_forward_hook(
-                lambda _m, args, _o, s=stats[t.name]: s.add_batch(args[0])))
+    experts_mods: dict[int, tuple[nn.Module, list[Layer]]] = {}
+    for layer in layers:
+        if layer.expert is None:
+            handles.append(layer.module.register_forward_hook(
+                lambda _m, args, _o, s=stats[layer.name]: s.add_batch(args[0])))
         else:
-            experts_mods.setdefault(id(t.module), (t.module, []))[1].append(t)
+            experts_mods.setdefault(id(layer.module), (layer.module, []))[1].append(layer)
 
-    for mod, ts in experts_mods.values():
-        by_expert: dict[int, dict[str, Target]] = {}
-        for t in ts:
-            by_expert.setdefault(t.expert, {})[t.proj] = t
+    for mod, ls in experts_mods.values():
+        by_expert: dict[int, dict[str, Layer]] = {}
+        for layer in ls:
+            by_expert.setdefault(layer.expert, {})[layer.proj] = layer
 
         def hook(m, args, kwargs, _out, by_expert=by_expert):
-            hidden, top_k_index = _experts_call(args, kwargs)
+            hidden, top_k_index = adapter.experts_call(args, kwargs)
             if keep_moe_inputs is not None:
                 keep_moe_inputs.setdefault(m, []).append(hidden.detach())
             for e, projs in by_expert.items():
                 tok = (top_k_index == e).any(-1).nonzero().squeeze(-1)
                 x = hidden[tok]
                 stats[projs["gate_up_proj"].name].add_batch(x)
-                stats[projs["down_proj"].name].add_batch(expert_intermediate(m, e, x))
+                stats[projs["down_proj"].name].add_batch(adapter.expert_intermediate(m, e, x))
 
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -135,9 +240,3 @@ def collect_stats(tlist: list[Target], stats: dict, keep_moe_inputs: dict | None
     finally:
         for h in handles:
             h.remove()
-
-
-def expert_intermediate(mod: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """act(x·W_gateᵀ) ⊙ (x·W_upᵀ): the input of expert e's down projection."""
-    gate, up = F.linear(x, mod.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
-    return mod.act_fn(gate) * up

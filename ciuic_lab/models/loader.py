@@ -12,16 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ciuic_lab.models import tiny
+from ciuic_lab.errors import ModelNotFound
+from ciuic_lab.models import BUNDLED_DIR, TOKENIZER_DIR, tiny
 from ciuic_lab.models.adapters import check_supported
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
-TOKENIZER_DIR = BUNDLED_DIR / "tokenizer"
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 def bundled_names() -> list[str]:
@@ -57,6 +52,33 @@ def resolve(name_or_path: str) -> tuple[str, str]:
             raise ModelNotFound(f"model.name_or_path: hub id {s!r} is not in the local cache and "
                                 f"HF_HUB_OFFLINE=1 forbids downloading it")
     return "hub", s
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's HF config, without its weights (for checks before anything is loaded)."""
+    from transformers import AutoConfig
+
+    kind, target = resolve(name_or_path)
+    if kind == "random":
+        return tiny.CONFIGS[target](vocab=8192)
+    return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, revision=revision)
+
+
+def fingerprint(name_or_path: str, revision: str | None = None) -> list[str]:
+    """What identifies the weights a name resolves to, cheaply: for a local directory every file's
+    name, size and mtime (a model retrained into the same directory changes it); for a hub id
+    the cached snapshot's commit; for a random model its name. Part of cache keys."""
+    kind, target = resolve(name_or_path)
+    ident = [kind, target, str(revision)]
+    if kind == "local":
+        ident += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                  for p in sorted(Path(target).iterdir()) if p.is_file()]
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = try_to_load_from_cache(target, "config.json", revision=revision)
+        ident.append(Path(cfg).parent.name if isinstance(cfg, str) else "uncached")
+    return ident
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -16,20 +16,13 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ciuic_lab.track import FRONTIER
 from ciuic_lab.track.plots import pareto_plot, point_labels
 from ciuic_lab.track.results import load, pareto
+from ciuic_lab.track.tracker import sweep_group
 
 log = logging.getLogger("ciuic_lab")
-X, Y = "size/bits_per_param", "ppl/wikitext2"
-
-
-def sweep_group(sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep: multirun/2026-11-27/10-00-00 -> 2026-11-27_10-00-00.
-
-    Must match the group the jobs of the sweep log under (ciuic_lab.run).
-    """
-    p = Path(sweep_dir)
-    return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+X, Y = FRONTIER
 
 
 def _fmt(v: Any, spec: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ciuic_lab.track import FRONTIER
 from ciuic_lab.track.result import RESULT_NAME, read_result
 
 BASE_COLUMNS = ["run_dir", "status", "error", "created", "overrides"]
@@ -103,8 +104,7 @@ def load_layers(path_or_glob: str | Path | Iterable[str | Path]) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_dir"])
 
 
-def pareto(df: pd.DataFrame, x: str = "size/bits_per_param",
-           y: str = "ppl/wikitext2") -> pd.DataFrame:
+def pareto(df: pd.DataFrame, x: str = FRONTIER[0], y: str = FRONTIER[1]) -> pd.DataFrame:
     """Rows no other row beats on both x and y (both minimised), sorted by x.
 
     Failed rows and rows with a missing or non-finite x or y are left out. Exact duplicates of a

@@ -47,6 +47,13 @@ def resolve_mode(mode: str) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep, from its directory: multirun/2026-11-27/10-00-00 ->
+    2026-11-27_10-00-00. The jobs (ciuic_lab.run) and the end-of-sweep summary both use it."""
+    p = Path(sweep_dir)
+    return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+
+
 def _numeric(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -25,7 +25,7 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class SVD(LowRankMethod):
     def apply(self, state, stats, budget) -> None:
-        target = self.fit_target(state)
+        target = self.to_fit(state)
         sv = torch.linalg.svdvals(target.double())
         r = rank_for(tuple(target.shape), sv, budget)
         u, v = svd_factors(target, r)

@@ -23,22 +23,13 @@ import torch
 
 from ciuic_lab.compress.base import LowRankMethod
 from ciuic_lab.compress.policies.rank import rank_for
-from ciuic_lab.compress.stats import require_hessian
+from ciuic_lab.compress.stats import damped_cholesky, require_hessian
 
 
 def whitening(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Lower Cholesky factor S (in, in) float64 of H + λI, with h = Σ x xᵀ (in, in)."""
-    h = h.double()
-    diag = torch.diagonal(h)
-    mean = diag.mean() if bool((diag > 0).any()) else torch.ones((), dtype=h.dtype)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    frac = float(percdamp)
-    for _ in range(8):
-        s, info = torch.linalg.cholesky_ex(h + frac * mean * eye)
-        if int(info) == 0:
-            return s
-        frac = max(frac * 10, 1e-8)  # rank-deficient XXᵀ with percdamp=0: damp a little
-    raise RuntimeError("XXᵀ is not positive definite even with heavy damping")
+    # percdamp=0 on a rank-deficient XXᵀ: damp a little (floor 1e-8), enough to factorise.
+    return damped_cholesky(h.double(), percdamp, 1e-8)
 
 
 def whitened_svd(w: torch.Tensor, s: torch.Tensor):
@@ -67,7 +58,7 @@ class SVDLLM(LowRankMethod):
 
     def apply(self, state, stats, budget) -> None:
         h = require_hessian(stats, "SVD-LLM")
-        target = self.fit_target(state)
+        target = self.to_fit(state)
         s = whitening(h.to(target.device), self.percdamp)
         u, sv, vh = whitened_svd(target, s)
         r = rank_for(tuple(target.shape), sv, budget)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import import_module
 
+from ciuic_lab.errors import ConfigError
+
 _REGISTRY: dict[tuple[str, str], type] = {}
 _MODULES = ("uniform", "rank", "depth_linear", "owl", "kind_map", "sensitivity")
 
@@ -39,6 +41,5 @@ def get_policy(stage: str, name: str):
         import_module(f"{__name__}.{mod}")
     if (stage, name) not in _REGISTRY:
         known = sorted(n for s, n in _REGISTRY if s == stage)
-        from ciuic_lab.compress.base import ConfigError
         raise ConfigError(f"{stage}.policy: unknown policy {name!r}; known: {', '.join(known)}")
     return _REGISTRY[(stage, name)]()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.state import rtn_quantize
+from ciuic_lab.errors import ConfigError
 
 
 def layer_errors(w: torch.Tensor, h: torch.Tensor | None, sq_norm: torch.Tensor | None,
                  candidates: list[int], group_size: int, sym: bool) -> dict[int, float]:
-    from ciuic_lab.compress.base import rtn_quantize
-
     out = {}
     w = w.float()
     for b in candidates:
@@ -64,7 +64,6 @@ class Sensitivity:
                  group_size: int = 128, sym: bool = True, **_) -> dict:
         cands = sorted(int(b) for b in candidate_bits)
         if not cands[0] <= target <= cands[-1]:
-            from ciuic_lab.compress.base import ConfigError
             raise ConfigError(f"quant.avg_bits: {target} is outside the candidate widths {cands}")
         errors = []
         for p in profiles:

@@ -22,8 +22,12 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float,
         keep = g.topk(n, dim=-1).indices
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)
         return mask.view(out, cols)
-    n_keep = int(round((1.0 - sparsity) * scores.numel()))
+    return topk_mask(scores, round((1.0 - sparsity) * scores.numel()))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (shaped like `scores`) of its k highest entries, over all of them."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_keep:
-        mask[scores.reshape(-1).topk(n_keep).indices] = True
-    return mask.view(out, cols)
+    if k > 0:
+        mask[scores.reshape(-1).topk(k).indices] = True
+    return mask.view_as(scores)

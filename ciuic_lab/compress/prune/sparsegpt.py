@@ -17,16 +17,9 @@ from typing import ClassVar
 import torch
 
 from ciuic_lab.compress.base import PruneMethod
+from ciuic_lab.compress.prune.masks import topk_mask
 from ciuic_lab.compress.quant.gptq import inverse_hessian_cholesky
 from ciuic_lab.compress.stats import require_hessian
-
-
-def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k highest scores of a 2-D tensor (over all its entries)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[scores.reshape(-1).topk(k).indices] = True
-    return mask.view_as(scores)
 
 
 @torch.no_grad()
@@ -60,7 +53,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float,
         err1 = torch.zeros_like(W1)
         if nm is None:
             quota = round((1.0 - sparsity) * rows * i2) - kept
-            keep1 = _topk_mask(W1.pow(2) / d.pow(2), max(0, min(quota, W1.numel())))
+            keep1 = topk_mask(W1.pow(2) / d.pow(2), max(0, min(quota, W1.numel())))
             kept += int(keep1.sum())
         else:
             keep1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -94,7 +87,7 @@ class SparseGPT(PruneMethod):
 
     def apply(self, state, stats, budget) -> None:
         h = require_hessian(stats, "SparseGPT")
-        w = self.prune_target(state)
+        w = self.to_prune(state)
         base, mask = sparsegpt_prune(w, h, float(budget), self.nm, self.blocksize, self.percdamp)
         state.base, state.mask, state.nm, state.quant = base, mask, self.nm, None
         state.info["sparsity"] = 1.0 - mask.float().mean().item()

@@ -49,7 +49,7 @@ class Wanda(PruneMethod):
         return wanda_scores(w, stats.act_norm)
 
     def apply(self, state, stats, budget) -> None:
-        w = self.prune_target(state)
+        w = self.to_prune(state)
         scores = self.scores(w, stats)
         mask = (mask_from_scores(scores, 0.0, self.nm) if self.nm
                 else row_mask_from_scores(scores, float(budget)))

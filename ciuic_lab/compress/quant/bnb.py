@@ -10,7 +10,9 @@ They run through bitsandbytes itself (`quantize_4bit` / `matmul_4bit`, `int8_vec
 `matmul`), on CUDA or on the CPU where the installed version supports it (0.45+). `BnbLinear`
 keeps what bitsandbytes stores as persistent buffers, so `nbytes()` and the run's memory figures
 count codes, absmax and scales, like every other layer here. They are whole-weight baselines: no
-calibration, and no prune or low-rank stage with them. Install with `pip install 'ciuic_lab[bnb]'`.
+calibration, and no prune or low-rank stage with them. On a float32 model the activations enter
+LLM.int8() in bf16 (it is defined on 16-bit activations) and its output returns in float32.
+Install with `pip install 'ciuic_lab[bnb]'`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.base import ConfigError, Method, _check
-from ciuic_lab.compress.linear import LayerState
+from ciuic_lab.compress.base import Method
+from ciuic_lab.compress.formats import buffer_nbytes
+from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.errors import ConfigError
+from ciuic_lab.errors import check as _check
 
 
 def _bnb():
@@ -38,35 +42,55 @@ def _bnb():
 class BnbLinear(nn.Module):
     """One weight as bitsandbytes stores it. scheme 'nf4': packed 4-bit codes (uint8, two per
     byte) + fp32 absmax per block + the 16-entry NF4 code table; 'int8': int8 codes (out, in) +
-    fp32 scale per row."""
+    fp32 scale per row. Implements the packed-layer contract (compress/formats.py)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
-                 blocksize: int = 64, threshold: float = 6.0):
+    format = "bnb"
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, blocksize: int = 64,
+                 threshold: float = 6.0):
         super().__init__()
-        bnb = _bnb()
-        self.out_features, self.in_features = weight.shape
+        if scheme not in ("nf4", "int8"):
+            raise ValueError(f"unknown bitsandbytes scheme {scheme!r}")
+        self.in_features, self.out_features = in_features, out_features
         self.scheme, self.blocksize, self.threshold = scheme, blocksize, threshold
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
+                 blocksize: int = 64, threshold: float = 6.0) -> BnbLinear:
+        bnb = _bnb()
+        mod = cls(weight.shape[1], weight.shape[0], scheme, blocksize, threshold)
         w = weight.detach()
         if scheme == "nf4":
             packed, qs = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
                                                       compress_statistics=False)
-            self.register_buffer("packed", packed)
-            self.register_buffer("absmax", qs.absmax)
-            self.register_buffer("code", qs.code)
-        elif scheme == "int8":
-            cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.half())
-            self.register_buffer("cb", cb)
-            self.register_buffer("scb", scb)
+            mod.register_buffer("packed", packed)
+            mod.register_buffer("absmax", qs.absmax)
+            mod.register_buffer("code", qs.code)
         else:
-            raise ValueError(f"unknown bitsandbytes scheme {scheme!r}")
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+            cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.half())
+            mod.register_buffer("cb", cb)
+            mod.register_buffer("scb", scb)
+        if bias is not None:
+            mod.register_buffer("bias", bias.detach().clone())
+        return mod
+
+    def spec(self) -> dict:
+        return {"format": self.format, "in": self.in_features, "out": self.out_features,
+                "scheme": self.scheme, "blocksize": self.blocksize, "threshold": self.threshold}
+
+    @classmethod
+    def shell(cls, spec: dict, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> BnbLinear:
+        mod = cls(spec["in"], spec["out"], spec["scheme"], spec["blocksize"], spec["threshold"])
+        for name, (shape, dt) in shapes.items():
+            mod.register_buffer(name, torch.empty(shape, dtype=dt))
+        return mod
 
     @property
     def params(self) -> int:
         return self.in_features * self.out_features
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return buffer_nbytes(self)
 
     def _state4(self, dtype: torch.dtype):
         from bitsandbytes.functional import QuantState
@@ -82,17 +106,19 @@ class BnbLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bnb = _bnb()
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias.to(x.dtype) if hasattr(self, "bias") else None
         if self.scheme == "nf4":
             return bnb.matmul_4bit(x, self.packed.t(), bias=bias, quant_state=self._state4(x.dtype))
-        if x.dtype == torch.float32 and x.device.type == "cpu":
-            # bitsandbytes' int8 path wants 16-bit activations; a fp32 CPU model gets the same
-            # int8 weights applied in fp32
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        # LLM.int8() is defined on 16-bit activations (its outlier columns run in fp16): a fp32
+        # model's activations go through it in bf16 and come back in fp32.
+        x16 = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
         state = bnb.MatmulLtState()
         state.CB, state.SCB = self.cb, self.scb
         state.threshold, state.has_fp16_weights, state.is_training = self.threshold, False, False
-        return bnb.matmul(x, self.cb, bias=bias, state=state)
+        b16 = None if bias is None else bias.to(x16.dtype)
+        # Its CPU path takes 2-D activations: fold the leading dims and unfold the result.
+        y = bnb.matmul(x16.reshape(-1, self.in_features), self.cb, bias=b16, state=state)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.scheme}, in={self.in_features}, out={self.out_features}, "
@@ -122,15 +148,15 @@ class BnbQuant(Method):
     def _check_budget(self, key: str, budget) -> None:
         _check(False, key, f"a bitsandbytes baseline can only leave layers out (null), got {budget!r}")
 
-    def target(self) -> float:
+    def goal(self) -> float:
         return 4.0 if self.scheme == "nf4" else 8.0
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
-        state.info["bits"] = int(self.target())
+        state.info["bits"] = int(self.goal())
         state.info["bnb"] = True
 
     def make_layer(self, state: LayerState, dtype: torch.dtype) -> nn.Module | None:
         if not state.info.get("bnb"):
             return None  # left out by `quant.layers`: stored like any unquantised layer
         bias = None if state.bias is None else state.bias.to(dtype)
-        return BnbLinear(state.weight, bias, self.scheme, self.blocksize, self.threshold)
+        return BnbLinear.quantize(state.weight, bias, self.scheme, self.blocksize, self.threshold)

@@ -27,10 +27,11 @@ from typing import ClassVar
 
 import torch
 
-from ciuic_lab.compress.base import QuantMethod, _check
-from ciuic_lab.compress.linear import LayerState, QuantPart
+from ciuic_lab.compress.base import QuantMethod
 from ciuic_lab.compress.quant import grid
-from ciuic_lab.compress.stats import LayerStats, require_hessian
+from ciuic_lab.compress.state import LayerState, QuantPart
+from ciuic_lab.compress.stats import LayerStats, damped_cholesky, require_hessian
+from ciuic_lab.errors import check as _check
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,17 +46,12 @@ def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Te
     h = h.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    mean = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    frac = float(percdamp)
-    for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h + frac * mean * eye)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, dead
-        frac = max(frac * 10, 1e-4)
-    raise RuntimeError("Hessian is not positive definite even with heavy damping")
+
+    def inverse_upper(lower: torch.Tensor) -> torch.Tensor | None:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        return upper if int(info) == 0 else None
+
+    return damped_cholesky(h, percdamp, 1e-4, inverse_upper), dead
 
 
 def _block_end(i1: int, cols: int, blocksize: int, group_size: int | None) -> int:

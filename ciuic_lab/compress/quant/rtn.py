@@ -7,7 +7,8 @@ and quantisation compose without pruned zeros stretching the scale.
 
 from dataclasses import dataclass
 
-from ciuic_lab.compress.base import QuantMethod, rtn_quantize
+from ciuic_lab.compress.base import QuantMethod
+from ciuic_lab.compress.state import rtn_quantize
 
 
 @dataclass

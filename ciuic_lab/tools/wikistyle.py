@@ -7,7 +7,8 @@ small model trained on plain prose pays a large format shift when evaluated on W
 reference models are trained on text rewritten this way (as WikiText's own training split is).
 
 Pure string functions (`to_wikitext_style(text, title)` for one article) and one reader,
-`read_corpus(dir)`, for a directory of pages.
+`read_corpus(dir)`, for a directory of pages. The evaluation layout (`hf_rows`, `hf_stream`)
+lives in the runtime package, `ciuic_lab.data.layout`.
 """
 
 from __future__ import annotations
@@ -161,24 +162,6 @@ def to_wikitext_style(text: str, title: str | None = None) -> str:
         if body:
             out.append(f" {body} ")
     return "".join(line + "\n" for line in out)
-
-
-def hf_rows(text: str) -> list[str]:
-    """The rows the HF `wikitext` dataset makes of a raw file: each line with its "\\n", and
-    whitespace-only lines as ""."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the file's final newline ends the last row, it does not start a new one
-    return [line + "\n" if line.strip() else "" for line in lines]
-
-
-def hf_stream(text: str) -> str:
-    """WikiText-style text as perplexity evaluations see it: its rows joined with "\\n\\n".
-
-    Training on this exact layout (not the file's) removes the last format shift between the
-    reference models' training text and the WikiText-2 evaluation stream.
-    """
-    return "\n\n".join(hf_rows(text))
 
 
 def title_from_filename(name: str) -> str:

@@ -1,6 +1,6 @@
 """Write a bundled model's card (README.md) from its training log and the project's own evaluator.
 
-    python -m ciuic_lab.models.card ciuic_lab/models/bundled/deepseek-v3-tiny
+    python -m ciuic_lab.tools.card ciuic_lab/models/bundled/deepseek-v3-tiny
 
 WikiText-2 perplexity is measured here with the DESIGN.md protocol (seqlen 512, every window),
 plus the first 64 windows (`ppl_first64`, what the fast test reproduces); the samples are greedy
@@ -62,9 +62,9 @@ told apart by quality. Not a useful language model by itself.
 | architecture | {arch} |
 | sizes | hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}, max positions {c.max_position_embeddings} |
 | parameters | {m['params']:,} (bf16 safetensors, {(path / 'model.safetensors').stat().st_size / 2**20:.1f} MiB) |
-| tokenizer | byte-level BPE, 8192 tokens, trained on the same corpus (`ciuic_lab/models/tokenizer_train.py`) |
+| tokenizer | byte-level BPE, 8192 tokens, trained on the same corpus (`ciuic_lab/tools/tokenizer_train.py`) |
 | training data | 709 English Wikipedia articles (2019 dump sample; CC BY-SA 3.0, see `ciuic_lab/data/bundled/wikipedia-calib/LICENSE.md`), rewritten into WikiText's tokenised style; {log['train_tokens']:,} training tokens, {len(log['val_articles'])} held-out validation articles; no WikiText-2 test article is in the corpus |
-| training | `python -m ciuic_lab.models.pretrain --arch {log['arch']} --corpus <pages or cache> --out <dir> --max-minutes {log['args']['max_minutes']} --device cuda` (seed {log['args']['seed']}, batch {log['args']['batch_size']}×{log['args']['seqlen']}, AdamW lr {log['args']['lr']}, cosine) |
+| training | `python -m ciuic_lab.tools.pretrain --arch {log['arch']} --corpus <pages or cache> --out <dir> --max-minutes {log['args']['max_minutes']} --device cuda` (seed {log['args']['seed']}, batch {log['args']['batch_size']}×{log['args']['seqlen']}, AdamW lr {log['args']['lr']}, cosine) |
 | hardware, time | {log['device_name']}, {log['train_seconds']:.0f} s, {log['steps']:,} steps, {log['tokens_seen']:,} tokens seen ({log['tokens_per_s']:,.0f} tokens/s) |
 | kept checkpoint | best validation loss: step {log['saved_step']}, validation loss {log['best_val_loss']:.3f} (final train loss {log['final_train_loss']:.3f}) |
 | WikiText-2 perplexity | **{m['ppl']:.2f}** (raw test, seqlen 512, all {m['windows']} windows, fp32 on CPU, this project's evaluator; first 64 windows: {m['ppl_first64']:.3f}) |
@@ -76,7 +76,7 @@ Greedy continuations (40 tokens):
 {samples}
 
 Licence: the weights are released with ciuic_lab (Apache-2.0); they were trained on CC BY-SA 3.0
-text. Regenerate this card with `python -m ciuic_lab.models.card {path}`.
+text. Regenerate this card with `python -m ciuic_lab.tools.card {path}`.
 """
 
 

@@ -1,6 +1,6 @@
 """Train the bundled byte-level BPE tokenizer on a WikiText-style rewrite of a page corpus.
 
-    python -m ciuic_lab.models.tokenizer_train --corpus PAGES_DIR --vocab 8192 --out DIR
+    python -m ciuic_lab.tools.tokenizer_train --corpus PAGES_DIR --vocab 8192 --out DIR
 
 Byte-level BPE (Radford et al. 2019, GPT-2; BPE: Sennrich et al. 2015, arXiv:1508.07909) never
 needs an unknown token, so any text (WikiText-2 test included) round-trips exactly. The output is
@@ -59,7 +59,8 @@ def save_pretrained(tok, out_dir) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from ciuic_lab.models.wikistyle import hf_stream, read_corpus
+    from ciuic_lab.data.layout import hf_stream
+    from ciuic_lab.tools.wikistyle import read_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="directory of .md/.txt Wikipedia pages")

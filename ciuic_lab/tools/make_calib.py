@@ -1,6 +1,6 @@
 """Rebuild the bundled calibration slice from a copy of the Wikipedia page corpus.
 
-    python -m ciuic_lab.data.make_calib --corpus PAGES_DIR [--every 12] [--out DIR]
+    python -m ciuic_lab.tools.make_calib --corpus PAGES_DIR [--every 12] [--out DIR]
 
 Selection is deterministic: page files sorted by name, every k-th from the first. Each article is
 rewritten into WikiText style (the format the reference models were trained and are evaluated in)
@@ -14,9 +14,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from ciuic_lab.models.wikistyle import title_from_filename, to_wikitext_style
-
-CALIB_DIR = Path(__file__).parent / "bundled" / "wikipedia-calib"
+from ciuic_lab.data.calibration import CALIB_DIR
+from ciuic_lab.tools.wikistyle import title_from_filename, to_wikitext_style
 
 
 def select(files: list[Path], every: int) -> list[Path]:

@@ -1,9 +1,9 @@
 """Pretrain the tiny reference models from scratch: seeded, reproducible, one command.
 
-    python -m ciuic_lab.models.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
+    python -m ciuic_lab.tools.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
         --max-minutes 4 --device cuda
     # optional: tokenise once here, ship the 6 MB cache instead of the pages
-    python -m ciuic_lab.models.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
+    python -m ciuic_lab.tools.pretrain --arch deepseek-v3-tiny --corpus PAGES_DIR --out DIR \\
         --cache-only --save-cache corpus.pt      # then --corpus corpus.pt
 
 The architectures are transformers' own classes built from config (`ARCHS`): DeepSeek-V3 (MLA
@@ -31,11 +31,13 @@ from pathlib import Path
 
 import torch
 
-from ciuic_lab.models.wikistyle import hf_stream, read_corpus
+from ciuic_lab.data.calibration import CALIB_DIR
+from ciuic_lab.data.layout import hf_stream
+from ciuic_lab.data.wikitext import TEST_FILE
+from ciuic_lab.models import TOKENIZER_DIR
+from ciuic_lab.tools.wikistyle import read_corpus
 
-HERE = Path(__file__).parent
-TOKENIZER_DIR = HERE / "bundled" / "tokenizer"
-CALIB_ARTICLES = HERE.parent / "data" / "bundled" / "wikipedia-calib" / "articles.tsv"
+CALIB_ARTICLES = CALIB_DIR / "articles.tsv"
 
 # Widths are multiples of 64 so packing group sizes and N:M patterns divide every weight.
 ARCHS = {
@@ -267,7 +269,7 @@ def wikitext2_windows(tokenizer_dir: Path, seqlen: int, limit: int = -1) -> torc
     """
     from tokenizers import Tokenizer
 
-    test = HERE.parent / "data" / "bundled" / "wikitext-2-raw" / "wiki.test.raw"
+    test = TEST_FILE
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     text = hf_stream(test.read_text(encoding="utf-8"))
     if limit >= 0:

@@ -1,0 +1,29 @@
+"""The lab's error types, shared by every layer of the code (and imported by none of them back).
+
+Each names what is wrong and where (a config key, a layer, a file), so the message alone says
+what to change. They are raised before expensive work wherever the problem can be known then.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, named by its key (raised before any expensive work)."""
+
+
+class ModelNotFound(FileNotFoundError):
+    """`model.name_or_path` (or a fetchable model) that cannot be resolved to weights."""
+
+
+class UnsupportedModel(ValueError):
+    """An architecture no adapter knows."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (ours, or a source checkpoint being streamed) that cannot be used as it is."""
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError('<key>: <msg>') unless `cond`."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")

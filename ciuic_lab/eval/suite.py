@@ -1,0 +1,127 @@
+"""One evaluation suite, run on the dense model and on the compressed one alike.
+
+    suite = Suite(cfg, tokenizer, model_config)
+    dense = suite.run(model, "dense")          # metrics with a `_dense` suffix (cached on disk)
+    comp = suite.run(model, "compressed")      # the same metrics, unsuffixed
+
+What it measures (each switchable in `eval`): WikiText-2 perplexity with the peak memory and wall
+time of that evaluation, prefill tokens/s, lm-eval task accuracy, greedy generations. The dense
+model's perplexity and accuracies are the same for every point of a sweep, so they are cached
+(`ciuic_lab.cache`) under keys that hold everything that changes them: the weights' fingerprint,
+dtype, device, batch size, windows, tasks and their files, and the code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from omegaconf import DictConfig
+
+from ciuic_lab import cache
+from ciuic_lab.eval.memory import PeakMemory
+from ciuic_lab.eval.perplexity import model_device, perplexity
+
+SUFFIX = {"dense": "_dense", "compressed": ""}
+
+
+def eval_seqlen(cfg: DictConfig, model_config) -> int:
+    """`eval.seqlen`, or the protocol's default min(2048, the model's max positions)."""
+    if cfg.eval.seqlen is not None:
+        return int(cfg.eval.seqlen)
+    return min(2048, int(getattr(model_config, "max_position_embeddings", 2048)))
+
+
+class Suite:
+    def __init__(self, cfg: DictConfig, tokenizer, model_config):
+        from ciuic_lab.data.wikitext import test_windows
+
+        self.cfg, self.tok = cfg, tokenizer
+        self.seqlen = eval_seqlen(cfg, model_config)
+        windows = test_windows(tokenizer, self.seqlen)
+        if cfg.eval.max_windows is not None:
+            windows = windows[: int(cfg.eval.max_windows)]
+        self.windows = windows
+        self.progress = bool(cfg.progress)
+        self.texts: dict[str, list[str]] = {}  # generations per model ("dense", "compressed")
+
+    def header(self) -> dict:
+        return {"eval/seqlen": self.seqlen, "eval/windows": int(self.windows.shape[0]),
+                "eval/tokens": int(self.windows.shape[0] * (self.seqlen - 1))}
+
+    def _key(self, model, *extra) -> list:
+        from ciuic_lab.models.loader import fingerprint
+
+        m = self.cfg.model
+        return [*fingerprint(m.name_or_path, m.revision), str(self.cfg.seed),
+                str(next(model.parameters()).dtype), model_device(model).type, *extra]
+
+    def run(self, model, which: str) -> dict:
+        """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one."""
+        s, ev = SUFFIX[which], self.cfg.eval
+        out: dict = {}
+        if which == "compressed" or ev.dense_baseline:
+            out.update(self._perplexity(model, which))
+        if ev.speed:
+            from ciuic_lab.eval.speed import tokens_per_second
+
+            out[f"speed/tokens_per_s{s}"] = tokens_per_second(
+                model, self.windows, batch_size=1, max_windows=int(ev.speed_windows))
+        le = ev.lm_eval
+        if le.enabled and (which == "compressed" or le.dense_baseline):
+            t0 = time.perf_counter()
+            out.update(self._lm_eval(model, which))
+            out[f"time/lm_eval_s{s}"] = time.perf_counter() - t0
+        gen = ev.generate
+        if gen.enabled:
+            from ciuic_lab.eval.generate import greedy_continuations
+
+            self.texts[which] = greedy_continuations(model, self.tok, list(gen.prompts),
+                                                     int(gen.max_new_tokens))
+        return out
+
+    def generations(self) -> list[dict]:
+        """Rows {prompt, dense, compressed} of the continuations both runs produced."""
+        from ciuic_lab.eval.generate import side_by_side
+
+        if "compressed" not in self.texts:
+            return []
+        comp = self.texts["compressed"]
+        dense = self.texts.get("dense", [""] * len(comp))
+        return side_by_side(list(self.cfg.eval.generate.prompts), dense, comp)
+
+    # ---- the measurements ------------------------------------------------------------------
+    def _perplexity(self, model, which: str) -> dict:
+        s, bs = SUFFIX[which], int(self.cfg.eval.batch_size)
+
+        def measure() -> dict:
+            dev = model_device(model)
+            t0 = time.perf_counter()
+            with PeakMemory(dev) as pm:
+                ppl = perplexity(model, self.windows, batch_size=bs, progress=self.progress)
+            return {f"ppl/wikitext2{s}": ppl, f"mem/peak_bytes{s}": pm.peak_bytes,
+                    f"mem/peak_kind{s}": pm.kind, f"time/eval_s{s}": time.perf_counter() - t0}
+
+        if which == "compressed":
+            return measure()
+        windows = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
+        return cache.cached("dense_ppl", self._key(model, bs, windows), measure)
+
+    def _lm_eval(self, model, which: str) -> dict:
+        from ciuic_lab.eval.lm_eval_bridge import evaluate_tasks, lm_eval_version, task_files_hash
+
+        le = self.cfg.eval.lm_eval
+        kw = {"batch_size": int(le.batch_size), "limit": le.limit,
+              "include_path": le.include_path, "num_fewshot": int(le.num_fewshot),
+              "max_length": le.max_length, "progress": self.progress}
+        tasks = list(le.tasks)
+
+        def measure() -> dict:
+            return evaluate_tasks(model, self.tok, tasks, **kw)
+
+        if which == "compressed":
+            return measure()
+        parts = self._key(model, tasks, sorted((k, str(v)) for k, v in kw.items() if k != "progress"),
+                          task_files_hash(le.include_path), lm_eval_version())
+        return {f"{k}_dense": v for k, v in cache.cached("dense_lm_eval", parts, measure).items()}
+

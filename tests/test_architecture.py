@@ -1,0 +1,109 @@
+"""The package's shape: no import cycles (counting imports inside functions), offline tooling off
+the runtime path, and every packed format and adapter going through the shared contracts."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "ciuic_lab"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: modules of this package it imports}, from every import statement anywhere in the
+    file (top level or inside functions). `from pkg import name` counts as importing pkg.name
+    when that is a module, else pkg."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative import
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                           for a in node.names]
+            else:
+                continue
+            graph[mod] |= {t for t in targets if t in modules and t != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_graph_sees_function_level_imports():
+    g = import_graph()
+    # compress/__init__ imports the API inside a function; the graph must see it
+    assert "ciuic_lab.api" in g["ciuic_lab.compress"]
+    assert "ciuic_lab.compress.pipeline" in g["ciuic_lab.runner"]
+
+
+def test_a_cycle_is_found_when_there_is_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    assert cycles(import_graph()) == []
+
+
+def test_runtime_never_imports_the_offline_tools():
+    g = import_graph()
+    runtime = [m for m in g if not m.startswith("ciuic_lab.tools")]
+    bad = {m: sorted(t for t in g[m] if t.startswith("ciuic_lab.tools")) for m in runtime}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_every_packed_format_implements_the_contract():
+    import torch
+
+    from ciuic_lab.compress.formats import FORMATS, PackedLayer, format_class, is_packed
+
+    for key in FORMATS:
+        cls = format_class(key)
+        assert cls.format == key
+        spec = {"format": key, "in": 8, "out": 4, "meta": {"base": None, "lowrank": None,
+                                                          "bias": False, "dtype": "float16"},
+                "scheme": "int8", "blocksize": 64, "threshold": 6.0}
+        shell = cls.shell(spec, {})
+        assert isinstance(shell, PackedLayer) and is_packed(shell)
+        assert shell.spec()["format"] == key and shell.params == 32
+        assert not is_packed(torch.nn.Linear(8, 4))
