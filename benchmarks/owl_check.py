@@ -17,10 +17,11 @@ import argparse
 import torch
 
 from ciuic_lab.api import compress
-from ciuic_lab.compress.pipeline import profile, profile_pass
+from ciuic_lab.compress.blocks import Resident
+from ciuic_lab.compress.pipeline import profile, profile_walk
 from ciuic_lab.compress.policies import owl, register
 from ciuic_lab.compress.policies._mean import meet_mean
-from ciuic_lab.config import compose
+from ciuic_lab.config import build_methods, compose
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.models.loader import load
@@ -54,13 +55,10 @@ class ProtectBlock:
 class OWLReversed(owl.OWL):
     """OWL's rule with the outlier ratios negated: blocks with more outliers pruned more."""
 
-    def allocate(self, *args, **kw):
-        orig = owl.outlier_ratio
-        owl.outlier_ratio = lambda *a: -orig(*a)
-        try:
-            return super().allocate(*args, **kw)
-        finally:
-            owl.outlier_ratio = orig
+    def summarize_block(self, facts_by_layer, weights, **kw):
+        super().summarize_block(facts_by_layer, weights, **kw)
+        for facts in facts_by_layer.values():
+            facts["block_outlier_ratio"] = -facts["block_outlier_ratio"]
 
 
 def main() -> None:
@@ -85,11 +83,12 @@ def main() -> None:
 
     # OWL's own view: outlier ratio per block and the sparsity it allocates
     cfg = compose([*base, "prune.policy=owl"])
+    (prune,) = [m for m in build_methods(cfg) if m.stage == "prune"]
     profiles = profile(model)
-    profile_pass(model, profiles, calibration(tok, cfg), 4, owl.OWL.needs)
+    profile_walk(Resident(model, torch.device("cpu")), calibration(tok, cfg), [prune], profiles,
+                 batch_size=4, progress=False)
     m_owl = float(cfg.prune.owl_m)
-    alloc = owl.OWL().allocate(profiles, a.sparsity, owl_lambda=float(cfg.prune.owl_lambda),
-                               owl_m=m_owl)
+    alloc = prune.allocate(profiles)
     blocks = sorted({p.block for p in profiles})
     print(f"model {a.model}, {a.method}, {windows.shape[0]} windows x 512, dense ppl {dense:.3f}")
     print(f"{'block':>5s} {'outlier ratio D (M=' + f'{m_owl:g})':>20s} {'OWL sparsity':>13s} "
@@ -97,8 +96,7 @@ def main() -> None:
     sens = {}
     for b in blocks:
         ps = [p for p in profiles if p.block == b]
-        rms = [(p.extra["stats"].sq_norm / max(p.extra["stats"].tokens, 1)).sqrt() for p in ps]
-        d = owl.outlier_ratio([p.extra["weight"] for p in ps], rms, m_owl)
+        d = ps[0].facts["prune"]["block_outlier_ratio"]
         w = sum(p.params for p in ps)
         s_owl = sum(alloc[p.name] * p.params for p in ps) / w
         _PICK["block"] = b

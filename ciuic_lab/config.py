@@ -95,6 +95,20 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
         if value is not None and max_pos is not None and int(value) > int(max_pos):
             raise ConfigError(f"{key}: {value} is beyond the model's max_position_embeddings "
                               f"({max_pos})")
+    if cfg.compress.stream and cfg.compress.offload:
+        raise ConfigError("compress.stream: streaming already keeps one block at a time; "
+                          "drop compress.offload")
+    if cfg.compress.stream and resolve(cfg.model.name_or_path)[0] == "random":
+        raise ConfigError(f"compress.stream: {cfg.model.name_or_path} is built in memory and has "
+                          "no checkpoint to stream from; save it (save_pretrained) and stream that "
+                          "directory")
+    if cfg.compress.activations not in ("auto", "device", "host", "disk"):
+        raise ConfigError(f"compress.activations: must be auto, device, host or disk, got "
+                          f"{cfg.compress.activations!r}")
+    if int(cfg.compress.expert_chunk) < 1:
+        raise ConfigError(f"compress.expert_chunk: must be >= 1, got {cfg.compress.expert_chunk}")
+    if cfg.eval.stream not in ("auto", True, False):
+        raise ConfigError(f"eval.stream: must be auto, true or false, got {cfg.eval.stream!r}")
     try:
         check_source(str(cfg.data.calib_source))
     except (FileNotFoundError, ValueError) as e:

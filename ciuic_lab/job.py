@@ -114,7 +114,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
         if generations:
             tracker.log_table("generations", generations)
         write_result(out_dir, config=config, metrics=metrics, layers=layers, status="ok", error=None,
-                     extra={**extra, "generations": generations})
+                     extra={**extra, "generations": generations, "notes": outcome.notes})
         _print_summary(metrics)
         return metrics
     except BaseException as e:
@@ -140,6 +140,10 @@ def _print_summary(m: dict) -> None:
         ("peak memory during eval", f"{m['mem/peak_bytes'] / 2**20:.1f} MiB ({m['mem/peak_kind']})"),
         ("compress / eval time", f"{m['time/compress_s']:.1f} s / {m['time/eval_s']:.1f} s"),
     ]
+    if "mem/compress_peak_device_bytes" in m:
+        rows.append(("peak memory during compression (device / host)",
+                     f"{m['mem/compress_peak_device_bytes'] / 2**20:.1f} / "
+                     f"{m['mem/compress_peak_host_bytes'] / 2**20:.1f} MiB"))
     if "speed/tokens_per_s" in m:
         rows.append(("prefill speed (dense → compressed)",
                      f"{m.get('speed/tokens_per_s_dense', float('nan')):.0f} → "

@@ -12,6 +12,7 @@ skips calibration and the walk: it measures the model as it is.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ciuic_lab.compress.pipeline import CompressionReport, compress_model, dense_report, profile
+from ciuic_lab.compress.pipeline import (
+    CompressionReport,
+    compress_model,
+    compress_streamed,
+    dense_report,
+    profile,
+)
 from ciuic_lab.config import to_container, validate
+from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import PeakMemory, stored_bytes
+
+log = logging.getLogger("ciuic_lab")
 
 
 @dataclass
@@ -31,6 +41,7 @@ class Outcome:
     report: CompressionReport
     metrics: dict = field(default_factory=dict)
     generations: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was skipped, and why
 
 
 def calibration(tokenizer, cfg: DictConfig) -> torch.Tensor:
@@ -44,20 +55,40 @@ def calibration(tokenizer, cfg: DictConfig) -> torch.Tensor:
 def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | None = None,
         evaluate: bool = True, metrics: dict | None = None) -> Outcome:
     """`metrics`, if given, is filled as measurements arrive, so a caller that records a failure
-    keeps everything measured before it."""
-    from ciuic_lab.models.loader import load, pick_device, pick_dtype
+    keeps everything measured before it.
 
+    Three ways to hold the model (`compress.stream`, `compress.offload`):
+      memory   the model on the device (the default)
+      offload  the model in host memory, one block at a time on the device
+      stream   never the whole model: a meta skeleton, blocks read from the checkpoint's shards
+               and the compressed blocks written to `<out_dir>/compressed` as they finish
+    The dense baseline is measured in every mode (block by block when the model is not resident).
+    """
+    from ciuic_lab.models.loader import load, load_tokenizer, pick_device, pick_dtype, skeleton
+
+    if cfg.compress.stream and model is not None:
+        raise ConfigError("compress.stream: a streamed run reads the checkpoint itself; pass a "
+                          "model name or path in the config, not a live model")
     methods = validate(cfg, None if model is None else model.config)  # before anything expensive
     torch.manual_seed(int(cfg.seed))
     device = pick_device(cfg.device)
-    # Layer-by-layer: the model waits on CPU, one block at a time is compressed on `device`.
+    dtype = pick_dtype(cfg.model.dtype, device)
+    stream = bool(cfg.compress.stream)
     offload = bool(cfg.compress.offload) and device.type != "cpu"
-    if model is None:
-        model, tokenizer = load(cfg.model.name_or_path, dtype=pick_dtype(cfg.model.dtype, device),
-                                device="cpu" if offload else str(device),
-                                trust_remote_code=cfg.model.trust_remote_code,
-                                experts_implementation=cfg.model.experts_implementation,
-                                seed=int(cfg.seed), revision=cfg.model.revision)
+    notes: list[str] = []
+    m = cfg.model
+    source = None
+    if stream:
+        from ciuic_lab.models.source import CheckpointSource
+
+        source = CheckpointSource.open(m.name_or_path, m.revision)  # every shard checked first
+        model = skeleton(m.name_or_path, dtype, m.trust_remote_code, m.revision)
+        tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+    elif model is None:
+        model, tokenizer = load(m.name_or_path, dtype=dtype, device="cpu" if offload else str(device),
+                                trust_remote_code=m.trust_remote_code,
+                                experts_implementation=m.experts_implementation,
+                                seed=int(cfg.seed), revision=m.revision)
     profiles = profile(model)
     for method in methods:  # shape errors now: before the dense baseline and calibration
         method.check_shapes(profiles)
@@ -71,35 +102,100 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
 
         suite = Suite(cfg, tokenizer, model.config)
         metrics.update(suite.header())
-        if not offload:
+        if stream:
+            from ciuic_lab.compress.blocks import Streamed
+
+            dense = Streamed(skeleton(m.name_or_path, dtype, m.trust_remote_code, m.revision),
+                             source, device)
+            metrics.update(suite.run_streamed(dense, "dense", notes, "compress.stream=true"))
+            del dense
+        elif offload:
+            from ciuic_lab.compress.blocks import Resident
+
+            metrics.update(suite.run_streamed(Resident(model, device), "dense", notes,
+                                              "compress.offload=true"))
+        else:
             metrics.update(suite.run(model, "dense"))
 
+    compressed_dir = None
     if methods:
         calib = calibration(tokenizer, cfg)
+        knobs = {"batch_size": int(cfg.compress.batch_size), "progress": bool(cfg.progress),
+                 "min_expert_tokens": int(cfg.compress.min_expert_tokens),
+                 "expert_chunk": int(cfg.compress.expert_chunk),
+                 "activations": str(cfg.compress.activations)}
         t0 = time.perf_counter()
-        with PeakMemory(device) as cpm:
-            report = compress_model(model, calib, methods,
-                                    batch_size=int(cfg.compress.batch_size),
-                                    progress=bool(cfg.progress), device=device,
-                                    min_expert_tokens=int(cfg.compress.min_expert_tokens))
+        with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
+            if stream:
+                compressed_dir = _stream_dir(out_dir)
+                report = compress_streamed(m.name_or_path, compressed_dir, calib, methods, device,
+                                           dtype, trust_remote_code=m.trust_remote_code,
+                                           revision=m.revision, source=source, **knobs)
+            else:
+                report = compress_model(model, calib, methods, device=device, **knobs)
         metrics["time/compress_s"] = time.perf_counter() - t0
-        metrics["mem/compress_peak_bytes"] = cpm.peak_bytes
+        metrics["time/profile_s"] = report.profile_seconds
+        metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
+        metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes
         metrics["calib/tokens"] = int(calib.numel())
     else:
+        if stream:
+            raise ConfigError("compress.stream: every stage is none, there is nothing to stream")
         report = dense_report(model)  # nothing to compress: no calibration, no walk
         metrics["time/compress_s"] = 0.0
-    model.to(device)  # packed: fits where the dense model may not
-    if cfg.save and out_dir is not None:
-        from ciuic_lab.compress.checkpoint import save
 
-        save(model, Path(out_dir) / "compressed", tokenizer=tokenizer, run_config=to_container(cfg))
+    if stream:
+        from ciuic_lab.compress import checkpoint
+
+        size = checkpoint.stored_bytes(compressed_dir)
+        resident = _fits(size, device) if cfg.eval.stream == "auto" else not cfg.eval.stream
+        if resident:
+            model = checkpoint.load(compressed_dir, device)
+        else:
+            model = None
+            if suite is not None:
+                why = ("eval.stream=true" if cfg.eval.stream is True
+                       else f"{size / 2**30:.1f} GiB does not fit {device}")
+                metrics.update(suite.run_streamed(checkpoint.Stored(compressed_dir, device),
+                                                  "compressed", notes, why))
+        weight_bytes = size
+    else:
+        model.to(device)  # packed: fits where the dense model may not
+        if cfg.save and out_dir is not None:
+            from ciuic_lab.compress.checkpoint import save
+
+            save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
+                 run_config=to_container(cfg))
+        weight_bytes = stored_bytes(model)
 
     generations: list[dict] = []
-    if suite is not None:
+    if suite is not None and model is not None:
         metrics.update(suite.run(model, "compressed"))
         generations = suite.generations()
-    metrics.update(_sizes(report, stored_bytes(model), dense_params))
-    return Outcome(model, tokenizer, report, metrics, generations)
+    metrics.update(_sizes(report, weight_bytes, dense_params))
+    for note in notes:
+        log.warning(note)
+    return Outcome(model, tokenizer, report, metrics, generations, notes)
+
+
+def _stream_dir(out_dir) -> Path:
+    """Where a streamed run writes its compressed model: <out_dir>/compressed, or a temporary
+    directory (kept: it is the run's result) when there is no run directory."""
+    if out_dir is not None:
+        return Path(out_dir) / "compressed"
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ciuic_compressed_"))
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    """Whether a model of `nbytes` weights can be evaluated resident on `device` (with room for
+    activations: a fifth more on a GPU, half more on the host)."""
+    if device.type == "cuda":
+        return nbytes * 1.2 < torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return nbytes * 1.5 < psutil.virtual_memory().available
 
 
 def _sizes(report: CompressionReport, weight_bytes: int, dense_params: int) -> dict:

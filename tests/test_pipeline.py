@@ -162,8 +162,8 @@ def test_nm_pattern_on_indivisible_input_dim_fails_before_calibration(monkeypatc
     def never(*a, **k):
         raise AssertionError("calibration ran before the shape check")
 
-    monkeypatch.setattr(pipeline, "capture_block_inputs", never)
-    monkeypatch.setattr(pipeline, "profile_pass", never)
+    monkeypatch.setattr(pipeline, "capture", never)
+    monkeypatch.setattr(pipeline, "profile_walk", never)
     with pytest.raises(ConfigError, match=r"prune.pattern: 2:4 .*layers.0.mlp.down_proj \(in="):
         compress_model(model, torch.randint(0, 256, (1, 8)), [Wanda(pattern="2:4")],
                        progress=False)
@@ -218,7 +218,7 @@ def test_a_layer_pattern_matching_nothing_fails_before_calibration(monkeypatch):
     def never(*a, **k):
         raise AssertionError("calibration ran before the name check")
 
-    monkeypatch.setattr(pipeline, "capture_block_inputs", never)
+    monkeypatch.setattr(pipeline, "capture", never)
     with pytest.raises(ConfigError, match=r"quant.layers: 'dwon_proj' matches no compressible layer"):
         compress_model(tiny.build("tiny-random-llama", vocab=256), torch.randint(0, 256, (1, 8)),
                        [RTN(4, 32, layers={"dwon_proj": 8})], progress=False)

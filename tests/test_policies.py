@@ -33,8 +33,10 @@ def test_depth_linear_meets_mean_and_ramps(target):
     assert alloc["l5.0"] - alloc["l0.0"] == pytest.approx(0.2, abs=1e-6)
 
 
-def _with_stats(ps, outlier_block):
+def _with_stats(ps, outlier_block, policy):
+    """Run a policy's profile-walk steps on random layers: summarize each, then each block."""
     torch.manual_seed(0)
+    weights = {}
     for p in ps:
         w = torch.randn(p.shape)
         st = LayerStats(p.shape[1], hessian=False)
@@ -42,13 +44,21 @@ def _with_stats(ps, outlier_block):
         if p.block == outlier_block:
             x[:, :3] *= 40  # a few outlier features, as in LLM activations
         st.add_batch(x)
-        p.extra.update(weight=w, stats=st)
+        weights[p.name] = w
+        if hasattr(policy, "summarize"):
+            policy.summarize(p.facts.setdefault(policy.stage, {}), w, st)
+    if hasattr(policy, "summarize_block"):
+        for b in {p.block for p in ps}:
+            block = [p for p in ps if p.block == b]
+            policy.summarize_block({p.name: p.facts[policy.stage] for p in block},
+                                   lambda block=block: ((p.name, weights[p.name]) for p in block))
     return ps
 
 
 def test_owl_meets_mean_and_spares_the_outlier_block():
-    ps = _with_stats(_profiles(), outlier_block=2)
-    alloc = get_policy("prune", "owl").allocate(ps, 0.7, owl_lambda=0.08, owl_m=5.0)
+    owl = get_policy("prune", "owl")
+    ps = _with_stats(_profiles(), outlier_block=2, policy=owl)
+    alloc = owl.allocate(ps, 0.7, owl_lambda=0.08, owl_m=5.0)
     assert _wmean(ps, alloc) == pytest.approx(0.7, abs=1e-6)
     assert alloc["l2.0"] == min(alloc.values())
     assert all(0.7 - 0.08 - 1e-9 <= v <= 0.7 + 0.08 + 1e-9 for v in alloc.values())
@@ -69,9 +79,19 @@ def test_greedy_ranks_respects_budget_and_is_optimal_on_small_case():
     assert gain(ranks) >= 0.97 * gain(best)
 
 
+def test_owl_ratio_counts_scores_above_m_times_the_block_mean():
+    from ciuic_lab.compress.policies.owl import outlier_ratio
+
+    w = [torch.tensor([[1.0, 2.0], [3.0, 30.0]]), torch.tensor([[0.5, 0.5]])]
+    a = [torch.ones(2), torch.tensor([2.0, 2.0])]
+    # scores 1, 2, 3, 30, 1, 1: mean 38/6, above 2 x mean = 12.67: one of six
+    assert outlier_ratio(lambda: zip(w, a), 2.0) == pytest.approx(1 / 6)
+
+
 def test_global_rank_policy_meets_parameter_budget():
-    ps = _with_stats(_profiles(n_blocks=2), outlier_block=0)
-    alloc = get_policy("lowrank", "global").allocate(ps, {"ratio": 0.2})
+    pol = get_policy("lowrank", "global")
+    ps = _with_stats(_profiles(n_blocks=2), outlier_block=0, policy=pol)
+    alloc = pol.allocate(ps, {"ratio": 0.2})
     used = sum(alloc[p.name]["rank"] * sum(p.shape) for p in ps)
     total = sum(p.params for p in ps)
     assert 0.18 * total <= used <= 0.2 * total
@@ -87,14 +107,17 @@ def test_kind_map():
 def test_sensitivity_meets_mean_bits_and_beats_uniform(target):
     ps = _profiles(n_blocks=4)
     torch.manual_seed(1)
+    pol = get_policy("quant", "sensitivity")
+    layers = {}
     for p in ps:
         st = LayerStats(p.shape[1], hessian=True)
         st.add_batch(torch.randn(128, p.shape[1]) * (10 if p.block == 1 else 1))
-        p.extra.update(weight=torch.randn(p.shape), stats=st)
-    alloc = get_policy("quant", "sensitivity").allocate(ps, target, group_size=32, sym=True)
+        layers[p.name] = (torch.randn(p.shape), st)
+        pol.summarize(p.facts.setdefault("quant", {}), *layers[p.name], group_size=32, sym=True)
+    alloc = pol.allocate(ps, target)
     assert abs(_wmean(ps, alloc) - target) <= 0.05
-    errs = [layer_errors(p.extra["weight"], p.extra["stats"].hessian, None, [2, 3, 4, 5, 6, 8], 32, True)
-            for p in ps]
+    errs = [layer_errors(layers[p.name][0], layers[p.name][1].hessian, None, [2, 3, 4, 5, 6, 8],
+                         32, True) for p in ps]
     ours = sum(e[alloc[p.name]] for e, p in zip(errs, ps))
     lo = int(target)
     uniform = sum(e[lo] for e in errs) if target == lo else None

@@ -47,13 +47,30 @@ class Method:
         """The model-wide goal the policy spreads over layers (mean sparsity, rank rule, bits)."""
         raise NotImplementedError
 
+    def _policy(self):
+        return get_policy(self.stage, self.policy)
+
     def policy_needs(self) -> frozenset[str]:
-        """What the policy reads from the profile pass: "weight", "act_norm", "hessian"."""
-        return getattr(get_policy(self.stage, self.policy), "needs", frozenset())
+        """What the policy reads in the profile walk: "weight", "act_norm", "hessian"."""
+        return getattr(self._policy(), "needs", frozenset())
+
+    def summarize(self, profile: LayerProfile, weight, stats: LayerStats | None) -> None:
+        """Let the policy keep its small fact about one layer (profile walk)."""
+        policy = self._policy()
+        if hasattr(policy, "summarize"):
+            # Policies take the knobs they know by keyword (owl_m, candidate_bits, ...).
+            policy.summarize(profile.facts.setdefault(self.stage, {}), weight, stats, **asdict(self))
+
+    def summarize_block(self, profiles: list[LayerProfile], prefix: str, weights) -> None:
+        """Let the policy compare one block's layers; `weights()` yields (name in the block,
+        weight) for each of them, as many times as it is called."""
+        policy = self._policy()
+        if hasattr(policy, "summarize_block"):
+            facts = {p.name[len(prefix) + 1:]: p.facts.setdefault(self.stage, {}) for p in profiles}
+            policy.summarize_block(facts, weights, **asdict(self))
 
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
-        # Policies take the knobs they know by keyword (ramp, owl_lambda, kind_bits, ...).
-        alloc = get_policy(self.stage, self.policy).allocate(profiles, self.goal(), **asdict(self))
+        alloc = self._policy().allocate(profiles, self.goal(), **asdict(self))
         return self.pin(alloc)
 
     # ---- per-layer overrides by name (`<stage>.layers`) -------------------------------------

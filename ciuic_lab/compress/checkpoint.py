@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
@@ -85,7 +87,10 @@ class CheckpointWriter:
                 self.manifest["layers"][full] = mod.spec()
             elif isinstance(mod, CompressedExperts):
                 self.manifest["experts"][full] = mod.num_experts
-        state = {f"{prefix}.{k}" if prefix else k: v for k, v in module.state_dict().items()}
+        self.add_tensors(shard, {f"{prefix}.{k}" if prefix else k: v
+                                 for k, v in module.state_dict().items()})
+
+    def add_tensors(self, shard: str, state: dict[str, torch.Tensor]) -> None:
         tensors, aliases = _dedupe(state)
         save_file(tensors, str(self.path / shard), metadata={"format": FORMAT})
         self.manifest["aliases"].update(aliases)
@@ -116,16 +121,15 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, run_config: dict | 
     blocks = ad.blocks(model)
     for i, block in enumerate(blocks):
         writer.add(block_shard(i), block, ad.block_name(i))
-    # Everything outside the blocks, as one shard (the blocks' tensors are already stored).
-    block_names = {f"{ad.block_name(i)}." for i in range(len(blocks))}
-    rest = {k: v for k, v in model.state_dict().items()
-            if not any(k.startswith(b) for b in block_names)}
-    tensors, aliases = _dedupe(rest)
-    save_file(tensors, str(writer.path / REST), metadata={"format": FORMAT})
-    writer.manifest["aliases"].update(aliases)
-    writer.manifest["shards"][REST] = {"sha256": sha256_file(writer.path / REST),
-                                       "tensors": sorted(tensors)}
+    writer.add_tensors(REST, outside_blocks(model))
     return writer.finish(tokenizer, run_config)
+
+
+def outside_blocks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of everything outside the decoder blocks (embeddings, final norm, head)."""
+    ad = adapter_for(model)
+    prefixes = tuple(f"{ad.block_name(i)}." for i in range(len(ad.blocks(model))))
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -148,6 +152,30 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(entry, dict) or "sha256" not in entry:
             raise CheckpointError(f"{mpath}: shard {shard} has no sha256")
     return manifest
+
+
+def stored_bytes(path: str | Path) -> int:
+    """Bytes of every tensor a finished checkpoint stores (tied tensors once), from the shards'
+    headers: what the model holds once loaded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    total = 0
+    for shard in read_manifest(path)["shards"]:
+        with safe_open(str(path / shard), "pt") as f:
+            for k in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                sl = f.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * torch.empty((), dtype=_dtype(sl.get_dtype())).element_size()
+    return total
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+            "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+            "F64": torch.float64, "I16": torch.int16}[name]
 
 
 def read_shard(path: Path, shard: str, manifest: dict) -> dict[str, torch.Tensor]:
@@ -224,3 +252,46 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         raise CheckpointError(f"{path} does not match the model in {MANIFEST}: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model.to(device).eval()
+
+
+class Stored:
+    """The blocks of a compressed checkpoint, one at a time, for evaluating a compressed model
+    that does not fit the device (a block-walk provider, see compress/blocks.py)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device):
+        self.path, self.device = Path(path), torch.device(device)
+        self.manifest = read_manifest(self.path)
+        self.model = skeleton(self.manifest, "meta").eval()
+        self.adapter = adapter_for(self.model)
+        rest = read_shard(self.path, REST, self.manifest)
+        for alias, target in self.manifest["aliases"].items():
+            if target in rest:
+                rest[alias] = rest[target]
+        rest = {k: v.to(self.device) for k, v in rest.items()}
+        self.model.load_state_dict(rest, strict=False, assign=True)
+        for _, mod in [*self.adapter.pre_blocks(self.model), *self.adapter.post_blocks(self.model)]:
+            rebuild_non_persistent(mod, self.device)
+
+    def __len__(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    def load(self, i: int) -> nn.Module:
+        prefix = self.adapter.block_name(i)
+        tensors = read_shard(self.path, block_shard(i), self.manifest)
+        block = self.adapter.blocks(self.model)[i]
+        install_shells(block, prefix, self.manifest, tensors)
+        local = {k[len(prefix) + 1:]: v.to(self.device) for k, v in tensors.items()}
+        block.load_state_dict(local, strict=True, assign=True)
+        return block
+
+    def release(self, i: int, block: nn.Module) -> None:
+        self.adapter.blocks(self.model)[i] = block.to("meta")
+
+    def experts(self, i: int, owner: str, module: nn.Module):
+        return in_memory_experts(module, self.device)  # experts left dense: stored fused
+
+    def pre_on_device(self):
+        return nullcontext()
+
+    def post(self) -> list[nn.Module]:
+        return [m for _, m in self.adapter.post_blocks(self.model)]

@@ -1,18 +1,29 @@
-"""The sequential block walk: one generic loop for every supported decoder.
+"""The block walks, one generic loop for every supported decoder, in memory or streamed from disk.
 
-    capture block-0 inputs for all calibration windows (stop the forward at block 0)
-    for each block:
-        hooks collect per-linear stats while the block runs on its inputs
-        for each linear: each stage in order edits its LayerState, then it is packed
-        re-run the now compressed block: its outputs are the next block's inputs
+    profile walk (only when a policy needs calibration facts):
+        for each block: hooks collect statistics on the dense block's inputs; each policy keeps a
+        small per-layer fact (error per width, outlier ratio, spectrum) and the statistics are
+        dropped; the dense block's outputs feed the next block
+    policies: model-wide goals -> per-layer budgets, seeing every layer's facts
+    compress walk:
+        for each block: hooks collect statistics; each layer goes through the stages in order and
+        is packed; routed experts are calibrated and compressed one at a time (a chunk of experts
+        in memory); the compressed block is re-run: its outputs are the next block's inputs
 
 Re-running the compressed block (GPTQ, arXiv 2210.17323, §4) makes every later layer calibrate on
-the activations it will really see, errors of earlier layers included.
+the activations it will really see, errors of earlier layers included. Where a block's weights
+come from and where its compressed form goes is the provider's and the sink's business
+(compress/blocks.py): the walk holds one block, one chunk of experts and the activations.
+
+Memory of the statistics: a float32 (in × in) Hessian per non-expert layer of the current block
+(DeepSeek-V3: 7168² · 4 B = 205 MB each, the 16384-wide o_proj 1 GB) and two for the one expert
+being compressed; never every layer's, never every expert's.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,15 +31,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.base import Method
+from ciuic_lab.compress.blocks import (
+    MoECall,
+    Resident,
+    add_routed,
+    capture,
+    experts_modules,
+    recording,
+    run_block,
+)
 from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats, relative_error
-from ciuic_lab.models.adapters import DecoderAdapter, Layer, adapter_for, collect_stats
-
-
-class _StopForward(Exception):
-    pass
+from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats
 
 
 @dataclass
@@ -36,6 +52,7 @@ class CompressionReport:
     layers: list[dict] = field(default_factory=list)  # the per-layer table
     allocations: dict[str, dict] = field(default_factory=dict)  # stage -> {layer: budget}
     seconds: float = 0.0
+    profile_seconds: float = 0.0
 
     def totals(self) -> dict:
         params = sum(r["params"] for r in self.layers)
@@ -45,8 +62,9 @@ class CompressionReport:
                 "ratio_vs_fp16": 16 / bpp if params else float("nan")}
 
 
-def _block_layers(model: nn.Module) -> list[tuple[str, Layer]]:
-    """(full name, Layer) of every compressible weight of the model, in walk order."""
+def _named_layers(model: nn.Module) -> list[tuple[str, Layer]]:
+    """(full name, Layer) of every compressible weight of the model, in walk order (works on a
+    meta skeleton: only shapes are read)."""
     ad = adapter_for(model)
     return [(f"{ad.block_name(i)}.{layer.name}", layer)
             for i, block in enumerate(ad.blocks(model)) for layer in ad.layers(block)]
@@ -62,90 +80,20 @@ def profile(model: nn.Module) -> list[LayerProfile]:
 def dense_report(model: nn.Module) -> CompressionReport:
     """The report of a model left as it is: each compressible layer at its stored dtype."""
     report = CompressionReport()
-    for name, layer in _block_layers(model):
+    for name, layer in _named_layers(model):
         w = layer.weight
-        nbytes = w.numel() * w.element_size()
         report.layers.append({"name": name, "kind": layer.kind, "out": w.shape[0],
-                              "in": w.shape[1], "params": w.numel(), "bytes": nbytes,
+                              "in": w.shape[1], "params": w.numel(),
+                              "bytes": w.numel() * w.element_size(),
                               "bits_per_param": 8.0 * w.element_size(), "sparsity": 0.0,
                               "rank": 0, "bits": 8 * w.element_size(), "rel_error": 0.0})
     return report
 
 
-@torch.no_grad()
-def profile_pass(model: nn.Module, profiles: list[LayerProfile], windows: torch.Tensor,
-                 batch_size: int, needs: frozenset[str]) -> None:
-    """Fill profiles[i].extra with the dense weight and (if needed) calibration statistics.
-
-    One forward of the uncompressed model over the calibration windows, hooks on every layer:
-    the model-wide facts that global policies (OWL, sensitivity) compare across layers before
-    any layer is changed.
-    """
-    named = _block_layers(model)
-    for (_, layer), p in zip(named, profiles):
-        p.extra["weight"] = layer.weight.detach()
-    if not needs & {"act_norm", "hessian"}:
-        return
-    # Layers of different blocks share short names: key stats by the full name.
-    full = [Layer(p.name, layer.kind, layer.module, layer.expert, layer.proj)
-            for (_, layer), p in zip(named, profiles)]
-    stats = {x.name: LayerStats(x.shape[1], "hessian" in needs, x.weight.device) for x in full}
-    dev = _device_of(model)
-    with collect_stats(adapter_for(model), full, stats):
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start:start + batch_size].to(dev), use_cache=False)
-    for p in profiles:
-        p.extra["stats"] = stats[p.name]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                         device: torch.device | None = None) -> list[tuple[torch.Tensor, dict]]:
-    """[(hidden_states, kwargs)] entering block 0, one per calibration batch, on `device`.
-
-    Only what runs before block 0 (embeddings, rotary tables) moves to `device`; the forward is
-    stopped at block 0, so the rest of the model may stay where it is (offloaded).
-    """
-    ad = adapter_for(model)
-    first = ad.blocks(model)[0]
-    home = _device_of(model)
-    device = device or home
-    pre = [m for _, m in ad.pre_blocks(model)]
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
-                                                             "use_cache")}
-        captured.append((hidden, kw))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    for m in pre:
-        m.to(device)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        for m in pre:
-            m.to(home)
-    return captured
-
-
-def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    outs = []
-    for hidden, kw in inputs:
-        out = block(hidden, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+def store_dtype_for(model: nn.Module) -> torch.dtype:
+    """16-bit parts keep the model's dtype when it is 16-bit, else fp16."""
+    dt = next(model.parameters()).dtype
+    return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def _make_layer(methods: list[Method], state: LayerState, dtype: torch.dtype) -> nn.Module:
@@ -158,96 +106,290 @@ def _make_layer(methods: list[Method], state: LayerState, dtype: torch.dtype) ->
     return CompressedLinear.pack(state, dtype)
 
 
-def _fallback_stats(ad: DecoderAdapter, layer: Layer, moe_inputs: list[torch.Tensor],
-                    hessian: bool) -> LayerStats:
-    """Statistics of an expert from every token that entered its MoE layer (not only its own)."""
-    st = LayerStats(layer.shape[1], hessian, layer.weight.device)
-    for x in moe_inputs:
-        st.add_batch(x if layer.proj == "gate_up_proj"
-                     else ad.expert_intermediate(layer.module, layer.expert, x))
+# ---------------------------------------------------------------- routed experts' statistics
+
+
+def _routed_rows(calls: list[MoECall], e: int) -> torch.Tensor:
+    """Every token the router sent to expert e, over the recorded calls: (n_e, H)."""
+    return torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
+
+
+def _stats_of(x: torch.Tensor, hessian: bool, rows: int = 4096) -> LayerStats:
+    st = LayerStats(x.shape[-1], hessian, x.device)
+    for start in range(0, x.shape[0], rows):  # bounded temporaries for large token counts
+        st.add_batch(x[start:start + rows])
     return st
 
 
-def store_dtype_for(model: nn.Module) -> torch.dtype:
-    """16-bit parts keep the model's dtype when it is 16-bit, else fp16."""
-    dt = next(model.parameters()).dtype
-    return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
+# ---------------------------------------------------------------- profile walk
+
+
+@torch.no_grad()
+def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
+                 profiles: list[LayerProfile], batch_size: int = 1, expert_chunk: int = 8,
+                 min_expert_tokens: int = 16, progress: bool = True,
+                 activations: str = "auto") -> None:
+    """Fill each profile's `facts` with what the methods' policies keep of the dense model.
+
+    Block by block on the dense model's own activations; each layer's statistics live only until
+    its policies have summarised them. A policy that compares layers within a block (OWL) gets a
+    second look at the block's weights (routed experts re-read a chunk at a time). Policies that
+    read weights only (the global rank budget) get a walk over the weights with no forward."""
+    users = [m for m in methods if m.policy_needs()]
+    if not users:
+        return
+    needs = frozenset().union(*(m.policy_needs() for m in users))
+    ad = provider.adapter
+    by_name = {p.name: p for p in profiles}
+    want_stats = bool(needs & {"act_norm", "hessian"})
+    hessian = "hessian" in needs
+    inputs = capture(provider, windows, batch_size, activations) if want_stats else None
+    for i in tqdm(range(len(provider)), desc="profile", unit="block", disable=not progress):
+        block = provider.load(i)
+        prefix = ad.block_name(i)
+
+        def keep(name: str, weight: torch.Tensor, stats: LayerStats | None, prefix=prefix) -> None:
+            for m in users:
+                m.summarize(by_name[f"{prefix}.{name}"], weight, stats)
+
+        if want_stats:
+            _profile_block(provider, i, block, inputs, keep, hessian, expert_chunk,
+                           min_expert_tokens)
+        else:
+            for name, w in _block_weights(provider, i, block, expert_chunk):
+                keep(name, w, None)
+        block_profiles = [by_name[f"{prefix}.{x.name}"] for x in ad.layers(block)]
+        for m in users:
+            m.summarize_block(block_profiles, prefix,
+                              lambda i=i, block=block: _block_weights(provider, i, block,
+                                                                      expert_chunk))
+        provider.release(i, block)
+
+
+def _profile_block(provider, i: int, block: nn.Module, inputs, keep, hessian: bool,
+                   expert_chunk: int, min_expert_tokens: int) -> None:
+    """Statistics of every layer of one dense block, each handed to `keep` then dropped; the
+    block's dense outputs replace `inputs` (routed experts computed a chunk at a time)."""
+    ad = provider.adapter
+    dense = [x for x in ad.layers(block) if x.expert is None]
+    stats = {x.name: LayerStats(x.shape[1], hessian, provider.device) for x in dense}
+    with collect_stats(dense, stats), recording(block, ad) as rec:
+        run_block(block, inputs)
+    for x in dense:
+        keep(x.name, x.weight, stats.pop(x.name))
+    replay = {}
+    for owner, mod in experts_modules(ad, block):
+        calls = rec.calls[owner]
+        everyone = torch.cat([c.hidden for c in calls])
+        outs = [torch.zeros_like(c.hidden) for c in calls]
+        for ids, gate_up, down in provider.experts(i, owner, mod).chunks(expert_chunk):
+            for j, e in enumerate(ids):
+                x = _routed_rows(calls, e)
+                if x.shape[0] < min_expert_tokens:
+                    x = everyone  # as the compress walk does for a starved expert
+                keep(f"{owner}.{e}.gate_up_proj", gate_up[j], _stats_of(x, hessian))
+                inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
+                keep(f"{owner}.{e}.down_proj", down[j], _stats_of(inter, hessian))
+                add_routed(ad, outs, calls, e, gate_up[j], down[j], mod.act_fn)
+        replay[owner] = outs
+    with recording(block, ad, replay):
+        inputs.hidden.replace(run_block(block, inputs))
+
+
+def _block_weights(provider, i: int, block: nn.Module, chunk: int):
+    """(layer name within the block, weight) for every layer of a loaded block, experts read
+    again a chunk at a time."""
+    ad = provider.adapter
+    for x in ad.layers(block):
+        if x.expert is None:
+            yield x.name, x.weight
+    for owner, mod in experts_modules(ad, block):
+        for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
+            for j, e in enumerate(ids):
+                yield f"{owner}.{e}.gate_up_proj", gate_up[j]
+                yield f"{owner}.{e}.down_proj", down[j]
+
+
+# ---------------------------------------------------------------- compress walk
+
+
+class _Compressor:
+    """One layer through the stages, packed, with its row of the per-layer table."""
+
+    def __init__(self, methods: list[Method], allocations: dict, store_dtype: torch.dtype,
+                 device: torch.device, report: CompressionReport):
+        self.methods, self.allocations = methods, allocations
+        self.store_dtype, self.device, self.report = store_dtype, device, report
+
+    def __call__(self, full: str, kind: str, weight: torch.Tensor, bias, stats: LayerStats,
+                 fallback: bool, own_tokens: int) -> nn.Module:
+        state = LayerState.from_linear(weight, bias, name=full)
+        for method in self.methods:
+            budget = self.allocations[method.stage][full]
+            if budget is not None:  # None: `<stage>.layers` leaves this layer out
+                method.apply(state, stats, budget)
+        layer = _make_layer(self.methods, state, self.store_dtype).to(self.device)
+        self.report.layers.append({
+            "name": full, "kind": kind, "out": weight.shape[0], "in": weight.shape[1],
+            "params": layer.params, "bytes": layer.nbytes(),
+            "bits_per_param": 8 * layer.nbytes() / layer.params,
+            "sparsity": state.info.get("sparsity", 0.0), "rank": state.info.get("rank", 0),
+            "bits": state.info.get("bits", 16),
+            "rel_error": relative_error(state.weight, layer.dequantized_weight(), stats),
+            "calib_tokens": own_tokens, "fallback": fallback,
+        })
+        return layer
+
+
+@torch.no_grad()
+def compress_walk(provider, windows: torch.Tensor, methods: list[Method], allocations: dict,
+                  report: CompressionReport, batch_size: int = 1, min_expert_tokens: int = 16,
+                  expert_chunk: int = 8, progress: bool = True, activations: str = "auto",
+                  sink: Callable[[int, nn.Module], None] | None = None) -> None:
+    """Compress every block of `provider` in order; `sink(i, block)` takes each finished block
+    (default: the provider keeps it)."""
+    ad = provider.adapter
+    want_hessian = any("hessian" in m.needs for m in methods)
+    compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
+                               provider.device, report)
+    inputs = capture(provider, windows, batch_size, activations)
+    bar = tqdm(range(len(provider)), desc="compress", unit="block", disable=not progress)
+    for i in bar:
+        t0, first_row = time.perf_counter(), len(report.layers)
+        block = provider.load(i)
+        prefix = ad.block_name(i)
+        layers = ad.layers(block)
+        order = {f"{prefix}.{x.name}": k for k, x in enumerate(layers)}  # the report's row order
+        dense = [x for x in layers if x.expert is None]
+        stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
+        with collect_stats(dense, stats), recording(block, ad) as rec:
+            run_block(block, inputs)
+        packed = {}
+        for x in dense:
+            st = stats.pop(x.name)
+            packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
+                                              False, st.tokens))
+        for owner, mod in experts_modules(ad, block):
+            packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
+                                            compress_one, prefix, want_hessian,
+                                            min_expert_tokens, expert_chunk))
+        ad.install(block, packed)
+        del stats, rec, packed
+        # Feed the next block with what the compressed block really outputs.
+        inputs.hidden.replace(run_block(block, inputs))
+        (sink or provider.release)(i, block)
+        seconds = time.perf_counter() - t0
+        report.layers[first_row:] = sorted(report.layers[first_row:], key=lambda r: order[r["name"]])
+        for row in report.layers[first_row:]:
+            row["block_s"] = seconds
+
+
+def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[MoECall],
+                      compress_one: _Compressor, prefix: str, hessian: bool,
+                      min_expert_tokens: int, chunk: int) -> dict:
+    """Each routed expert of one MoE layer, calibrated on the tokens its router sent it: gate/up
+    on those tokens, down on act(gate)·up of its own compressed gate/up. An expert with fewer
+    than `min_expert_tokens` falls back to every token that entered the layer. Two Hessians
+    alive at a time; a chunk of experts' dense weights in memory."""
+    everyone = torch.cat([c.hidden for c in calls])
+    packed = {}
+    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
+        for j, e in enumerate(ids):
+            x = _routed_rows(calls, e)
+            own, fallback = x.shape[0], x.shape[0] < min_expert_tokens
+            if fallback:
+                x = everyone
+            names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
+            gu = compress_one(f"{prefix}.{names[0]}", "expert", gate_up[j], None,
+                              _stats_of(x, hessian), fallback, own)
+            inter = provider.adapter.expert_intermediate(x, gu.dequantized_weight(x.dtype),
+                                                         mod.act_fn)
+            dn = compress_one(f"{prefix}.{names[1]}", "expert", down[j], None,
+                              _stats_of(inter, hessian), fallback, own)
+            packed[names[0]] = (Layer(names[0], "expert", mod, e, "gate_up_proj"), gu)
+            packed[names[1]] = (Layer(names[1], "expert", mod, e, "down_proj"), dn)
+    return packed
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def plan(provider, windows: torch.Tensor, methods: list[Method], batch_size: int = 1,
+         expert_chunk: int = 8, min_expert_tokens: int = 16, progress: bool = True,
+         activations: str = "auto") -> CompressionReport:
+    """Shape checks, the profile walk if a policy needs one, and every stage's allocation."""
+    profiles = profile(provider.model)
+    for method in methods:  # shape errors now, not after calibrating half the model
+        method.check_shapes(profiles)
+    report = CompressionReport()
+    t0 = time.perf_counter()
+    profile_walk(provider, windows, methods, profiles, batch_size, expert_chunk,
+                 min_expert_tokens, progress, activations)
+    report.profile_seconds = time.perf_counter() - t0
+    for method in methods:
+        report.allocations[method.stage] = method.allocate(profiles)
+    return report
 
 
 @torch.no_grad()
 def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method],
-                   batch_size: int = 1, progress: bool = True,
-                   min_expert_tokens: int = 16,
-                   device: str | torch.device | None = None) -> CompressionReport:
-    """Compress `model` in place with `methods` (in order), calibrating on `windows` (n, seqlen).
+                   batch_size: int = 1, progress: bool = True, min_expert_tokens: int = 16,
+                   device: str | torch.device | None = None, expert_chunk: int = 8,
+                   activations: str = "auto") -> CompressionReport:
+    """Compress an in-memory `model` in place with `methods` (in order), calibrating on `windows`
+    (n, seqlen). Layers become packed layers; fused routed experts become CompressedExperts.
 
-    Routed experts calibrate on the tokens their router sends them. An expert that received fewer
-    than `min_expert_tokens` tokens falls back to statistics from every token entering its MoE
-    layer (its weights still define the down projection's inputs); the report marks it
-    (`fallback`) and records each expert's own token count (`calib_tokens`).
-    `device`: where blocks are compressed. If it differs from where the model lives (e.g. the
-    model on CPU, device="cuda"), the walk is layer-by-layer: one block at a time moves to
-    `device` with the calibration activations and goes back compressed, so the working memory
-    on `device` is about one block plus activations, not the model.
-    Returns the per-layer report; layers become packed layers / CompressedExperts.
+    Routed experts calibrate on the tokens their router sends them; one with fewer than
+    `min_expert_tokens` falls back to every token entering its MoE layer (the report marks it
+    `fallback` and records its own token count, `calib_tokens`).
+    `device`: where blocks are compressed. If it differs from where the model lives (the model on
+    CPU, device="cuda"), the walk is layer-by-layer: one block at a time moves to `device` and
+    goes back compressed, so the device holds about one block plus activations.
     """
     t0 = time.perf_counter()
-    ad = adapter_for(model)
-    profiles = profile(model)
-    for method in methods:  # shape errors now, not after calibrating half the model
-        method.check_shapes(profiles)
-    report = CompressionReport()
-    needs = frozenset().union(*(m.policy_needs() for m in methods))
-    if needs:
-        profile_pass(model, profiles, windows, batch_size, needs)
-    for method in methods:
-        report.allocations[method.stage] = method.allocate(profiles)
-    for p in profiles:
-        p.extra.clear()  # release the profile statistics before the walk
-    want_hessian = any("hessian" in m.needs for m in methods)
-    store_dtype = store_dtype_for(model)
+    home = next(model.parameters()).device
+    provider = Resident(model, torch.device(device) if device is not None else home)
+    report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
+                  progress, activations)
+    compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                  min_expert_tokens, expert_chunk, progress, activations)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    home = _device_of(model)
-    dev = torch.device(device) if device is not None else home
-    inputs = capture_block_inputs(model, windows, batch_size, dev)
-    blocks = ad.blocks(model)
-    bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
-    for i in bar:
-        block = blocks[i].to(dev)
-        layers = ad.layers(block)
-        stats = {x.name: LayerStats(x.shape[1], want_hessian, dev) for x in layers}
-        moe_inputs: dict = {}
-        with collect_stats(ad, layers, stats, moe_inputs):
-            _run_block(block, inputs)
-        packed = {}
-        for x in layers:
-            full = f"{ad.block_name(i)}.{x.name}"
-            st = stats[x.name]
-            fallback = x.expert is not None and st.tokens < min_expert_tokens
-            if fallback:
-                st = _fallback_stats(ad, x, moe_inputs[x.module], want_hessian)
-            state = LayerState.from_linear(x.weight, x.bias, name=full)
-            for method in methods:
-                budget = report.allocations[method.stage][full]
-                if budget is not None:  # None: `<stage>.layers` leaves this layer out
-                    method.apply(state, st, budget)
-            layer = _make_layer(methods, state, store_dtype).to(dev)
-            report.layers.append({
-                "name": full, "kind": x.kind, "out": x.shape[0], "in": x.shape[1],
-                "params": layer.params, "bytes": layer.nbytes(),
-                "bits_per_param": 8 * layer.nbytes() / layer.params,
-                "sparsity": state.info.get("sparsity", 0.0), "rank": state.info.get("rank", 0),
-                "bits": state.info.get("bits", 16),
-                "rel_error": relative_error(state.weight, layer.dequantized_weight(), st),
-                "calib_tokens": stats[x.name].tokens, "fallback": fallback,
-            })
-            packed[x.name] = (x, layer)
-            del state
-        ad.install(block, packed)
-        del stats, moe_inputs, packed
-        # Feed the next block with what the compressed block really outputs.
-        outs = _run_block(block, inputs)
-        inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs)]
-        block.to(home)
+
+@torch.no_grad()
+def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods: list[Method],
+                      device: torch.device, dtype: torch.dtype, batch_size: int = 1,
+                      progress: bool = True, min_expert_tokens: int = 16, expert_chunk: int = 8,
+                      activations: str = "auto", trust_remote_code: bool = False,
+                      revision: str | None = None, source=None) -> CompressionReport:
+    """Compress a checkpoint that never has to fit in memory: blocks are read from its shards
+    (FP8 dequantised on `device`), compressed, written to `out_dir` as they finish, and dropped.
+
+    Host memory holds about one dense block, its packed result and the activations, whatever the
+    depth; the profile walk (when a policy needs it) reads every block once more.
+    """
+    from ciuic_lab.compress.blocks import Streamed
+    from ciuic_lab.compress.checkpoint import REST, CheckpointWriter, block_shard, outside_blocks
+    from ciuic_lab.models.loader import skeleton
+    from ciuic_lab.models.source import CheckpointSource
+
+    t0 = time.perf_counter()
+    source = source or CheckpointSource.open(name_or_path, revision)
+    model = skeleton(name_or_path, dtype, trust_remote_code, revision)
+    provider = Streamed(model, source, device)
+    report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
+                  progress, activations)
+    writer = CheckpointWriter(out_dir, model.config, dtype)
+    ad = provider.adapter
+
+    def sink(i: int, block: nn.Module) -> None:
+        writer.add(block_shard(i), block, ad.block_name(i))
+        provider.release(i, block)
+
+    compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                  min_expert_tokens, expert_chunk, progress, activations, sink)
+    writer.add_tensors(REST, outside_blocks(model))
+    writer.finish()
     report.seconds = time.perf_counter() - t0
     return report

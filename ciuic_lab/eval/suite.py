@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import torch
 from omegaconf import DictConfig
 
 from ciuic_lab import cache
@@ -50,11 +51,14 @@ class Suite:
                 "eval/tokens": int(self.windows.shape[0] * (self.seqlen - 1))}
 
     def _key(self, model, *extra) -> list:
+        return self._key_of(next(model.parameters()).dtype, model_device(model), *extra)
+
+    def _key_of(self, dtype, device, *extra) -> list:
         from ciuic_lab.models.loader import fingerprint
 
         m = self.cfg.model
-        return [*fingerprint(m.name_or_path, m.revision), str(self.cfg.seed),
-                str(next(model.parameters()).dtype), model_device(model).type, *extra]
+        return [*fingerprint(m.name_or_path, m.revision), str(self.cfg.seed), str(dtype),
+                torch.device(device).type, *extra]
 
     def run(self, model, which: str) -> dict:
         """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one."""
@@ -78,6 +82,39 @@ class Suite:
 
             self.texts[which] = greedy_continuations(model, self.tok, list(gen.prompts),
                                                      int(gen.max_new_tokens))
+        return out
+
+    def run_streamed(self, provider, which: str, notes: list[str], why: str) -> dict:
+        """Perplexity of a model walked block by block (`provider`: its blocks one at a time);
+        what needs the whole model resident (lm-eval, generations, speed) is skipped with a note."""
+        s, bs = SUFFIX[which], int(self.cfg.eval.batch_size)
+        out: dict = {}
+
+        def measure() -> dict:
+            from ciuic_lab.eval.streamed import streamed_perplexity
+
+            t0 = time.perf_counter()
+            with PeakMemory(provider.device) as pm:
+                ppl = streamed_perplexity(provider, self.windows, bs,
+                                          int(self.cfg.compress.expert_chunk), self.progress,
+                                          str(self.cfg.compress.activations))
+            return {f"ppl/wikitext2{s}": ppl, f"mem/peak_bytes{s}": pm.peak_bytes,
+                    f"mem/peak_kind{s}": pm.kind, f"time/eval_s{s}": time.perf_counter() - t0}
+
+        if which == "compressed":
+            out.update(measure())
+        elif self.cfg.eval.dense_baseline:
+            windows = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
+            key = self._key_of(next(provider.model.parameters()).dtype, provider.device, bs,
+                               windows, "streamed")
+            out.update(cache.cached("dense_ppl", key, measure))
+        ev = self.cfg.eval
+        skipped = [name for name, on in (("lm-eval", ev.lm_eval.enabled and (
+            which == "compressed" or ev.lm_eval.dense_baseline)), ("generations", ev.generate.enabled),
+            ("speed", ev.speed)) if on]
+        if skipped:
+            notes.append(f"{which} model evaluated block by block ({why}): "
+                         f"{', '.join(skipped)} skipped, they need the whole model resident")
         return out
 
     def generations(self) -> list[dict]:

@@ -113,20 +113,16 @@ class DecoderAdapter:
         return out
 
     # ---- routed experts ----------------------------------------------------------------------
-    def expert_intermediate(self, mod: nn.Module, e: int, x: torch.Tensor,
-                            gate_up: torch.Tensor | None = None) -> torch.Tensor:
-        """act(x·W_gateᵀ) ⊙ (x·W_upᵀ): the input of expert e's down projection (with `gate_up`,
-        the (2I, H) weight to use instead of the module's own)."""
-        w = mod.gate_up_proj[e] if gate_up is None else gate_up
-        gate, up = F.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
-        return mod.act_fn(gate) * up
+    def expert_intermediate(self, x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+        """act(x·W_gateᵀ) ⊙ (x·W_upᵀ): the input of a routed expert's down projection, with its
+        (2I, H) gate_up weight (gate rows first, as the fused module splits them)."""
+        gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
+        return act_fn(gate) * up
 
-    @staticmethod
-    def experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden_states, top_k_index) of a call to a fused experts module."""
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = list(args) + [kwargs[n] for n in names[len(args):]]
-        return vals[0], vals[1]
+    def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   act_fn) -> torch.Tensor:
+        """One routed expert applied to its tokens."""
+        return F.linear(self.expert_intermediate(x, gate_up, act_fn), down.to(x.dtype))
 
     # ---- installing packed layers ------------------------------------------------------------
     def install(self, block: nn.Module, packed: dict[str, tuple[Layer, nn.Module]]) -> None:
@@ -202,39 +198,14 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @contextmanager
-def collect_stats(adapter: DecoderAdapter, layers: list[Layer], stats: dict,
-                  keep_moe_inputs: dict | None = None):
+def collect_stats(layers: list[Layer], stats: dict):
     """Hooks that feed `stats[layer.name].add_batch(inputs)` while the caller runs forwards.
 
-    Routed experts see only the tokens the router sends them (top-k), and their down projection
-    sees act(gate)·up of those tokens computed from the current expert weights.
-    `keep_moe_inputs[module]` collects every token entering each experts module (for fallbacks).
+    For nn.Linear layers; routed experts are calibrated from their MoE layer's recorded inputs
+    and routing (compress/blocks.py), one expert at a time, never by hooks on every expert.
     """
-    handles = []
-    experts_mods: dict[int, tuple[nn.Module, list[Layer]]] = {}
-    for layer in layers:
-        if layer.expert is None:
-            handles.append(layer.module.register_forward_hook(
-                lambda _m, args, _o, s=stats[layer.name]: s.add_batch(args[0])))
-        else:
-            experts_mods.setdefault(id(layer.module), (layer.module, []))[1].append(layer)
-
-    for mod, ls in experts_mods.values():
-        by_expert: dict[int, dict[str, Layer]] = {}
-        for layer in ls:
-            by_expert.setdefault(layer.expert, {})[layer.proj] = layer
-
-        def hook(m, args, kwargs, _out, by_expert=by_expert):
-            hidden, top_k_index = adapter.experts_call(args, kwargs)
-            if keep_moe_inputs is not None:
-                keep_moe_inputs.setdefault(m, []).append(hidden.detach())
-            for e, projs in by_expert.items():
-                tok = (top_k_index == e).any(-1).nonzero().squeeze(-1)
-                x = hidden[tok]
-                stats[projs["gate_up_proj"].name].add_batch(x)
-                stats[projs["down_proj"].name].add_batch(adapter.expert_intermediate(m, e, x))
-
-        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    handles = [layer.module.register_forward_hook(
+        lambda _m, args, _o, s=stats[layer.name]: s.add_batch(args[0])) for layer in layers]
     try:
         yield
     finally:

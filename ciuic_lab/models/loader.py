@@ -64,6 +64,23 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, revision: st
     return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, revision=revision)
 
 
+def skeleton(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+             revision: str | None = None):
+    """The model's modules on the meta device: names, shapes and dtypes, no weights (a 671B model
+    costs nothing to build this way). A streamed run fills it block by block."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name_or_path, trust_remote_code, revision)
+    check_supported(config)
+    # An FP8 source is dequantised by the lab's reader as it streams; the skeleton is plain.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
 def fingerprint(name_or_path: str, revision: str | None = None) -> list[str]:
     """What identifies the weights a name resolves to, cheaply: for a local directory every file's
     name, size and mtime (a model retrained into the same directory changes it); for a hub id

@@ -1,6 +1,17 @@
-"""Policies turn a model-wide target into per-layer budgets, seeing every layer's profile first.
+"""Policies turn a model-wide goal into per-layer budgets, seeing every layer's profile first.
 
-One file per policy; each registers itself by stage and name with `@register`.
+One file per policy; each registers itself by stage and name with `@register`. A policy is a
+class with
+
+    needs                     what it reads in the profile walk: "weight", "act_norm", "hessian"
+                              (empty: it allocates from shapes alone, and no walk runs for it)
+    summarize(facts, weight, stats, **knobs)       optional: keep a small fact about one layer
+    summarize_block(facts_by_layer, weights, **knobs)   optional: a fact comparing a block's layers
+    allocate(profiles, goal, **knobs) -> {layer name: budget}
+
+Facts are small (an error per width, a ratio, a spectrum): the walk keeps them for every layer
+and drops the statistics they came from, so the profile pass holds one block's statistics at a
+time. They live in `profile.facts[stage]`.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ class LayerProfile:
     kind: str  # attn | mlp | shared_expert | expert
     shape: tuple[int, int]  # (out, in)
     block: int
-    extra: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)  # stage -> what that stage's policy kept
 
     @property
     def params(self) -> int:
@@ -31,6 +42,7 @@ class LayerProfile:
 
 def register(stage: str, name: str):
     def deco(cls):
+        cls.stage = stage  # where its facts live: profile.facts[stage]
         _REGISTRY[(stage, name)] = cls
         return cls
     return deco

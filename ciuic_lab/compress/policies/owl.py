@@ -13,29 +13,41 @@ from ciuic_lab.compress.policies import LayerProfile, register
 from ciuic_lab.compress.policies._mean import meet_mean
 
 
-def outlier_ratio(weights: list[torch.Tensor], act_norms: list[torch.Tensor], m: float) -> float:
-    """Share of a block's Wanda scores above m × the block's mean score."""
-    scores = [(w.float().abs() * a.to(w.device).float()[None, :]).reshape(-1)
-              for w, a in zip(weights, act_norms)]
-    allv = torch.cat(scores)
-    return float((allv > m * allv.mean()).float().mean())
+def outlier_ratio(pairs, m: float) -> float:
+    """Share of a block's Wanda scores |W_ij|·a_j above m × the block's mean score.
+
+    `pairs()` yields (weight, input RMS) for each of the block's layers; it is called twice (the
+    mean first, then the count), so no more than one layer's scores exist at a time.
+    """
+    total, count = 0.0, 0
+    for w, a in pairs():
+        total += float((w.float().abs() * a.to(w.device).float()[None, :]).sum())
+        count += w.numel()
+    threshold = m * total / max(count, 1)
+    above = sum(int((w.float().abs() * a.to(w.device).float()[None, :] > threshold).sum())
+                for w, a in pairs())
+    return above / max(count, 1)
 
 
 @register("prune", "owl")
 class OWL:
     needs = frozenset({"act_norm"})
 
+    def summarize(self, facts: dict, weight, stats, **_) -> None:
+        # RMS over the layer's own tokens, not the L2 norm: routed experts see only their share
+        # of the tokens, and a smaller sum must not read as fewer outliers. (With every layer
+        # seeing all tokens, as in the paper, the two differ by one constant.)
+        facts["rms"] = (stats.sq_norm / max(stats.tokens, 1)).sqrt().cpu()
+
+    def summarize_block(self, facts_by_layer: dict, weights, owl_m: float = 5.0, **_) -> None:
+        ratio = outlier_ratio(lambda: ((w, facts_by_layer[n]["rms"]) for n, w in weights()), owl_m)
+        for facts in facts_by_layer.values():
+            facts["block_outlier_ratio"] = ratio
+
     def allocate(self, profiles: list[LayerProfile], target: float, owl_lambda: float = 0.08,
                  owl_m: float = 5.0, **_) -> dict:
         blocks = sorted({p.block for p in profiles})
-        ratio = {}
-        for b in blocks:
-            ps = [p for p in profiles if p.block == b]
-            # RMS over the layer's own tokens, not the L2 norm: routed experts see only their
-            # share of the tokens, and a smaller sum must not read as fewer outliers. (With every
-            # layer seeing all tokens, as in the paper, the two differ by one constant.)
-            rms = [(p.extra["stats"].sq_norm / max(p.extra["stats"].tokens, 1)).sqrt() for p in ps]
-            ratio[b] = outlier_ratio([p.extra["weight"] for p in ps], rms, owl_m)
+        ratio = {p.block: p.facts[self.stage]["block_outlier_ratio"] for p in profiles}
         d = torch.tensor([ratio[b] for b in blocks])
         span = float(d.max() - d.min())
         dn = (d - d.min()) / span if span > 0 else torch.full_like(d, 0.5)

@@ -71,8 +71,11 @@ class GlobalBudget:
 
     needs = frozenset({"weight"})
 
+    def summarize(self, facts: dict, weight, stats, **_) -> None:
+        facts["spectrum"] = torch.linalg.svdvals(weight.double().cpu())
+
     def allocate(self, profiles: list[LayerProfile], target: dict, **_) -> dict[str, dict]:
-        spectra = [torch.linalg.svdvals(p.extra["weight"].double().cpu()) for p in profiles]
+        spectra = [p.facts[self.stage]["spectrum"] for p in profiles]
         budget = int(target["ratio"] * sum(p.params for p in profiles))
         ranks = greedy_ranks(spectra, [p.shape for p in profiles], budget)
         return {p.name: {"rule": "rank", "rank": r} for p, r in zip(profiles, ranks)}

@@ -60,15 +60,16 @@ def allocate_bits(errors: list[dict[int, float]], params: list[int], target: flo
 class Sensitivity:
     needs = frozenset({"hessian"})
 
+    def summarize(self, facts: dict, weight, stats, candidate_bits=(2, 3, 4, 5, 6, 8),
+                  group_size: int = 128, sym: bool = True, **_) -> None:
+        cands = sorted(int(b) for b in candidate_bits)
+        facts["errors"] = layer_errors(weight, stats.hessian, stats.sq_norm, cands, group_size, sym)
+
     def allocate(self, profiles: list[LayerProfile], target: float, candidate_bits=(2, 3, 4, 5, 6, 8),
-                 group_size: int = 128, sym: bool = True, **_) -> dict:
+                 **_) -> dict:
         cands = sorted(int(b) for b in candidate_bits)
         if not cands[0] <= target <= cands[-1]:
             raise ConfigError(f"quant.avg_bits: {target} is outside the candidate widths {cands}")
-        errors = []
-        for p in profiles:
-            st = p.extra["stats"]
-            errors.append(layer_errors(p.extra["weight"], st.hessian, st.sq_norm, cands,
-                                       group_size, sym))
+        errors = [p.facts[self.stage]["errors"] for p in profiles]
         bits = allocate_bits(errors, [p.params for p in profiles], target)
         return {p.name: b for p, b in zip(profiles, bits)}

@@ -1,0 +1,458 @@
+"""Where a block walk gets its blocks, its routed experts and keeps its activations.
+
+Every walk (profile, compress, streamed evaluation) visits decoder blocks one at a time:
+
+    inputs = capture(provider, windows)          # hidden states entering block 0, per batch
+    for i in range(len(provider)):
+        block = provider.load(i)                  # block i's weights on the working device
+        ...                                       # hooks, compression, or just a forward
+        inputs = run(block, inputs)               # its outputs feed block i+1
+        provider.release(i, block)
+
+Providers:
+    Resident   the model is in memory (on the device, or on the host with `offload`): a block
+               moves to the device and back.
+    Streamed   only a skeleton exists (meta tensors); each block's tensors are read from the
+               safetensors shards when the walk reaches it (FP8 dequantised on the device) and
+               dropped after. Embeddings, rotary tables, final norm and head load once.
+
+Routed experts never need their whole layer at once: a fused experts module is replaced, during
+a block's forward, by a recorder that keeps the MoE layer's inputs and routing (`MoECalls`); the
+experts are then computed or compressed a chunk of `expert_chunk` experts at a time from
+`ExpertWeights`, which reads them from memory or from disk. A dense forward that needs the
+experts' output replays it from the chunked computation (record → compute → replay), so the
+whole of a DeepSeek-V3 MoE layer (256 experts of 7168×2048, 22 GB in bf16) is never resident.
+
+Memory, per block: its non-expert weights, one chunk of experts, the calibration activations
+(`Activations`: on the device when they fit, else pinned host memory or a temporary file), and
+the MoE layer's recorded inputs (as large as the activations).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ciuic_lab.models.adapters import DecoderAdapter, adapter_for, set_submodule
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- activations
+
+
+class Activations:
+    """Per-batch hidden states between two blocks, stored where they fit.
+
+    where: "device" (fastest), "host" (pinned CPU memory when the device is a GPU), "disk" (a
+    temporary file per batch), or "auto": the device if the whole set takes under half of the
+    device's free memory, else the host if it takes under half of the host's available memory,
+    else disk. CPU runs keep them in memory.
+    """
+
+    def __init__(self, device: torch.device, where: str = "auto"):
+        if where not in ("auto", "device", "host", "disk"):
+            raise ValueError(f"activations must be auto, device, host or disk, got {where!r}")
+        self.device, self.where = torch.device(device), where
+        self._items: list = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def place(self, total_bytes: int) -> str:
+        """Decide the storage for a set of `total_bytes` (called once, before filling)."""
+        if self.where != "auto":
+            return self.where
+        if self.device.type == "cpu":
+            return "device"
+        if total_bytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]:
+            return "device"
+        import psutil
+
+        return "host" if total_bytes < 0.5 * psutil.virtual_memory().available else "disk"
+
+    def fill(self, tensors: list[torch.Tensor]) -> Activations:
+        where = self.place(sum(t.numel() * t.element_size() for t in tensors))
+        self.chosen = where
+        self._items = [self._store(i, t, where) for i, t in enumerate(tensors)]
+        return self
+
+    def _store(self, i: int, t: torch.Tensor, where: str):
+        if where == "device":
+            return t.to(self.device)
+        if where == "host":
+            host = t.detach().to("cpu")
+            return host.pin_memory() if self.device.type == "cuda" else host
+        from safetensors.torch import save_file
+
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ciuic_acts_")
+        path = Path(self._tmp.name) / f"{i}.safetensors"
+        save_file({"h": t.detach().contiguous().cpu()}, str(path))
+        return path
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        if isinstance(item, Path):
+            from safetensors.torch import load_file
+
+            return load_file(str(item))["h"].to(self.device)
+        return item.to(self.device, non_blocking=True)
+
+    def replace(self, tensors: list[torch.Tensor]) -> None:
+        where = self.chosen
+        self._items = [self._store(i, t, where) for i, t in enumerate(tensors)]
+
+    def nbytes(self) -> int:
+        return sum((self[i].numel() * self[i].element_size()) for i in range(len(self)))
+
+
+@dataclass
+class BlockInputs:
+    """What enters a block, per batch: hidden states (stored by `Activations`) and the keyword
+    arguments the model passes every block (position embeddings, masks), kept as they are."""
+
+    hidden: Activations
+    kwargs: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        for i, kw in enumerate(self.kwargs):
+            yield self.hidden[i], kw
+
+
+# ---------------------------------------------------------------- routed experts
+
+
+@dataclass
+class MoECall:
+    hidden: torch.Tensor  # (tokens, H) entering the experts
+    index: torch.Tensor  # (tokens, k) chosen experts
+    weights: torch.Tensor  # (tokens, k) their routing weights
+
+
+class _Recorder(nn.Module):
+    """Stands in for a fused experts module during a block forward: records each call; returns
+    zeros (recording) or the output computed for that call (replaying)."""
+
+    def __init__(self, replay: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.calls: list[MoECall] = []
+        self.replay = replay
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self.replay is not None:
+            out = self.replay[len(self.calls)]
+            self.calls.append(None)
+            return out
+        self.calls.append(MoECall(hidden_states.detach(), top_k_index, top_k_weights))
+        return torch.zeros_like(hidden_states)
+
+
+@dataclass
+class ExpertWeights:
+    """The weights of one fused experts module, fetched a chunk of experts at a time."""
+
+    n: int
+    fetch: object  # fetch(ids) -> (gate_up (c, 2I, H), down (c, H, I)) on the working device
+    act_fn: object
+
+    def chunks(self, size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.n, size):
+            ids = list(range(start, min(start + size, self.n)))
+            gate_up, down = self.fetch(ids)
+            yield ids, gate_up, down
+            del gate_up, down
+
+
+def add_routed(adapter: DecoderAdapter, outs: list[torch.Tensor], calls: list[MoECall], e: int,
+               gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> None:
+    """Add expert e's routing-weighted output to each recorded call's routed output."""
+    for out, c in zip(outs, calls):
+        tok, kpos = torch.where(c.index == e)
+        if tok.numel():
+            y = adapter.expert_mlp(c.hidden[tok], gate_up, down, act_fn)
+            out.index_add_(0, tok, (y * c.weights[tok, kpos, None]).to(out.dtype))
+
+
+def routed_outputs(adapter: DecoderAdapter, calls: list[MoECall], weights: ExpertWeights,
+                   chunk: int) -> list[torch.Tensor]:
+    """Each recorded call's routed-experts output, computed a chunk of experts at a time.
+
+    Experts are visited in ascending order and each adds its weighted output to its tokens, as
+    transformers' eager experts loop does (and CompressedExperts)."""
+    outs = [torch.zeros_like(c.hidden) for c in calls]
+    for ids, gate_up, down in weights.chunks(chunk):
+        for j, e in enumerate(ids):
+            add_routed(adapter, outs, calls, e, gate_up[j], down[j], weights.act_fn)
+    return outs
+
+
+# ---------------------------------------------------------------- providers
+
+
+def in_memory_experts(module: nn.Module, device: torch.device) -> ExpertWeights:
+    """Chunks of a fused experts module whose weights are in memory (moved to `device`)."""
+    def fetch(ids):
+        return module.gate_up_proj[ids].to(device), module.down_proj[ids].to(device)
+
+    return ExpertWeights(module.gate_up_proj.shape[0], fetch, module.act_fn)
+
+
+@dataclass
+class Resident:
+    """The whole model in memory on `home`; each block visits `device` for its turn."""
+
+    model: nn.Module
+    device: torch.device
+    adapter: DecoderAdapter = field(init=False)
+
+    def __post_init__(self):
+        self.adapter = adapter_for(self.model)
+        self.home = next(self.model.parameters()).device
+
+    def __len__(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    def load(self, i: int) -> nn.Module:
+        return self.adapter.blocks(self.model)[i].to(self.device)
+
+    def release(self, i: int, block: nn.Module) -> None:
+        block.to(self.home)
+
+    def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
+        return in_memory_experts(module, self.device)
+
+    def pre_on_device(self):
+        """Context: the modules before block 0 on the working device for a capture."""
+        return _Moved([m for _, m in self.adapter.pre_blocks(self.model)], self.device, self.home)
+
+    def post(self) -> list[nn.Module]:
+        return [m for _, m in self.adapter.post_blocks(self.model)]
+
+
+class _Moved:
+    def __init__(self, mods, device, home):
+        self.mods, self.device, self.home = mods, device, home
+
+    def __enter__(self):
+        for m in self.mods:
+            m.to(self.device)
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.to(self.home)
+
+
+class Streamed:
+    """A model that is never whole in memory: a meta skeleton, blocks read from `source`.
+
+    Each tensor takes the dtype the skeleton gives it (the run's dtype). Routed experts stay on
+    the meta device inside their block; `experts()` reads them from the checkpoint a chunk at a
+    time (per-expert tensors fused as the module expects).
+    """
+
+    def __init__(self, skeleton: nn.Module, source, device: torch.device):
+        self.model, self.source = skeleton, source
+        self.device = torch.device(device)
+        self.adapter = adapter_for(skeleton)
+        self.tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+        for name, mod in [*self.adapter.pre_blocks(skeleton), *self.adapter.post_blocks(skeleton)]:
+            if not (self.tied and name == "lm_head"):
+                self._materialize(mod, name, skip_experts=False)
+        if self.tied:
+            skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+
+    def __len__(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    def _materialize(self, module: nn.Module, prefix: str, skip_experts: bool) -> None:
+        """Replace the module's meta tensors by the checkpoint's (routed experts excepted when
+        `skip_experts`), each in the dtype the skeleton gave it."""
+        experts = [n for n, m in module.named_modules() if self.adapter.is_fused_experts(m)]
+        keys = self.source.names(f"{prefix}.")
+        if skip_experts:
+            keys = [k for k in keys if not any(k.startswith(f"{prefix}.{o}.") for o in experts)]
+        stored = self.adapter.checkpoint_tensors(self.source.tensors(f"{prefix}.", self.device,
+                                                                     names=keys))
+        for name, t in [*module.named_parameters(), *_persistent_buffers(module)]:
+            if skip_experts and name.rpartition(".")[0] in experts:
+                continue
+            if name not in stored:
+                raise KeyError(f"{self.source.dir}: the checkpoint has no tensor {prefix}.{name}")
+            _set_tensor(module, name, stored[name].to(t.dtype))
+        rebuild_non_persistent(module, self.device)
+
+    def load(self, i: int) -> nn.Module:
+        block = self.adapter.blocks(self.model)[i]
+        self._materialize(block, self.adapter.block_name(i), skip_experts=True)
+        return block
+
+    def release(self, i: int, block: nn.Module) -> None:
+        self.adapter.blocks(self.model)[i] = block.to("meta")
+
+    def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
+        block_prefix = f"{self.adapter.block_name(i)}."
+        n, dtype = module.gate_up_proj.shape[0], module.gate_up_proj.dtype
+        fused = f"{block_prefix}{owner}.gate_up_proj" in self.source.weight_map
+
+        def fetch(ids):
+            if fused:  # a checkpoint that stores them fused: read the tensors, keep the chunk
+                t = self.source.tensors(block_prefix, self.device,
+                                        names=[f"{block_prefix}{owner}.{p}"
+                                               for p in ("gate_up_proj", "down_proj")])
+            else:  # per expert (official layout): read the chunk's experts, renumbered from 0
+                t = {}
+                for j, e in enumerate(ids):
+                    names = [f"{block_prefix}{owner}.{e}.{p}.weight"
+                             for p in ("gate_proj", "up_proj", "down_proj")]
+                    for k, v in self.source.tensors(f"{block_prefix}{owner}.{e}.", self.device,
+                                                    names=names).items():
+                        t[f"{owner}.{j}.{k}"] = v
+                t = {k.removeprefix(f"{owner}."): v
+                     for k, v in self.adapter.checkpoint_tensors(t).items()}
+                ids = list(range(len(ids)))
+            return t["gate_up_proj"][ids].to(dtype), t["down_proj"][ids].to(dtype)
+
+        return ExpertWeights(n, fetch, module.act_fn)
+
+    def pre_on_device(self):
+        return nullcontext()
+
+    def post(self) -> list[nn.Module]:
+        return [m for _, m in self.adapter.post_blocks(self.model)]
+
+
+def _persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, b) for n, b in module.named_buffers()
+            if n.rpartition(".")[2] not in _owner(module, n)._non_persistent_buffers_set]
+
+
+def _owner(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name.rpartition(".")[0]) if "." in name else root
+
+
+def _set_tensor(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    owner, leaf = _owner(root, name), name.rpartition(".")[2]
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    else:
+        owner._buffers[leaf] = t
+
+
+def rebuild_non_persistent(module: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: rebuild the
+    modules that own them from their config, on the device."""
+    for name, mod in list(module.named_modules()):
+        if any(b is not None and b.is_meta for b in mod._buffers.values()):
+            config = getattr(mod, "config", None)
+            if config is None:
+                raise RuntimeError(f"{name or type(mod).__name__}: a buffer is not in the "
+                                   "checkpoint and the module cannot be rebuilt from a config")
+            with torch.device(device):
+                fresh = type(mod)(config)
+            if name:
+                set_submodule(module, name, fresh)
+            else:
+                for k, b in fresh._buffers.items():
+                    mod._buffers[k] = b
+
+
+# ---------------------------------------------------------------- walking
+
+
+@torch.no_grad()
+def capture(provider, windows: torch.Tensor, batch_size: int, where: str = "auto") -> BlockInputs:
+    """Hidden states and keyword arguments entering block 0, one entry per batch of windows.
+
+    The model's own forward computes them (embeddings, rotary tables, masks) and is stopped at
+    block 0, so nothing of the blocks runs (or needs to be in memory)."""
+    model, ad = provider.model, provider.adapter
+    first = ad.blocks(model)[0]
+    hidden, kwargs = [], []
+
+    def grab(_mod, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h)
+        kwargs.append({k: v for k, v in kw.items()
+                       if k not in ("past_key_values", "past_key_value", "use_cache")})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with provider.pre_on_device():
+            for start in range(0, windows.shape[0], batch_size):
+                try:
+                    model(input_ids=windows[start:start + batch_size].to(provider.device),
+                          use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return BlockInputs(Activations(provider.device, where).fill(hidden), kwargs)
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    outs = []
+    for hidden, kw in inputs:
+        out = block(hidden, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def experts_modules(adapter: DecoderAdapter, block: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in block.named_modules() if adapter.is_fused_experts(m)]
+
+
+class recording:
+    """Context: the block's fused experts modules replaced by recorders (zeros out), restored
+    after. `.calls[owner]` holds each experts module's recorded calls."""
+
+    def __init__(self, block: nn.Module, adapter: DecoderAdapter,
+                 replay: dict[str, list[torch.Tensor]] | None = None):
+        self.block, self.adapter, self.replay = block, adapter, replay or {}
+        self.originals = experts_modules(adapter, block)
+        self.recorders: dict[str, _Recorder] = {}
+
+    def __enter__(self) -> recording:
+        for name, mod in self.originals:
+            rec = _Recorder(self.replay.get(name))
+            self.recorders[name] = rec
+            set_submodule(self.block, name, rec)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, mod in self.originals:
+            set_submodule(self.block, name, mod)
+
+    @property
+    def calls(self) -> dict[str, list[MoECall]]:
+        return {n: r.calls for n, r in self.recorders.items()}
+
+
+@torch.no_grad()
+def dense_forward(block: nn.Module, i: int, provider, inputs: BlockInputs,
+                  expert_chunk: int) -> list[torch.Tensor]:
+    """The block's outputs with its own (uncompressed) weights. A MoE block runs record →
+    chunked experts → replay, so its routed experts are never all resident."""
+    ad = provider.adapter
+    owners = experts_modules(ad, block)
+    if not owners:
+        return run_block(block, inputs)
+    with recording(block, ad) as rec:
+        run_block(block, inputs)
+    replay = {name: routed_outputs(ad, rec.calls[name], provider.experts(i, name, mod),
+                                   expert_chunk) for name, mod in owners}
+    with recording(block, ad, replay):
+        return run_block(block, inputs)

@@ -1,0 +1,43 @@
+"""WikiText-2 perplexity of a model that does not fit the device: block by block.
+
+All windows go through block i, then all of them through block i+1; between blocks their hidden
+states wait in an `Activations` store (device, pinned host memory, or a temporary file). Only
+one block's weights (and, for a dense MoE block, one chunk of its routed experts) are on the
+device at a time. The numbers are those of `perplexity.perplexity` on the same windows and batch
+size: the same forward, cut between blocks (a test checks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ciuic_lab.compress.blocks import capture, dense_forward
+from ciuic_lab.eval.perplexity import shifted_nll_sum
+
+
+@torch.no_grad()
+def streamed_perplexity(provider, windows: torch.Tensor, batch_size: int = 1,
+                        expert_chunk: int = 8, progress: bool = True,
+                        activations: str = "auto") -> float:
+    """exp(mean next-token NLL) over `windows` (n, seqlen), walking `provider`'s blocks."""
+    inputs = capture(provider, windows, batch_size, activations)
+    for i in tqdm(range(len(provider)), desc="perplexity (streamed)", unit="block",
+                  disable=not progress, leave=False):
+        block = provider.load(i)
+        inputs.hidden.replace(dense_forward(block, i, provider, inputs, expert_chunk))
+        provider.release(i, block)
+    total, count = 0.0, 0
+    post = provider.post()
+    for b, (hidden, _kw) in enumerate(inputs):
+        for mod in post:
+            hidden = mod(hidden)
+        s, c = shifted_nll_sum(hidden, windows[b * batch_size:(b + 1) * batch_size])
+        total += s
+        count += c
+    mean = total / count
+    if math.isnan(mean):
+        return float("nan")
+    return math.exp(mean) if mean < 709.0 else float("inf")
