@@ -242,6 +242,8 @@ def _pack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     if not words.numel() or not bits:
         return torch.empty(math.ceil(words.numel() * bits / 8), dtype=torch.uint8,
                            device=words.device)
+    if bits <= 8:  # (1:4, 1:2, ...: k = 1) the packer for narrow codes is much cheaper
+        return packing.pack_bits(words, bits)
     if words.stride(0) != 1:  # (a length-1 slice can keep a stride that .view refuses)
         words = torch.empty(words.shape, dtype=words.dtype, device=words.device).copy_(words)
     as_bytes = words.view(torch.uint8).view(-1, 8)  # little-endian host (checked at import)
@@ -253,6 +255,11 @@ def _unpack_words(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of _pack_words: the first `count` words as int64. Missing tail bits read as 0."""
     if not bits or not count:
         return torch.zeros(count, dtype=torch.int64, device=stream.device)
+    if bits <= 8:
+        nbytes = packing.packed_nbytes(count, bits)
+        if stream.numel() < nbytes:  # a short final word
+            stream = torch.cat([stream, stream.new_zeros(nbytes - stream.numel())])
+        return packing.unpack_bits(stream, bits, count).to(torch.int64)
     need = count * bits
     flat = _bytes_to_bits(stream[: math.ceil(need / 8)])[:need]
     if flat.numel() < need:  # the final word was stored in fewer bits than a full one
@@ -364,26 +371,41 @@ def _rans_encode(sym: np.ndarray, q: int, lanes: int) -> np.ndarray:
     n = sym.size
     steps = math.ceil(n / lanes)
     x = np.full(lanes, _STATE_LO, dtype=np.int64)
-    chunks: list[np.ndarray] = []
     f_all, c_all = freq[sym], cum[sym]
+    limit_all = f_all << 16
+    # Words are emitted into a (steps, lanes) grid; the decoder reads step 0 first and lanes in
+    # ascending order, i.e. the emitted cells in row-major order: one compaction at the end.
+    grid_words = np.zeros(steps * lanes, dtype=np.uint16)
+    grid_emit = np.zeros(steps * lanes, dtype=bool)
     # rANS is LIFO: encode the last step first, so the decoder meets step 0 first.
     for t in range(steps - 1, -1, -1):
         lo, hi = t * lanes, min(n, (t + 1) * lanes)
-        k = hi - lo
-        xs, f, c = x[:k], f_all[lo:hi], c_all[lo:hi]
+        xs = x[: hi - lo]
         # Keep x < f * 2^16 before the step so the result stays below 2^32: shift out a word.
-        emit = xs >= (f << 16)
-        if emit.any():
-            chunks.append(xs[emit] & 0xFFFF)  # ascending lane order: how the decoder reads them
-            xs = np.where(emit, xs >> 16, xs)
-        x[:k] = ((xs // f) << _PREC) + xs % f + c
-    words = np.concatenate(chunks[::-1]) if chunks else np.empty(0, dtype=np.int64)
+        emit = xs >= limit_all[lo:hi]
+        grid_emit[lo:hi] = emit
+        grid_words[lo:hi] = xs  # low 16 bits (uint16 cast wraps); used where emit only
+        xs = np.where(emit, xs >> 16, xs)
+        quot, rem = np.divmod(xs, f_all[lo:hi])
+        x[: hi - lo] = (quot << _PREC) + rem + c_all[lo:hi]
+    words = grid_words[grid_emit]
     return np.concatenate([x.astype("<u4").view(np.uint8), words.astype("<u2").view(np.uint8)])
+
+
+@lru_cache(maxsize=256)
+def _decode_tables(q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slot (2^16): its symbol, that symbol's frequency, and slot - cum (the decoder's bias)."""
+    freq, cum, lut = _byte_model(q)
+    slots = np.arange(_TOTAL, dtype=np.int64)
+    tables = (lut.astype(np.uint8), freq[lut], slots - cum[lut])
+    for a in tables:
+        a.flags.writeable = False
+    return tables
 
 
 def _rans_decode(stream: np.ndarray, q: int, lanes: int, n: int) -> np.ndarray:
     """(N,) uint8 symbols from a _rans_encode stream."""
-    freq, cum, lut = _byte_model(q)
+    sym_of, freq_of, bias_of = _decode_tables(q)
     if stream.size < 4 * lanes or (stream.size - 4 * lanes) % 2:
         raise ValueError("rans stream is truncated")
     x = stream[:4 * lanes].view("<u4").astype(np.int64)
@@ -396,15 +418,14 @@ def _rans_decode(stream: np.ndarray, q: int, lanes: int, n: int) -> np.ndarray:
         lo, hi = t * lanes, min(n, (t + 1) * lanes)
         xs = x[: hi - lo]
         slot = xs & (_TOTAL - 1)
-        s = lut[slot]
-        xs = freq[s] * (xs >> _PREC) + slot - cum[s]
+        out[lo:hi] = sym_of[slot]
+        xs = freq_of[slot] * (xs >> _PREC) + bias_of[slot]
         need = xs < _STATE_LO
         pos = np.cumsum(need)
         took = int(pos[-1])
         np.clip(pos + (ptr - 1), 0, n_words, out=pos)
         x[: hi - lo] = np.where(need, (xs << 16) | words[pos], xs)
         ptr += took
-        out[lo:hi] = s
     # Every lane must land back on the encoder's initial state, having read every word: a free
     # integrity check that catches a corrupt or mismatched stream.
     if ptr != n_words or not bool((x == _STATE_LO).all()):
@@ -412,12 +433,24 @@ def _rans_decode(stream: np.ndarray, q: int, lanes: int, n: int) -> np.ndarray:
     return out
 
 
-def encode_rans(mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """rans_iid code of an unstructured mask (any shape), whatever its density."""
+def _count(mask: torch.Tensor) -> int:
+    if mask.device.type == "cpu":  # one C pass; torch's bool sum is far slower on CPU
+        return int(np.count_nonzero(mask.contiguous().numpy()))
+    return int(mask.sum())
+
+
+def encode_rans(mask: torch.Tensor, kept: int | None = None,
+                plain: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """rans_iid code of an unstructured mask (any shape), whatever its density.
+
+    kept (its count of True) and plain (its bitmask bytes) may be passed when already known.
+    """
     flat = mask.reshape(-1)
-    p = int(flat.sum()) / flat.numel() if flat.numel() else 0.0
-    q = quantise_density(p)
-    sym = _bits_to_bytes(flat.cpu()).numpy().astype(np.int64)
+    kept = _count(flat) if kept is None else kept
+    q = quantise_density(kept / flat.numel() if flat.numel() else 0.0)
+    if plain is None:
+        plain = _bits_to_bytes(flat)
+    sym = plain.cpu().numpy().astype(np.int64)
     lanes = rans_lanes(sym.size)
     stream = torch.from_numpy(_rans_encode(sym, q, lanes))
     meta = {"codec": "rans_iid", "version": VERSION, "q": q, "lanes": lanes}
@@ -501,7 +534,7 @@ def encode_mask(mask: torch.Tensor, nm: tuple[int, int] | None = None,
             raise ValueError(f"an N:M mask is coded with nm_colex, not {codec}")
         return encode_nm(mask, *nm)
     numel = mask.numel()
-    kept = int(mask.sum())
+    kept = _count(mask)
     if codec is None and numel and kept in (0, numel):
         codec = "const"
     if codec == "const":
@@ -513,14 +546,14 @@ def encode_mask(mask: torch.Tensor, nm: tuple[int, int] | None = None,
     if codec == "bitmask":
         return plain, {"codec": "bitmask", "version": VERSION}
     if codec == "rans_iid":
-        return encode_rans(mask)
+        return encode_rans(mask, kept, plain)
     if codec is not None:
         raise ValueError(f"unknown codec {codec!r}")
     # Skip the coder where even its expected size cannot win by 0.5 % (a density near 50 %, a
     # mask too small for its lane states); otherwise the real stream decides.
     est = coded_nbytes(tuple(mask.shape), None, kept / numel) if numel else plain.numel()
     if est < plain.numel() * 0.995:
-        stream, meta = encode_rans(mask)
+        stream, meta = encode_rans(mask, kept, plain)
         if stream.numel() < plain.numel():
             return stream, meta
     return plain, {"codec": "bitmask", "version": VERSION}
