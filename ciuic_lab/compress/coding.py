@@ -17,10 +17,12 @@ small JSON-able meta dict naming the codec and its parameters. Four codecs:
     arXiv 1311.2540) under the i.i.d. model of the mask's density p: a byte with c ones has
     probability p^c (1-p)^(8-c), so the expected cost is H(p) bits per weight. The model is
     computed from a 16-bit quantised p with integer arithmetic only, so encoder and decoder
-    agree bit for bit on any machine. Symbols are dealt round-robin to `lanes` independent
-    coder states so that decoding advances all lanes together as tensor ops (a Python loop of
-    ceil(n_bytes / lanes) steps, not one per symbol). Layout: lanes final states as uint32 LE,
-    then the 16-bit renormalisation words (LE) in the order the decoder reads them.
+    agree bit for bit on any machine. Symbols are dealt round-robin to `lanes` (about one per
+    2048 bytes, at most 4096) independent coder states, so that coding advances all lanes
+    together as array ops: a Python loop of ceil(n_bytes / lanes) steps, not one per symbol.
+    It runs in numpy on CPU (a GPU stream is copied over and the mask copied back). Layout: the
+    lanes' final states as uint32 LE, then the 16-bit renormalisation words (LE) in the order
+    the decoder reads them; decoding must end with every lane back at the initial state.
 
 ``bitmask``  the plain 1 bit per weight of packing.pack_mask, chosen whenever coding would not
              save (a density near 50 %, or a mask too small to amortise the lane states).
