@@ -142,11 +142,12 @@ def test_unstructured_rate_near_entropy(sparsity):
     assert meta["codec"] == "rans_iid"
     bpw = 8 * stream.numel() / mask.numel()
     h = coding.binary_entropy(density)
-    # Stated margin: 1 % of H (16-bit model) + 0.003 bits/weight (lane states: 4 bytes per
-    # 2048 mask bytes, ~0.002 b/w).
-    assert h <= bpw <= 1.01 * h + 0.003, (bpw, h)
-    # the size estimate used for budgets is close to the real stream
-    assert abs(coding.coded_nbytes(shape, None, density) - stream.numel()) <= 0.005 * stream.numel()
+    # Stated margin: 1 % of H (16-bit model) + 0.005 bits/weight (lane states: 4 bytes per
+    # 1024 mask bytes, 0.004 b/w).
+    assert h <= bpw <= 1.01 * h + 0.005, (bpw, h)
+    # the size estimate used for budgets is close to the real stream (which varies with the
+    # particular mask around the model's expectation)
+    assert abs(coding.coded_nbytes(shape, None, density) - stream.numel()) <= 0.01 * stream.numel()
 
 
 def test_wanda_style_rows_code_like_any_mask():
@@ -157,7 +158,7 @@ def test_wanda_style_rows_code_like_any_mask():
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(keep, 1).indices, True)
     stream, meta = roundtrip(mask)
     h = coding.binary_entropy(keep / 2048)
-    assert meta["codec"] == "rans_iid" and 8 * stream.numel() / mask.numel() <= 1.01 * h + 0.003
+    assert meta["codec"] == "rans_iid" and 8 * stream.numel() / mask.numel() <= 1.01 * h + 0.005
 
 
 def test_rans_stream_integrity_checked():

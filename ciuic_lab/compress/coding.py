@@ -17,8 +17,8 @@ small JSON-able meta dict naming the codec and its parameters. Four codecs:
     arXiv 1311.2540) under the i.i.d. model of the mask's density p: a byte with c ones has
     probability p^c (1-p)^(8-c), so the expected cost is H(p) bits per weight. The model is
     computed from a 16-bit quantised p with integer arithmetic only, so encoder and decoder
-    agree bit for bit on any machine. Symbols are dealt round-robin to `lanes` (about one per
-    2048 bytes, at most 4096) independent coder states, so that coding advances all lanes
+    agree bit for bit on any machine. Symbols are dealt round-robin to `lanes` (one per 1024
+    bytes, at most 4096) independent coder states, so that coding advances all lanes
     together as array ops: a Python loop of ceil(n_bytes / lanes) steps, not one per symbol.
     It runs in numpy on CPU (a GPU stream is copied over and the mask copied back). Layout: the
     lanes' final states as uint32 LE, then the 16-bit renormalisation words (LE) in the order
@@ -326,7 +326,12 @@ _PREC = 16  # probabilities in units of 2^-16
 _TOTAL = 1 << _PREC
 _STATE_LO = 1 << 16  # coder state lives in [2^16, 2^32); renormalisation moves 16-bit words
 _Q_BITS = 16  # the density p is stored as q / 2^16
-_LANE_BYTES = 2048  # at most one lane (4 bytes of final state) per this many symbols: <= 0.002 b/w
+# Lanes trade rate for decode time: each lane costs its 4-byte final state, and the decoder's
+# Python loop runs one step (~15 numpy ops) per symbol per lane. With S steps per mask the states
+# cost 32 / (8 S) = 4 / S bits per weight; S = 1024 gives 0.004 b/w and keeps a small layer's
+# decode as short as a large one's (with 2048 bytes per lane instead, a 256x256 mask took 2048
+# steps for its 8 KiB).
+_MAX_STEPS = 1024
 _MAX_LANES = 4096
 
 
@@ -361,7 +366,7 @@ def _byte_model(q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def rans_lanes(n_symbols: int) -> int:
-    return int(min(_MAX_LANES, max(1, n_symbols // _LANE_BYTES)))
+    return int(min(_MAX_LANES, max(1, math.ceil(n_symbols / _MAX_STEPS))))
 
 
 # The two coder loops run in numpy: each step is a handful of ops on `lanes` (~1000) values,
