@@ -10,6 +10,7 @@ Cases, on one (rows, cols) mask (default 7168x2048, a DeepSeek-V3 expert's down 
     log2 C(cols, K) per row, which the "row-count limit" column shows next to H(p).
 Today's format for unstructured masks is 1 bit per weight. Times are the best of --repeat runs on
 CPU; "old dec" decodes today's format (packing.unpack_mask / unpack_bits + nm_mask).
+Last, a small model's case: 128 masks of 256x256 decoded one by one and in one decode_masks call.
 If `constriction` is importable (it is not a dependency) the unstructured rows also show its ANS
 coder on the same bytes with an empirical byte histogram, for comparison.
 """
@@ -145,6 +146,22 @@ def main():
             line += (f" {r['c_bpw']:.4f} | {r['c_enc_ms']:.0f} | {r['c_dec_ms']:.0f} |"
                      if "c_bpw" in r else " - | - | - |")
         print(line)
+    many_small(args.repeat, gen)
+
+
+def many_small(repeat, gen, count=128, shape=(256, 256), sparsity=0.7):
+    """A small model's case: many small masks, decoded one by one vs in one decode_masks call."""
+    masks = [torch.rand(shape, generator=gen) >= sparsity for _ in range(count)]
+    items = [(*coding.encode_mask(m), m.shape) for m in masks]
+    one_ms, _ = best_ms(lambda: [coding.decode_mask(*it) for it in items], repeat)
+    many_ms, outs = best_ms(lambda: coding.decode_masks(items), repeat)
+    assert all(torch.equal(a, b) for a, b in zip(outs, masks))
+    olds = [packing.pack_mask(m) for m in masks]
+    old_ms, _ = best_ms(lambda: [packing.unpack_mask(o, shape) for o in olds], repeat)
+    bpw = 8 * sum(it[0].numel() for it in items) / sum(m.numel() for m in masks)
+    print(f"\n{count} masks of {shape[0]}x{shape[1]} at sparsity {sparsity}: {bpw:.4f} b/w; decode "
+          f"one by one {one_ms:.0f} ms, decode_masks {many_ms:.0f} ms, old unpack_mask "
+          f"{old_ms:.0f} ms")
 
 
 if __name__ == "__main__":

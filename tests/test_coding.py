@@ -216,3 +216,29 @@ def test_torch_bit_route_roundtrips(monkeypatch):
     g = torch.Generator().manual_seed(8)
     for p in (0.05, 0.5):
         roundtrip(torch.rand(33, 257, generator=g) < p)
+
+
+@settings(max_examples=15, deadline=None)
+@given(specs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 200), st.floats(0, 1)),
+                      min_size=1, max_size=8), seed=st.integers(0, 9999))
+def test_decode_many_equals_one_by_one(specs, seed):
+    g = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(r, c, generator=g) < p for r, c, p in specs]
+    masks.append(nm_mask(3, 5, 2, 4, seed))
+    items = [(*coding.encode_mask(m, (2, 4) if i == len(masks) - 1 else None), m.shape)
+             for i, m in enumerate(masks)]
+    items += [(*coding.encode_mask(m, codec="rans_iid"), m.shape) for m in masks[:-1]]
+    decoded = coding.decode_masks(items)
+    for (stream, meta, shape), back in zip(items, decoded):
+        assert torch.equal(back, coding.decode_mask(stream, meta, shape))
+    assert all(torch.equal(a, b) for a, b in zip(decoded, masks + masks[:-1]))
+
+
+def test_decode_many_names_a_corrupt_stream():
+    g = torch.Generator().manual_seed(9)
+    masks = [torch.rand(100, 100, generator=g) < p for p in (0.1, 0.2, 0.3)]
+    items = [(*coding.encode_mask(m), m.shape) for m in masks]
+    stream, meta, shape = items[1]
+    items[1] = (stream[:-2], meta, shape)
+    with pytest.raises(ValueError, match="stream 1"):
+        coding.decode_masks(items)

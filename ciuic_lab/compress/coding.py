@@ -28,6 +28,10 @@ small JSON-able meta dict naming the codec and its parameters. Four codecs:
              save (a density near 50 %, or a mask too small to amortise the lane states).
 ``const``    every entry equal (all kept or all pruned): zero bytes.
 
+API: encode_mask(mask, nm) -> (stream, meta); decode_mask(stream, meta, shape) -> mask;
+decode_masks([(stream, meta, shape), ...]) decodes many at once (rans_iid's loop has ~1024 steps per
+mask whatever its size, so a model's many small masks should be decoded together, once);
+coded_nbytes(shape, nm, density) predicts the stream's size; entropy_bits(...) is the limit.
 Nothing here loops in Python over groups or rows; see benchmarks/mask_coding.py for rates and
 timings on a 7168x2048 mask.
 """
@@ -399,12 +403,12 @@ def _rans_encode(sym: np.ndarray, q: int, lanes: int) -> np.ndarray:
     return np.concatenate([x.astype("<u4").view(np.uint8), words.astype("<u2").view(np.uint8)])
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)
 def _decode_tables(q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per slot (2^16): its symbol, that symbol's frequency, and slot - cum (the decoder's bias)."""
     freq, cum, lut = _byte_model(q)
     slots = np.arange(_TOTAL, dtype=np.int64)
-    tables = (lut.astype(np.uint8), freq[lut], slots - cum[lut])
+    tables = (lut.astype(np.uint8), freq[lut].astype(np.int32), (slots - cum[lut]).astype(np.int32))
     for a in tables:
         a.flags.writeable = False
     return tables
@@ -412,32 +416,81 @@ def _decode_tables(q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _rans_decode(stream: np.ndarray, q: int, lanes: int, n: int) -> np.ndarray:
     """(N,) uint8 symbols from a _rans_encode stream."""
-    sym_of, freq_of, bias_of = _decode_tables(q)
-    if stream.size < 4 * lanes or (stream.size - 4 * lanes) % 2:
-        raise ValueError("rans stream is truncated")
-    x = stream[:4 * lanes].view("<u4").astype(np.int64)
-    words = stream[4 * lanes:].view("<u2").astype(np.int64)
-    n_words = words.size
-    words = np.append(words, 0)  # a safe target for lanes that read nothing this step
-    out = np.empty(n, dtype=np.uint8)
-    ptr = 0
-    for t in range(math.ceil(n / lanes)):
-        lo, hi = t * lanes, min(n, (t + 1) * lanes)
-        xs = x[: hi - lo]
-        slot = xs & (_TOTAL - 1)
-        out[lo:hi] = sym_of[slot]
-        xs = freq_of[slot] * (xs >> _PREC) + bias_of[slot]
-        need = xs < _STATE_LO
-        pos = np.cumsum(need)
-        took = int(pos[-1])
-        np.clip(pos + (ptr - 1), 0, n_words, out=pos)
-        x[: hi - lo] = np.where(need, (xs << 16) | words[pos], xs)
-        ptr += took
-    # Every lane must land back on the encoder's initial state, having read every word: a free
-    # integrity check that catches a corrupt or mismatched stream.
-    if ptr != n_words or not bool((x == _STATE_LO).all()):
-        raise ValueError("rans stream does not decode to a consistent state (corrupt stream?)")
-    return out
+    return _rans_decode_many([(stream, q, lanes, n)])[0]
+
+
+def _rans_decode_many(jobs: list[tuple[np.ndarray, int, int, int]]) -> list[np.ndarray]:
+    """Decode several rANS streams (stream, q, lanes, n_symbols) in one loop.
+
+    The loop has one step per symbol per lane whatever the stream's size, so small masks cost as
+    many steps as large ones; decoding many masks together (all lanes of all streams side by
+    side, each lane with its own model and its own stream's words) pays those steps once.
+    """
+    qs = sorted({q for _, q, _, _ in jobs})
+    tabs = [_decode_tables(q) for q in qs]
+    sym_tab = np.concatenate([t[0] for t in tabs])
+    freq_tab = np.concatenate([t[1] for t in tabs])
+    bias_tab = np.concatenate([t[2] for t in tabs])
+    q_index = {q: i for i, q in enumerate(qs)}
+
+    states, words, n_words, lane_job, lane_local = [], [], [], [], []
+    lane_lanes, lane_base, lane_steps, out_base = [], [], [], []
+    word_base, sym_base = 0, 0
+    for j, (stream, q, lanes, n) in enumerate(jobs):
+        if stream.size < 4 * lanes or (stream.size - 4 * lanes) % 2:
+            raise ValueError("rans stream is truncated")
+        states.append(stream[:4 * lanes].view("<u4").astype(np.int64))
+        w = stream[4 * lanes:].view("<u2").astype(np.int64)
+        words.append(w)
+        n_words.append(w.size)
+        local = np.arange(lanes, dtype=np.int64)
+        lane_job.append(np.full(lanes, j, dtype=np.int64))
+        lane_local.append(local)
+        lane_lanes.append(np.full(lanes, lanes, dtype=np.int64))
+        lane_base.append(np.full(lanes, q_index[q] * _TOTAL, dtype=np.int64))
+        lane_steps.append((n - local + lanes - 1) // lanes)  # symbols local, local + lanes, ...
+        out_base.append(sym_base + local)
+        word_base += w.size
+        sym_base += n
+    x = np.concatenate(states)
+    job = np.concatenate(lane_job)
+    stride = np.concatenate(lane_lanes)
+    base = np.concatenate(lane_base)
+    nsteps = np.concatenate(lane_steps)
+    out_pos = np.concatenate(out_base)
+    n_jobs = len(jobs)
+    word_off = np.concatenate([[0], np.cumsum(n_words)]).astype(np.int64)
+    all_words = np.append(np.concatenate(words) if words else np.empty(0, np.int64), 0)
+    dump = sym_base  # inactive lanes write here
+    out = np.empty(sym_base + 1, dtype=np.uint8)
+    # where each job's lanes start in the concatenation: the segmented (per stream) count of
+    # words read this step is cum[lane] - cum[first lane of its stream - 1]
+    first_lane = np.concatenate([[0], np.cumsum([lanes for _, _, lanes, _ in jobs])])
+    seg_start = first_lane[job]
+    ptr = word_off[:-1].copy()  # next word to read, per job, in all_words
+    for t in range(int(nsteps.max()) if nsteps.size else 0):
+        act = nsteps > t
+        slot = base + (x & (_TOTAL - 1))
+        s = sym_tab[slot]
+        xn = freq_tab[slot] * (x >> _PREC) + bias_tab[slot]
+        need = (xn < _STATE_LO) & act
+        cum = np.concatenate([[0], np.cumsum(need)])
+        pos = ptr[job] + cum[1:] - cum[seg_start] - 1
+        np.clip(pos, 0, all_words.size - 1, out=pos)
+        xn = np.where(need, (xn << 16) | all_words[pos], xn)
+        x = np.where(act, xn, x)
+        ptr += cum[first_lane[1:]] - cum[first_lane[:-1]]
+        out[np.where(act, out_pos + t * stride, dump)] = s
+    # Every lane must land back on the encoder's initial state, having read every word of its
+    # stream: a free integrity check that catches a corrupt or mismatched stream.
+    ok_states = np.ones(n_jobs, dtype=bool)
+    np.logical_and.at(ok_states, job, x == _STATE_LO)
+    bad = np.flatnonzero((ptr != word_off[1:]) | ~ok_states)
+    if bad.size:
+        raise ValueError(f"rans stream {int(bad[0])} does not decode to a consistent state "
+                         "(corrupt stream?)")
+    offs = np.concatenate([[0], np.cumsum([n for _, _, _, n in jobs])])
+    return [out[offs[j]:offs[j + 1]] for j in range(n_jobs)]
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -468,8 +521,12 @@ def decode_rans(stream: torch.Tensor, meta: dict, shape: tuple[int, ...]) -> tor
     numel = math.prod(shape)
     n_sym = packing.packed_nbytes(numel, 1)
     sym = _rans_decode(stream.cpu().numpy(), meta["q"], meta["lanes"], n_sym)
-    bits = _bytes_to_bits(torch.from_numpy(sym))[:numel]
-    return bits.view(torch.bool).view(shape).to(stream.device)
+    return _mask_from_bytes(sym, shape, stream.device)
+
+
+def _mask_from_bytes(sym: np.ndarray, shape: tuple[int, ...], device) -> torch.Tensor:
+    bits = _bytes_to_bits(torch.from_numpy(sym))[: math.prod(shape)]
+    return bits.view(torch.bool).view(shape).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,12 +623,41 @@ def encode_mask(mask: torch.Tensor, nm: tuple[int, int] | None = None,
     return plain, {"codec": "bitmask", "version": VERSION}
 
 
+def decode_masks(items: list[tuple[torch.Tensor, dict, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """decode_mask over many (stream, meta, shape) at once: the same masks, in order.
+
+    rans_iid streams are decoded together in one loop (its step count does not grow with the
+    number of masks), which is what makes loading a model with many small layers fast; the
+    other codecs are vectorised per mask already.
+    """
+    out: list[torch.Tensor | None] = [None] * len(items)
+    rans = []
+    for i, (stream, meta, shape) in enumerate(items):
+        shape = tuple(shape)
+        if meta.get("codec") == "rans_iid":
+            _check_version(meta)
+            n_sym = packing.packed_nbytes(math.prod(shape), 1)
+            rans.append((i, (stream.cpu().numpy(), meta["q"], meta["lanes"], n_sym)))
+        else:
+            out[i] = decode_mask(stream, meta, shape)
+    if rans:
+        decoded = _rans_decode_many([job for _, job in rans])
+        for (i, _), sym in zip(rans, decoded):
+            stream, _, shape = items[i]
+            out[i] = _mask_from_bytes(sym, tuple(shape), stream.device)
+    return out
+
+
+def _check_version(meta: dict) -> None:
+    if meta.get("version", VERSION) != VERSION:
+        raise ValueError(f"mask code version {meta.get('version')} is not {VERSION}")
+
+
 def decode_mask(stream: torch.Tensor, meta: dict, shape: tuple[int, ...]) -> torch.Tensor:
     """The bool mask of `shape` that encode_mask coded into (stream, meta), on stream's device."""
     shape = tuple(shape)
     codec = meta.get("codec")
-    if meta.get("version", VERSION) != VERSION:
-        raise ValueError(f"mask code version {meta.get('version')} is not {VERSION}")
+    _check_version(meta)
     if codec == "nm_colex":
         return decode_nm(stream, meta, shape)
     if codec == "rans_iid":
