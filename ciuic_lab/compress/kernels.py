@@ -1,0 +1,337 @@
+"""Kernel-backed layouts for the quantised (or 2:4 sparse) base part of a CompressedLinear.
+
+The reference forward rebuilds the dense weight on every call; it stays the oracle and the
+fallback. A *layout* is a small module, built once per layer when a model is prepared for
+inference on a device, that holds the base part re-encoded for one fused kernel and computes
+
+    forward(x) = x @ W_baseᵀ                      (no bias, no low-rank part)
+
+where W_base = dequant(Q) ⊙ M, exactly what `layer.dense_codes().dequantize()` gives. Its buffers
+are registered and persistent, so summing a module's buffers counts what the kernel really stores
+(`KernelLayout.nbytes()`). A layout is bound to the device type it was built for (the int4 CPU
+and CUDA encodings differ): moving it to another device type makes `forward` raise.
+
+Layouts (`kernel_name`):
+
+* ``int4_cpu`` / ``int4_cuda`` — PyTorch core's tinygemm int4 kernels
+  (`aten._weight_int4pack_mm_for_cpu`, `aten._weight_int4pack_mm`). Both dequantise
+  ``w = (q − 8)·scale + zero`` per (kernel group, output row) with scale and zero stored together
+  as ``scale_zero[K/g, N, 2]``. Our grid is ``w = (q − z)·s``, so ``scale = s`` and
+  ``zero = (8 − z)·s`` (0 for a symmetric grid, whose z is 8): the codes pass through unchanged.
+  The kernel's group g must be 32, 64, 128 or 256 and divide K. Any of our group sizes (or
+  per-channel, or a narrower tail group) that is a multiple of such a g maps exactly by repeating
+  each of our scales over the kernel groups it spans; the largest such g is used (fewest scales).
+  Limits established on torch 2.13: CPU takes int32 codes (N, K) and needs N % 16 == 0; it packs
+  them itself into a CPU-capability-specific nibble interleave (AVX512: rows n and n+32 of each
+  64-row block share a byte), so packed weights are not portable between machines and are
+  always rebuilt from our codes. CUDA takes uint8 (N, K/2) with the *even* column in the *high*
+  nibble (ours: low nibble first), needs N % 8 == 0 and K % (16·inner_k_tiles) == 0.
+  The CPU kernel accepts fp32/fp16/bf16 activations (scale_zero in the same dtype), but only the
+  bf16 path is vectorised: fp32 and fp16 run a scalar loop (11.5 s vs 83 ms for a 512×2048 by
+  2048×2048 product here). So both devices compute in bf16: fp16/fp32 activations are cast to
+  bf16 on the way in (relative rounding ≤ 2⁻⁸ per element) and the bf16 output is cast back.
+  The bf16 scale_zero rounds our fp16 scale (≤ 2⁻⁸ relative) and (8 − z)·s once each, so the
+  kernel's weight differs from ours by at most (|q − 8|·s + |(8 − z)·s|)·2⁻⁸ (tests/test_kernels.py
+  reads the kernel's weight back through an identity input and checks it bit for bit).
+
+* ``int8`` — `aten._weight_int8pack_mm(x, w int8 (N, K), scale (N,))` = (x @ wᵀ)·scale, per
+  output channel only. Codes q ∈ [0, 255] are stored as q − 128 (int8, exact); a symmetric grid
+  (z = 128) maps exactly, an asymmetric one adds the per-row term (Σₖ x)·(128 − z)·s, computed
+  in fp32 from a stored fp32 vector. Computes in bf16 (as int4: the fp16/fp32 CPU paths are
+  scalar). The CPU bf16 path of torch 2.13 steps K by 16 with *aligned* vector loads and no
+  tail: for K % 16 != 0 it returns garbage or crashes, and an activation whose data pointer is
+  not 32-byte aligned segfaults. So K % 16 == 0 is required and misaligned inputs are copied.
+  On CUDA the op is a plain per-output loop in PyTorch's source; it is only used there when
+  asked (`int8_cuda=True`) until measured.
+
+* ``semi_structured`` — a 16-bit (unquantised) base with a mask keeping at most 2 of every 4
+  input columns, through `torch.sparse.to_sparse_semi_structured` (CUTLASS or cuSPARSELt).
+  CUDA only, and off unless asked (`semi_structured=True`): no GPU measurement yet says it beats
+  dense there at our shapes.
+
+Not here: 2, 3, 5, 6, 7-bit or grouped 8-bit codes have no PyTorch core kernel; they stay on the
+reference path (see the issue note for what gemlite, a Triton library, would need).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciuic_lab.compress.linear import CompressedLinear, QuantPart
+from ciuic_lab.compress.quant import grid
+
+# Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int8", "semi_structured", "reference")
+
+
+# ---- what the layouts are built from --------------------------------------------------------
+def base_weight(layer: CompressedLinear) -> torch.Tensor:
+    """float32 (out, in) base part of a layer: dequant(Q) ⊙ M, or its 16-bit values ⊙ M.
+
+    The oracle every layout is tested against. Reads CompressedLinear's private part readers:
+    the lead should expose this as a method next to `dense_codes()`.
+    """
+    base = layer.meta["base"]
+    shape = (layer.out_features, layer.in_features)
+    if base is None:
+        return torch.zeros(shape, device=layer._device())
+    if base["quant"] is not None:
+        return layer.dense_codes().dequantize()
+    return layer._dense_part("", "values", shape, None, layer._kept_mask())
+
+
+def kernel_group_size(cols: int, group_size: int,
+                      allowed: tuple[int, ...] = INT4_KERNEL_GROUPS) -> int | None:
+    """Largest kernel group that tiles both K and every one of our groups, or None.
+
+    Our groups start at multiples of `group_size` (a narrower tail group ends at K); one group
+    when per-channel or when group_size >= K. A kernel group g fits iff it divides K and our
+    group width, so that each kernel group lies inside one of ours.
+    """
+    width = cols if group_size == -1 or group_size >= cols else group_size
+    for g in allowed:
+        if cols % g == 0 and width % g == 0:
+            return g
+    return None
+
+
+def per_kernel_group(values: torch.Tensor, cols: int, group_size: int, g: int) -> torch.Tensor:
+    """(out, G) per-group values -> (out, K/g), one per kernel group of width g (see above)."""
+    return grid.expand_groups(values, cols, group_size)[:, ::g]
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+class KernelLayout(nn.Module):
+    """Base class: one layer's base part in one kernel's format, bound to one device type."""
+
+    kernel_name = "reference"
+    compute_dtype = torch.bfloat16  # what activations are cast to for the kernel
+
+    def __init__(self, out_features: int, in_features: int, device: torch.device):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.device_type = torch.device(device).type
+
+    def _buf(self, name: str, t: torch.Tensor) -> None:
+        self.register_buffer(name, t.contiguous(), persistent=True)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        if x.device.type != self.device_type:
+            raise RuntimeError(f"{self.kernel_name} layout was built for {self.device_type}; "
+                               f"input is on {x.device.type}: rebuild it with choose_kernel")
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) in the kernel's compute dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_device(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        y = self._matmul(x2)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    @torch.no_grad()
+    def weight(self, chunk: int = 1024) -> torch.Tensor:
+        """The (out, in) weight the kernel computes with, read back through the kernel itself.
+
+        Feeds identity rows (exact in bf16); column i of the output is W[:, i] as the kernel
+        dequantises it, rounded to the compute dtype on the way out. Returns float32.
+        """
+        dev = next(self.buffers()).device
+        cols = []
+        for start in range(0, self.in_features, chunk):
+            stop = min(start + chunk, self.in_features)
+            eye = torch.zeros(stop - start, self.in_features, dtype=self.compute_dtype,
+                              device=dev)
+            eye[:, start:stop] = torch.eye(stop - start, dtype=self.compute_dtype, device=dev)
+            cols.append(self.forward(eye).float())
+        return torch.cat(cols).t().contiguous()
+
+
+class Int4Layout(KernelLayout):
+    """4-bit codes on PyTorch's tinygemm kernels (CPU or CUDA); see the module docstring."""
+
+    def __init__(self, q: QuantPart, device: torch.device, group: int,
+                 inner_k_tiles: int | None = None):
+        out, cols = q.codes.shape
+        super().__init__(out, cols, device)
+        dev = torch.device(device)
+        self.kernel_name = "int4_cuda" if dev.type == "cuda" else "int4_cpu"
+        self.group = group
+        codes = q.codes.to(device=dev, dtype=torch.int32).contiguous()
+        if dev.type == "cuda":
+            # CUDA wants two codes per byte, even column in the high nibble.
+            pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
+            self.inner_k_tiles = inner_k_tiles or _inner_k_tiles(cols)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs.to(torch.uint8).contiguous(),
+                                                                self.inner_k_tiles)
+        else:
+            # The CPU conversion ignores inner_k_tiles (same bytes for 1..16): it picks its own
+            # interleave from the CPU capability.
+            self.inner_k_tiles = None
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        self._buf("qweight", packed)
+        s = per_kernel_group(q.scale.float(), cols, q.group_size, group).to(dev)
+        z = per_kernel_group(q.zero.float(), cols, q.group_size, group).to(dev)
+        # (8 − z)·s is exact in fp32 (an fp16 scale times an integer in [−7, 8]); it is rounded
+        # once, to bf16, here.
+        scale_zero = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1)  # (K/g, N, 2)
+        self._buf("scale_zero", scale_zero.to(torch.bfloat16))
+
+    @classmethod
+    def supported(cls, out: int, cols: int, bits: int, group_size: int,
+                  device: torch.device) -> int | None:
+        """The kernel group size to use, or None when this shape has no int4 kernel."""
+        if bits != 4:
+            return None
+        g = kernel_group_size(cols, group_size)
+        if g is None:
+            return None
+        if torch.device(device).type == "cuda":
+            return g if out % 8 == 0 and cols % 32 == 0 else None
+        return g if out % 16 == 0 else None
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.device_type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group,
+                                                      self.scale_zero)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group,
+                                                          self.scale_zero)
+
+
+def _inner_k_tiles(cols: int) -> int:
+    """Widest load the CUDA layout allows (8 k-tiles = 16-byte loads), K % (16·tiles) == 0."""
+    for tiles in (8, 4, 2):
+        if cols % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"K={cols} is not a multiple of 32: no int4 CUDA layout")
+
+
+class Int8Layout(KernelLayout):
+    """8-bit per-channel codes on `aten._weight_int8pack_mm`; see the module docstring."""
+
+    kernel_name = "int8"
+
+    def __init__(self, q: QuantPart, device: torch.device):
+        out, cols = q.codes.shape
+        super().__init__(out, cols, device)
+        dev = torch.device(device)
+        self._buf("qweight", (q.codes.to(dev) - 128).to(torch.int8))
+        s = q.scale[:, 0].float().to(dev)
+        self._buf("scale", s.to(torch.bfloat16))
+        self.sym = bool(q.sym) or bool((q.zero == 128).all())
+        if not self.sym:
+            # W = (q − z)·s = (q − 128)·s + (128 − z)·s: the second term is a per-row constant,
+            # so x·Wᵀ gains (Σₖ x)·(128 − z)·s. Stored in fp32 (the kernel rounds s to bf16, but
+            # this term can be large and cancels against the kernel's part).
+            self._buf("zero_fix", (128.0 - q.zero[:, 0].float().to(dev)) * s)
+
+    @classmethod
+    def supported(cls, out: int, cols: int, bits: int, group_size: int,
+                  device: torch.device) -> bool:
+        if bits != 8 or not (group_size == -1 or group_size >= cols):
+            return False
+        # The CPU bf16 path has no K tail (garbage or a crash when K % 16 != 0).
+        return torch.device(device).type != "cpu" or cols % 16 == 0
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.device_type == "cpu" and x2.data_ptr() % 64:
+            x2 = x2.clone()  # aligned loads in the CPU kernel: a fresh allocation is 64-aligned
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        if self.sym:
+            return y
+        fix = x2.float().sum(-1, keepdim=True) * self.zero_fix
+        return (y.float() + fix).to(y.dtype)
+
+
+class SemiStructuredLayout(KernelLayout):
+    """A 16-bit base with at most 2 kept of every 4 inputs, as a 2:4 sparse tensor (CUDA only).
+
+    Stores the compressed values and metadata that `to_sparse_semi_structured` produced (so its
+    bytes are counted) and wraps them back into the tensor subclass for `F.linear`.
+    """
+
+    kernel_name = "semi_structured"
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        from torch.sparse import to_sparse_semi_structured
+
+        out, cols = weight.shape
+        super().__init__(out, cols, weight.device)
+        self.compute_dtype = dtype
+        sparse = to_sparse_semi_structured(weight.to(dtype).contiguous())
+        self._cls = type(sparse)
+        self._extra = {"fuse_transpose_cusparselt": getattr(sparse, "fuse_transpose_cusparselt",
+                                                            False),
+                       "alg_id_cusparselt": getattr(sparse, "alg_id_cusparselt", 0)}
+        self._buf("packed", sparse.packed)
+        self._has_meta = sparse.meta is not None
+        if self._has_meta:  # CUTLASS keeps metadata apart; cuSPARSELt inside `packed`
+            self._buf("meta", sparse.meta)
+        self._wrapped: torch.Tensor | None = None
+
+    def _sparse(self) -> torch.Tensor:
+        w = self._wrapped
+        if w is None or w.packed is not self.packed:  # rebuilt after .to()/load_state_dict
+            w = self._cls(torch.Size((self.out_features, self.in_features)), packed=self.packed,
+                          meta=self.meta if self._has_meta else None, packed_t=None, meta_t=None,
+                          compressed_swizzled_bitmask=None, **self._extra)
+            self._wrapped = w
+        return w
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self._sparse())
+
+
+def _is_two_of_four(mask: torch.Tensor) -> bool:
+    out, cols = mask.shape
+    return cols % 4 == 0 and bool((mask.view(out, cols // 4, 4).sum(-1) <= 2).all())
+
+
+# ---- choosing ------------------------------------------------------------------------------------
+def choose_kernel(layer: CompressedLinear, device: torch.device | str, dtype: torch.dtype, *,
+                  semi_structured: bool = False, int8_cuda: bool = False) -> KernelLayout | None:
+    """The fastest layout for this layer's base part on `device`, or None (reference path).
+
+    dtype: the activation dtype the model runs in; the int4/int8 layouts compute in bf16 whatever
+    it is (see the module docstring), the 2:4 layout in `dtype` itself (fp16 or bf16).
+    semi_structured / int8_cuda: enable the CUDA layouts not yet measured faster than dense.
+    A low-rank part or a mask does not prevent a layout: it covers the base part only, and pruned
+    entries carry their group's zero code. The layer is not modified.
+    """
+    device = torch.device(device)
+    base = layer.meta.get("base")
+    if base is None:
+        return None
+    out, cols = layer.out_features, layer.in_features
+    q = base["quant"]
+    if q is None:
+        if not (semi_structured and device.type == "cuda" and dtype in (torch.float16,
+                                                                           torch.bfloat16)):
+            return None
+        mask = layer._kept_mask()
+        if mask is None or not _is_two_of_four(mask):
+            return None
+        try:
+            return SemiStructuredLayout(base_weight(layer).to(device), dtype)
+        except (RuntimeError, ValueError):  # shape below the backend's minimum tile
+            return None
+    bits, gs = q["bits"], q["group_size"]
+    g = Int4Layout.supported(out, cols, bits, gs, device)
+    if g is not None:
+        return Int4Layout(layer.dense_codes(), device, g)
+    if Int8Layout.supported(out, cols, bits, gs, device) and (device.type == "cpu" or int8_cuda):
+        return Int8Layout(layer.dense_codes(), device)
+    return None
+
+
+def kernel_name(layout: KernelLayout | None) -> str:
+    """What a layer computes with, for reports: a layout's name, or "reference"."""
+    return "reference" if layout is None else layout.kernel_name
