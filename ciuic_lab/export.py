@@ -1,0 +1,457 @@
+"""Export a compressed model as a Hugging Face directory in compressed-tensors' `pack-quantized`
+format, which `AutoModelForCausalLM.from_pretrained(dir)` loads through transformers'
+compressed-tensors integration (and which vLLM reads; see "vLLM" below).
+
+    python -m ciuic_lab.export RUN_DIR --format compressed-tensors OUT
+    export_model(model, tokenizer, out_dir)      # from a live model holding CompressedLinear
+    export_run(run_dir, out)                     # from a run's packed checkpoint
+
+What is written (OUT/):
+    config.json             the model's config + `quantization_config` (quant_method
+                            "compressed-tensors", format "pack-quantized", status "compressed")
+    model*.safetensors      (+ model.safetensors.index.json when sharded)
+    tokenizer files, generation_config.json
+
+How one quantised layer maps (our W = (q − z)·s with q, z in [0, 2^k − 1]):
+    weight_packed  int32 (out, ceil(in·k/32)): each row's codes as one little-endian bit stream
+                   (code j at bits j·k .. j·k+k−1 of the row), zero-padded to whole words. That is
+                   exactly our `packing.pack_bits` stream of the row, for every k in 2..8 (codes
+                   may straddle words for 3, 5, 6, 7 bits). compressed-tensors reads the stored
+                   value as q − 2^(k−1) (its signed code), so the stored bits are our codes as is.
+    weight_scale   (out, G) in the export dtype; G = in / group_size, or 1 per channel
+    weight_shape   int64 [out, in]: the unpacked shape (the packed width alone cannot give `in`
+                   when k does not divide 32)
+    weight_zero_point  (asymmetric only) int32 (ceil(out·k/32), G): the zero points packed the
+                   same way down each column (along the output dim); stored value z, read as
+                   z − 2^(k−1), so the signed difference is unchanged
+    bias           as is
+
+Refused (ExportError, naming the layer and the setting that exports):
+    a low-rank part (U·V has no place in pack-quantized)        -> lowrank=none
+    a group size that leaves a narrower tail group (compressed-tensors requires in % g == 0)
+                                                                 -> a group size dividing `in`
+    routed experts on different grids (transformers decodes every routed expert with one
+    config group)                                                -> quant.layers={mlp.experts:K}
+    layers of another packed format (bitsandbytes baselines)
+
+Layers without a quantised part (pruned only, or left 16-bit) are written dense (`weight`) and
+listed in `ignore`. Pruned entries of quantised layers are written as their group's zero code,
+so they dequantise to exactly 0 (`CompressedLinear.dense_codes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ciuic_lab.compress import packing
+from ciuic_lab.compress.experts import CompressedExperts
+from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.models.adapters import ROUTER_NAMES
+
+FORMATS = ("compressed-tensors",)
+SHARD_BYTES = 5 * 2**30
+
+
+class ExportError(ValueError):
+    pass
+
+
+class ExportWarning(UserWarning):
+    """The export is written but a loader is known to need care with it."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One config group's weight arguments: k bits, group size (-1: per output channel), sym."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+    def weights_args(self) -> dict:
+        return {"num_bits": self.bits, "type": "int", "symmetric": self.sym,
+                "strategy": "channel" if self.group_size == -1 else "group",
+                "group_size": None if self.group_size == -1 else self.group_size,
+                "dynamic": False, "actorder": None, "block_structure": None,
+                "observer": "minmax", "observer_kwargs": {}}
+
+
+# ---- one layer ------------------------------------------------------------------------------
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) integer codes in [0, 2^k) -> (rows, ceil(cols·k/32)) int32, each row one
+    little-endian bit stream: compressed-tensors' `weight_packed` layout.
+
+    Padding every row to a multiple of 32 codes makes each row's stream a whole number of int32
+    words (32 codes of k bits = k words), so one flat `pack_bits` packs all rows at once; the
+    words past ceil(cols·k/32) hold only padding and are dropped.
+    """
+    if sys.byteorder != "little":  # the int32 view below reads the bytes in host order
+        raise ExportError("export writes little-endian int32 words; this host is big-endian")
+    rows, cols = codes.shape
+    padded = torch.nn.functional.pad(codes.to(torch.int32), (0, (-cols) % 32))
+    stream = packing.pack_bits(padded.reshape(-1), bits)
+    words = stream.view(rows, -1).view(torch.int32)
+    return words[:, :math.ceil(cols * bits / 32)].contiguous()
+
+
+def layer_scheme(name: str, lin: CompressedLinear) -> Scheme | None:
+    """The scheme `lin` exports under, None if it has no quantised part (exported dense).
+
+    Raises ExportError for what pack-quantized cannot express.
+    """
+    meta = lin.meta
+    if meta["lowrank"] is not None:
+        raise ExportError(
+            f"{name} has a low-rank part (U·V, rank {meta['lowrank']['rank']}), which the "
+            f"compressed-tensors pack-quantized format cannot hold; export a run compressed "
+            f"without it (lowrank=none, or lowrank.layers={{<pattern>:null}} for this layer)")
+    base = meta["base"]
+    if base is None or base["quant"] is None:
+        return None
+    q = base["quant"]
+    g, cols = q["group_size"], lin.in_features
+    if g > cols:
+        # One (narrower) group spanning the whole row is the per-channel grid, exactly.
+        g = -1
+    elif cols % g:
+        raise ExportError(
+            f"{name}: group size {g} does not divide its input dim {cols}, so its last group is "
+            f"narrower ({cols % g} columns); compressed-tensors requires the group size to divide "
+            f"the input dim. Export a run quantised with a group size that divides every input "
+            f"dim (quant.group_size, e.g. {math.gcd(g, cols)} here, or -1 per channel)")
+    return Scheme(q["bits"], g, q["sym"])
+
+
+def quantised_tensors(lin: CompressedLinear, scheme: Scheme, dtype: torch.dtype,
+                      rows: slice | None = None) -> dict[str, torch.Tensor]:
+    """pack-quantized tensors (local names) of `lin`, optionally only the output rows `rows`."""
+    qp = lin.dense_codes()  # pruned entries at the zero code: they dequantise to exactly 0
+    codes, scale, zero = qp.codes, qp.scale, qp.zero
+    if rows is not None:
+        codes, scale, zero = codes[rows], scale[rows], zero[rows]
+    out, cols = codes.shape
+    if scale.shape[1] != (1 if scheme.group_size == -1 else cols // scheme.group_size):
+        raise ExportError(f"scale shape {tuple(scale.shape)} does not fit {scheme}")  # a bug
+    t = {"weight_packed": pack_rows(codes, scheme.bits),
+         "weight_scale": scale.to(dtype),
+         "weight_shape": torch.tensor([out, cols], dtype=torch.int64)}
+    if not scheme.sym:
+        # compressed-tensors packs zero points down the output dim: transpose, pack, transpose.
+        zp = zero.round().to(torch.int32)
+        t["weight_zero_point"] = pack_rows(zp.t(), scheme.bits).t().contiguous()
+    return t
+
+
+def dense_weight(lin: CompressedLinear, dtype: torch.dtype) -> torch.Tensor:
+    return lin.dequantized_weight(torch.float32).to(dtype)
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
+                 dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write `model` (holding CompressedLinear / CompressedExperts) to `out_dir` as a
+    compressed-tensors pack-quantized checkpoint. Returns `out_dir`.
+
+    dtype: of scales, dense layers and the rest of the model (embeddings, norms, head);
+    default the model's. Our scales are fp16 values: float16 or float32 keep them exact,
+    bfloat16 rounds them to 8 significant bits (what a bf16 runtime would do anyway).
+    """
+    out_dir = Path(out_dir)
+    model_dtype = _dense_dtype(model)
+    dtype = dtype or model_dtype
+    experts: dict[str, CompressedExperts] = {}
+    linears: dict[str, CompressedLinear] = {}
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in experts):
+            continue
+        if isinstance(mod, CompressedExperts):
+            experts[name] = mod
+        elif isinstance(mod, CompressedLinear):
+            linears[name] = mod
+        elif type(mod).__module__.startswith("ciuic_lab.compress"):
+            raise ExportError(f"{name} is a {type(mod).__name__}, a format pack-quantized cannot "
+                              f"hold (bitsandbytes baselines export only through bitsandbytes)")
+
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[Scheme, list[str]] = {}
+    ignore: list[str] = []
+    for name, lin in linears.items():
+        scheme = layer_scheme(name, lin)
+        if scheme is None:
+            tensors[f"{name}.weight"] = dense_weight(lin, dtype)
+            ignore.append(name)
+        else:
+            for k, v in quantised_tensors(lin, scheme, dtype).items():
+                tensors[f"{name}.{k}"] = v
+            groups.setdefault(scheme, []).append(name)
+        if lin.meta["bias"]:
+            tensors[f"{name}.bias"] = lin.bias.to(dtype)
+    expert_scheme = _export_experts(experts, tensors, dtype)
+    if not groups and expert_scheme is None:
+        raise ExportError("nothing to export quantised: no layer of the model has a quantised "
+                          "part (export a run with a quant stage, e.g. quant=rtn)")
+    config_groups = _config_groups(groups, expert_scheme)
+    _warn_asymmetric(config_groups)
+
+    # Everything else (embeddings, norms, routers, head) as the model holds it.
+    skip = tuple(p + "." for p in (*linears, *experts))
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    tied = _tied_keys(model, dense)
+    for k, v in dense.items():
+        if k in tied:
+            continue
+        # Tensors the model keeps in another dtype on purpose (e.g. an fp32 router bias in a
+        # bf16 model) stay as they are; the rest follows `dtype`.
+        if v.is_floating_point() and v.dtype == model_dtype:
+            v = v.to(dtype)
+        tensors[k] = v.detach().cpu().contiguous()
+    # The head, routers and any other linear we did not compress stay dense. The "Linear"
+    # target would claim them, so they are listed in `ignore` (loaders such as vLLM also want
+    # every linear either targeted or ignored). Routers are not nn.Linear in transformers but
+    # are linears in vLLM, hence listed by name too.
+    for name, mod in model.named_modules():
+        if name in linears or any(name.startswith(p + ".") for p in experts):
+            continue
+        if isinstance(mod, nn.Linear) or name.rpartition(".")[2] in ROUTER_NAMES:
+            ignore.append(name)
+
+    qconfig = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": _ct_version(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_weights(tensors, out_dir, shard_bytes)
+    config = copy.deepcopy(model.config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]  # vLLM picks the model class from it
+    config.dtype = dtype
+    config.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = qconfig
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _config_groups(groups: dict[Scheme, list[str]], expert_scheme: Scheme | None) -> dict:
+    """config_groups: group_0 targets the class "Linear", every other scheme its layers by exact
+    name (compressed-tensors resolves exact name > regex > class, so named layers win).
+
+    group_0 holds the routed experts' scheme when there are experts: transformers 5.24 decodes
+    routed experts with the first group whose `re:` targets name experts, else with the *first*
+    group having a non-regex target (exact names count), so it must come first; an exact name
+    could not serve, since the fused experts module it builds has no per-expert linears. Without
+    experts group_0 is the most common scheme (fewest names). A model on one grid gets the
+    one-group config that quantisation tools write.
+    compressed-tensors 0.20.1 logs "Could not match `<name>`" for each named target on load:
+    it tries "Linear" first and stops there, yet gives the module the named group's scheme.
+    """
+    main = expert_scheme
+    if main is None:
+        main = max(groups, key=lambda s: len(groups[s]))
+    out = {"group_0": _group(main, ["Linear"])}
+    for scheme, names in groups.items():
+        if scheme != main:
+            out[f"group_{len(out)}"] = _group(scheme, names)
+    return out
+
+
+def _group(scheme: Scheme, targets: list[str]) -> dict:
+    return {"targets": targets, "weights": scheme.weights_args(), "input_activations": None,
+            "output_activations": None, "format": "pack-quantized"}
+
+
+def _warn_asymmetric(config_groups: dict) -> None:
+    asym = [g for g in config_groups.values() if not g["weights"]["symmetric"]]
+    if not asym:
+        return
+    msg = ("asymmetric layers: transformers 5.24 with compressed-tensors 0.20.1 reads packed zero "
+           "points only with from_pretrained(dir, quantization_config=CompressedTensorsConfig("
+           "dequantize=True)); its default path expects unpacked zero points (size mismatch)")
+    if len(config_groups) > 1:
+        msg += (f". This export has {len(config_groups)} config groups, and dequantize=True "
+                f"decodes every layer with one of them: transformers cannot load it correctly")
+    warnings.warn(msg, ExportWarning, stacklevel=3)
+
+
+def _export_experts(experts: dict[str, CompressedExperts], tensors: dict,
+                    dtype: torch.dtype) -> Scheme | None:
+    """Write every routed expert per expert (`<owner>.<e>.{gate,up,down}_proj`), the layout of
+    DeepSeek checkpoints that transformers merges into its fused parameters on load.
+
+    Returns their scheme (None if there are no experts). They must share one scheme and be
+    quantised symmetrically: transformers 5.24 decodes all routed experts of a compressed-tensors
+    checkpoint with one config group, only from `weight_packed` (dense experts go missing) and
+    without zero points (asymmetric experts fail an assertion).
+    """
+    seen: dict[Scheme | None, str] = {}
+    for owner, mod in experts.items():
+        for e in range(mod.num_experts):
+            expert = getattr(mod, str(e))
+            for proj in ("gate_up_proj", "down_proj"):
+                name = f"{owner}.{e}.{proj}"
+                seen.setdefault(layer_scheme(name, getattr(expert, proj)), name)
+    if not seen:
+        return None
+    if None in seen:
+        raise ExportError(
+            f"routed expert {seen[None]} is not quantised: transformers loads the routed experts "
+            f"of a compressed-tensors checkpoint only from packed codes. Export a run that "
+            f"quantises every routed expert (no mlp.experts entry set to null in quant.layers)")
+    if len(seen) > 1:
+        (s1, n1), (s2, n2) = list(seen.items())[:2]
+        raise ExportError(
+            f"routed experts are on different grids ({n1}: {_describe(s1)}; {n2}: "
+            f"{_describe(s2)}): transformers decodes every routed expert of a compressed-tensors "
+            f"checkpoint with one config group. Export a run with one grid for all routed "
+            f"experts: one width (e.g. quant.layers={{mlp.experts:4}}, or quant.policy=kind_map) "
+            f"and a quant.group_size that divides both expert input dims, or -1")
+    scheme, name = next(iter(seen.items()))
+    if not scheme.sym:
+        raise ExportError(
+            f"routed experts are quantised asymmetrically ({name}): transformers decodes routed "
+            f"experts without their zero points. Export a run with quant.sym=true")
+    for owner, mod in experts.items():
+        for e in range(mod.num_experts):
+            expert = getattr(mod, str(e))
+            gu = expert.gate_up_proj
+            half = gu.out_features // 2  # gate rows first: transformers' chunk(2) of gate_up
+            parts = [("gate_proj", gu, slice(0, half)), ("up_proj", gu, slice(half, None)),
+                     ("down_proj", expert.down_proj, None)]
+            for proj, lin, rows in parts:
+                for k, v in quantised_tensors(lin, scheme, dtype, rows).items():
+                    tensors[f"{owner}.{e}.{proj}.{k}"] = v
+    return scheme
+
+
+def _describe(s: Scheme | None) -> str:
+    if s is None:
+        return "not quantised"
+    g = "per channel" if s.group_size == -1 else f"group {s.group_size}"
+    return f"{s.bits} bits, {g}, {'sym' if s.sym else 'asym'}"
+
+
+def _tied_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys that alias an earlier tensor and that the config ties (safetensors stores each
+    tensor once; transformers re-ties on load). An alias the config does not declare is an
+    error rather than a silently duplicated or dropped tensor."""
+    first: dict[tuple, str] = {}
+    out = set()
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in first:
+            if not tie:
+                raise ExportError(f"{k} shares its tensor with {first[key]} but the config does "
+                                  f"not tie them (tie_word_embeddings is false)")
+            out.add(k)
+        else:
+            first[key] = k
+    return out
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _ct_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("compressed-tensors")
+    except ImportError:  # PackageNotFoundError: not installed; the file is valid, unlabelled
+        return None
+
+
+# ---- runs and the command line --------------------------------------------------------------
+
+
+def export_run(run_dir: str | Path, out: str | Path, format: str = "compressed-tensors") -> Path:
+    """Export the packed checkpoint of a run (`RUN_DIR/compressed`, written with save=true)."""
+    from transformers import AutoTokenizer
+
+    from ciuic_lab.compress import checkpoint
+
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    ckpt = Path(run_dir) / "compressed"
+    if not ckpt.is_dir():
+        raise ExportError(f"{run_dir} has no compressed/ checkpoint (run with save=true)")
+    model = checkpoint.load(ckpt)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    except (OSError, ValueError):
+        tokenizer = None  # a checkpoint saved without its tokenizer
+        warnings.warn(f"{ckpt} holds no tokenizer; the export will have none", stacklevel=2)
+    return export_model(model, tokenizer, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ciuic_lab.export", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", type=Path, help="a run's job directory holding compressed/")
+    p.add_argument("out", type=Path, help="the directory to write")
+    p.add_argument("--format", default="compressed-tensors", choices=FORMATS)
+    args = p.parse_args(argv)
+    try:
+        path = export_run(args.run_dir, args.out, args.format)
+    except ExportError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
