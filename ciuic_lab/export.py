@@ -1,42 +1,72 @@
 """Export a compressed model as a Hugging Face directory in compressed-tensors' `pack-quantized`
 format, which `AutoModelForCausalLM.from_pretrained(dir)` loads through transformers'
-compressed-tensors integration (and which vLLM reads; see "vLLM" below).
+compressed-tensors integration, and which vLLM is meant to read (untested here: see "vLLM").
 
     python -m ciuic_lab.export RUN_DIR --format compressed-tensors OUT
     export_model(model, tokenizer, out_dir)      # from a live model holding CompressedLinear
-    export_run(run_dir, out)                     # from a run's packed checkpoint
+    export_run(run_dir, out)                     # from a run's packed checkpoint (save=true)
 
-What is written (OUT/):
+What is written (OUT/, which must be new or empty):
     config.json             the model's config + `quantization_config` (quant_method
                             "compressed-tensors", format "pack-quantized", status "compressed")
-    model*.safetensors      (+ model.safetensors.index.json when sharded)
+    model*.safetensors      (+ model.safetensors.index.json when over `shard_bytes`)
     tokenizer files, generation_config.json
 
 How one quantised layer maps (our W = (q − z)·s with q, z in [0, 2^k − 1]):
     weight_packed  int32 (out, ceil(in·k/32)): each row's codes as one little-endian bit stream
                    (code j at bits j·k .. j·k+k−1 of the row), zero-padded to whole words. That is
-                   exactly our `packing.pack_bits` stream of the row, for every k in 2..8 (codes
-                   may straddle words for 3, 5, 6, 7 bits). compressed-tensors reads the stored
-                   value as q − 2^(k−1) (its signed code), so the stored bits are our codes as is.
-    weight_scale   (out, G) in the export dtype; G = in / group_size, or 1 per channel
-    weight_shape   int64 [out, in]: the unpacked shape (the packed width alone cannot give `in`
-                   when k does not divide 32)
-    weight_zero_point  (asymmetric only) int32 (ceil(out·k/32), G): the zero points packed the
-                   same way down each column (along the output dim); stored value z, read as
-                   z − 2^(k−1), so the signed difference is unchanged
+                   our `packing.pack_bits` stream of the row for every k in 2..8 (codes straddle
+                   words for 3, 5, 6, 7 bits), so with `in` a multiple of 32 our stored `codes`
+                   buffer is weight_packed byte for byte. compressed-tensors reads a stored value
+                   as q − 2^(k−1) (its signed code): the stored bits are our codes as they are.
+    weight_scale   (out, G) in the export dtype (the model's by default; compressed-tensors builds
+                   the scale parameter in the model's dtype and transformers casts to it);
+                   G = in / group_size, or 1 per channel (strategy "channel")
+    weight_shape   int64 [out, in]; needed, as the packed width does not give `in` unless k | 32
+    weight_zero_point  (asymmetric only) int32 (ceil(out·k/32), G): zero points packed the same
+                   way down each column (along the output dim); stored z, read as z − 2^(k−1)
     bias           as is
+Pruned entries of quantised layers are written as their group's zero code, so they dequantise to
+exactly 0. A group as wide as the row or wider (g ≥ in) is the per-channel grid exactly.
+
+Config groups: group_0 targets the class "Linear" with the routed experts' scheme (else the
+most common one); every other scheme names its layers exactly. Layers without a quantised part
+(pruned only, or left 16-bit) are written dense (`weight`) and listed in `ignore`, with the head,
+the routers and any other linear left uncompressed.
 
 Refused (ExportError, naming the layer and the setting that exports):
     a low-rank part (U·V has no place in pack-quantized)        -> lowrank=none
-    a group size that leaves a narrower tail group (compressed-tensors requires in % g == 0)
-                                                                 -> a group size dividing `in`
-    routed experts on different grids (transformers decodes every routed expert with one
-    config group)                                                -> quant.layers={mlp.experts:K}
-    layers of another packed format (bitsandbytes baselines)
+    a group size leaving a narrower tail group: compressed-tensors' decompressor raises unless
+    in % g == 0 (and vLLM's kernels need it too)                 -> quant.group_size dividing in
+    routed experts on different grids, asymmetric, or dense (transformers decodes every routed
+    expert with one config group, from weight_packed only, without zero points)
+                                               -> quant.layers={mlp.experts:K}, quant.sym=true
+    layers of another packed format (bitsandbytes baselines), or nothing quantised at all
 
-Layers without a quantised part (pruned only, or left 16-bit) are written dense (`weight`) and
-listed in `ignore`. Pruned entries of quantised layers are written as their group's zero code,
-so they dequantise to exactly 0 (`CompressedLinear.dense_codes`).
+What loads (tested, tests/test_export.py: transformers 5.24 + compressed-tensors 0.20.1, CPU):
+    - symmetric, 2..8 bits, groups or per channel, mixed widths/groups in one model, pruned +
+      quantised, dense ignored layers, Llama / Qwen2 / DeepSeek-V2 / DeepSeek-V3, tied
+      embeddings, sharded: plain from_pretrained(dir); logits equal the packed model's.
+      Linear layers load packed and the first forward decompresses the whole model to dense
+      weights (a forward pre-hook; no packed kernels on CPU). Routed experts are decompressed at
+      load: transformers' DeepSeek (qwen2_moe) conversion collects `experts.{e}.{gate,up,down}
+      _proj.weight_packed/_scale/_shape`, dequantises each expert and merges them into the fused
+      `gate_up_proj` (E, 2I, H; gate rows first) and `down_proj` (E, H, I).
+    - from_pretrained(dir, quantization_config=CompressedTensorsConfig(dequantize=True))
+      decodes every non-expert layer with one config group (transformers' get_dense_scheme):
+      with mixed widths it fails or gives wrong weights. Use the default path.
+    - asymmetric: only with dequantize=True (so one grid for the whole model) and no routed
+      experts. The default path builds unpacked (out, G) int8 zero-point parameters (compressed-
+      tensors' meta compression does not pack them) and rejects the packed ones with a size
+      mismatch, while its decompressor accepts only packed int32 ones. Exported anyway (it is the
+      format compressed-tensors itself writes and vLLM reads), with an ExportWarning.
+
+vLLM (untested: it cannot run here). Its compressed-tensors W{k}A16 path reads exactly these
+tensor names. From what is known of it, not verified here: its kernels take 4 and 8 bits (other
+widths are refused), group sizes -1/32/64/128; it fuses q/k/v, gate/up, DeepSeek's q_a_proj +
+kv_a_proj_with_mqa and each layer's experts, whose parts must then share one scheme. Older
+compressed-tensors releases packed floor(32/k) codes per int32 without straddling, which differs
+from this layout for 3, 5, 6 and 7 bits (2, 4, 8 are the same either way).
 """
 
 from __future__ import annotations
@@ -176,6 +206,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
     bfloat16 rounds them to 8 significant bits (what a bf16 runtime would do anyway).
     """
     out_dir = Path(out_dir)
+    _check_out(out_dir)
     model_dtype = _dense_dtype(model)
     dtype = dtype or model_dtype
     experts: dict[str, CompressedExperts] = {}
@@ -263,6 +294,12 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def _check_out(out_dir: Path) -> None:
+    # Files of an earlier export (other shards, an index) would be read along with ours.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} exists and is not an empty directory; export into a new one")
 
 
 def _config_groups(groups: dict[Scheme, list[str]], expert_scheme: Scheme | None) -> dict:
@@ -419,34 +456,42 @@ def _ct_version() -> str | None:
 
 
 def export_run(run_dir: str | Path, out: str | Path, format: str = "compressed-tensors") -> Path:
-    """Export the packed checkpoint of a run (`RUN_DIR/compressed`, written with save=true)."""
+    """Export a run's packed checkpoint: `RUN_DIR/compressed` (written with save=true), or
+    RUN_DIR itself when it is that checkpoint directory."""
     from transformers import AutoTokenizer
 
     from ciuic_lab.compress import checkpoint
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
-    ckpt = Path(run_dir) / "compressed"
-    if not ckpt.is_dir():
-        raise ExportError(f"{run_dir} has no compressed/ checkpoint (run with save=true)")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a directory (expected a run's job directory)")
+    ckpt = run_dir / "compressed" if (run_dir / "compressed").is_dir() else run_dir
+    _check_out(Path(out))  # before loading a large model for nothing
     model = checkpoint.load(ckpt)
-    try:
+    tokenizer = None
+    if any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    except (OSError, ValueError):
-        tokenizer = None  # a checkpoint saved without its tokenizer
-        warnings.warn(f"{ckpt} holds no tokenizer; the export will have none", stacklevel=2)
+    else:
+        warnings.warn(f"{ckpt} holds no tokenizer; the export will have none", ExportWarning,
+                      stacklevel=2)
     return export_model(model, tokenizer, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ciuic_lab.export", description=__doc__.split("\n")[0])
+    from ciuic_lab.compress.checkpoint import CheckpointError
+
+    p = argparse.ArgumentParser(prog="python -m ciuic_lab.export",
+                                description="Export a run's compressed model to a Hugging Face "
+                                            "directory (compressed-tensors pack-quantized).")
     p.add_argument("run_dir", type=Path, help="a run's job directory holding compressed/")
-    p.add_argument("out", type=Path, help="the directory to write")
+    p.add_argument("out", type=Path, help="the directory to write (new or empty)")
     p.add_argument("--format", default="compressed-tensors", choices=FORMATS)
     args = p.parse_args(argv)
     try:
         path = export_run(args.run_dir, args.out, args.format)
-    except ExportError as e:
+    except (ExportError, CheckpointError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     print(path)

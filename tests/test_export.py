@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from ciuic_lab import export
 from ciuic_lab.compress import checkpoint
@@ -19,7 +20,7 @@ from ciuic_lab.compress.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
-from ciuic_lab.models import tiny
+from ciuic_lab.models import adapters, tiny
 from ciuic_lab.models.loader import load_tokenizer
 
 ct = pytest.importorskip("compressed_tensors", reason="export checks need compressed-tensors")
@@ -36,8 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _packed(w, bits, g, sym, mask=None, lowrank=None):
-    st = LayerState.from_linear(w)
+def _packed(w, bits, g, sym, mask=None, lowrank=None, bias=None):
+    st = LayerState.from_linear(w, bias)
     if mask is not None:
         st.mask = mask
     st.quant = rtn_quantize(w, bits, g, sym, mask)
@@ -71,6 +72,26 @@ def _requant(model, pick, bits, g=32, sym=True):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf,
                     _packed(mod.dequantized_weight(), bits, g, sym))
+    return model
+
+
+def _quantise_all(model, bits=4, g=32):
+    """Every target of the blocks packed with RTN directly (no calibration walk): a quick
+    compressed model for the architectures the pipeline tests already cover."""
+    for name, mod in list(model.named_modules()):
+        if not name.startswith("model.layers."):
+            continue
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in adapters.ROUTER_NAMES:
+            new = _packed(mod.weight.detach(), bits, g, True, bias=mod.bias)
+        elif adapters.is_fused_experts(mod):
+            n = mod.gate_up_proj.shape[0]
+            new = CompressedExperts(
+                [_packed(mod.gate_up_proj[e].detach(), bits, g, True) for e in range(n)],
+                [_packed(mod.down_proj[e].detach(), bits, g, True) for e in range(n)], mod.act_fn)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, new)
     return model
 
 
@@ -234,7 +255,46 @@ def test_run_directory_through_the_cli(llama, tmp_path):
     assert rc == 0
     assert _max_rel(_logits(llama), _logits(_load(tmp_path / "out"))) <= 1e-3
     assert (tmp_path / "out" / "tokenizer.json").exists()
-    assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
+    # the checkpoint directory itself works too; a used output directory, or no checkpoint, fail
+    assert export.main([str(tmp_path / "run" / "compressed"), str(tmp_path / "out2")]) == 0
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert export.main([str(tmp_path / "out"), str(tmp_path / "out3")]) == 2
+    assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "out4")]) == 2
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-qwen2", "tiny-random-deepseek-v2",
+                                  "tiny-random-deepseek-v2-qlora", "tied-llama"])
+def test_other_architectures_and_tied_embeddings_round_trip(arch, tmp_path):
+    if arch == "tied-llama":
+        config = tiny.CONFIGS["tiny-random-llama"](256)
+        config.tie_word_embeddings = True
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    else:
+        model = tiny.build(arch, vocab=256)
+    _quantise_all(model)
+    out = export.export_model(model, None, tmp_path / "out")
+    keys = load_file(str(out / "model.safetensors"))
+    if arch == "tied-llama":  # stored once; transformers ties the head to it again on load
+        assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    if arch == "tiny-random-qwen2":  # q/k/v biases ride along with the packed weights
+        assert "model.layers.0.self_attn.q_proj.bias" in keys
+    assert _max_rel(_logits(model), _logits(_load(out))) <= 1e-3
+
+
+def test_export_dtype_sets_scales_and_dense_tensors(llama, tmp_path):
+    out = export.export_model(llama, None, tmp_path / "fp16", dtype=torch.float16)
+    t = load_file(str(out / "model.safetensors"))
+    assert t["model.layers.0.mlp.gate_proj.weight_scale"].dtype == torch.float16
+    assert t["model.embed_tokens.weight"].dtype == torch.float16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    # fp16 scales are ours exactly; only the dense tensors were rounded to fp16
+    ref = copy.deepcopy(llama)
+    for p in ref.parameters():
+        p.data = p.data.half().float()
+    assert _max_rel(_logits(ref), _logits(_load(out))) <= 1e-3
+    out = export.export_model(llama, None, tmp_path / "bf16", dtype=torch.bfloat16)
+    t = load_file(str(out / "model.safetensors"))
+    assert t["model.layers.0.mlp.gate_proj.weight_scale"].dtype == torch.bfloat16
 
 
 # ---- refusals on models -----------------------------------------------------------------------
