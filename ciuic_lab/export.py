@@ -196,6 +196,18 @@ def _dense_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+@dataclass
+class _Plan:
+    """What the export writes, decided (and every refusal raised) before anything is written."""
+
+    linears: dict[str, tuple[CompressedLinear, Scheme | None]]
+    experts: dict[str, CompressedExperts]
+    expert_scheme: Scheme | None
+    dense_keys: list[str]  # the rest of the state dict, tied aliases left out
+    config_groups: dict
+    ignore: list[str]
+
+
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write `model` (holding CompressedLinear / CompressedExperts) to `out_dir` as a
@@ -204,81 +216,27 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
     dtype: of scales, dense layers and the rest of the model (embeddings, norms, head);
     default the model's. Our scales are fp16 values: float16 or float32 keep them exact,
     bfloat16 rounds them to 8 significant bits (what a bf16 runtime would do anyway).
+    Tensors are produced layer by layer and written a shard at a time, so the export needs
+    about one shard of memory on top of the model.
     """
     out_dir = Path(out_dir)
     _check_out(out_dir)
-    model_dtype = _dense_dtype(model)
-    dtype = dtype or model_dtype
-    experts: dict[str, CompressedExperts] = {}
-    linears: dict[str, CompressedLinear] = {}
-    for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in experts):
-            continue
-        if isinstance(mod, CompressedExperts):
-            experts[name] = mod
-        elif isinstance(mod, CompressedLinear):
-            linears[name] = mod
-        elif type(mod).__module__.startswith("ciuic_lab.compress"):
-            raise ExportError(f"{name} is a {type(mod).__name__}, a format pack-quantized cannot "
-                              f"hold (bitsandbytes baselines export only through bitsandbytes)")
-
-    tensors: dict[str, torch.Tensor] = {}
-    groups: dict[Scheme, list[str]] = {}
-    ignore: list[str] = []
-    for name, lin in linears.items():
-        scheme = layer_scheme(name, lin)
-        if scheme is None:
-            tensors[f"{name}.weight"] = dense_weight(lin, dtype)
-            ignore.append(name)
-        else:
-            for k, v in quantised_tensors(lin, scheme, dtype).items():
-                tensors[f"{name}.{k}"] = v
-            groups.setdefault(scheme, []).append(name)
-        if lin.meta["bias"]:
-            tensors[f"{name}.bias"] = lin.bias.to(dtype)
-    expert_scheme = _export_experts(experts, tensors, dtype)
-    if not groups and expert_scheme is None:
-        raise ExportError("nothing to export quantised: no layer of the model has a quantised "
-                          "part (export a run with a quant stage, e.g. quant=rtn)")
-    config_groups = _config_groups(groups, expert_scheme)
-    _warn_asymmetric(config_groups)
-
-    # Everything else (embeddings, norms, routers, head) as the model holds it.
-    skip = tuple(p + "." for p in (*linears, *experts))
-    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    tied = _tied_keys(model, dense)
-    for k, v in dense.items():
-        if k in tied:
-            continue
-        # Tensors the model keeps in another dtype on purpose (e.g. an fp32 router bias in a
-        # bf16 model) stay as they are; the rest follows `dtype`.
-        if v.is_floating_point() and v.dtype == model_dtype:
-            v = v.to(dtype)
-        tensors[k] = v.detach().cpu().contiguous()
-    # The head, routers and any other linear we did not compress stay dense. The "Linear"
-    # target would claim them, so they are listed in `ignore` (loaders such as vLLM also want
-    # every linear either targeted or ignored). Routers are not nn.Linear in transformers but
-    # are linears in vLLM, hence listed by name too.
-    for name, mod in model.named_modules():
-        if name in linears or any(name.startswith(p + ".") for p in experts):
-            continue
-        if isinstance(mod, nn.Linear) or name.rpartition(".")[2] in ROUTER_NAMES:
-            ignore.append(name)
-
+    dtype = dtype or _dense_dtype(model)
+    plan = _plan(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_weights(_tensors(model, plan, dtype), out_dir, shard_bytes)
     qconfig = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": config_groups,
-        "ignore": ignore,
+        "config_groups": plan.config_groups,
+        "ignore": plan.ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
         "version": _ct_version(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_weights(tensors, out_dir, shard_bytes)
     config = copy.deepcopy(model.config)
     if not getattr(config, "architectures", None):
         config.architectures = [type(model).__name__]  # vLLM picks the model class from it
@@ -294,6 +252,78 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def _plan(model: nn.Module) -> _Plan:
+    experts: dict[str, CompressedExperts] = {}
+    linears: dict[str, tuple[CompressedLinear, Scheme | None]] = {}
+    ignore: list[str] = []
+    groups: dict[Scheme, list[str]] = {}
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in experts):
+            continue
+        if isinstance(mod, CompressedExperts):
+            experts[name] = mod
+        elif isinstance(mod, CompressedLinear):
+            scheme = layer_scheme(name, mod)
+            linears[name] = (mod, scheme)
+            if scheme is None:
+                ignore.append(name)  # written dense
+            else:
+                groups.setdefault(scheme, []).append(name)
+        elif type(mod).__module__.startswith("ciuic_lab.compress"):
+            raise ExportError(f"{name} is a {type(mod).__name__}, a format pack-quantized cannot "
+                              f"hold (bitsandbytes baselines export only through bitsandbytes)")
+        elif isinstance(mod, nn.Linear) or name.rpartition(".")[2] in ROUTER_NAMES:
+            # The head, routers and any linear left uncompressed stay dense. The "Linear" target
+            # would claim them, so they are ignored by name (loaders such as vLLM also want
+            # every linear targeted or ignored). Routers are not nn.Linear in transformers but
+            # are linears in vLLM.
+            ignore.append(name)
+    expert_scheme = _experts_scheme(experts)
+    if not groups and expert_scheme is None:
+        raise ExportError("nothing to export quantised: no layer of the model has a quantised "
+                          "part (export a run with a quant stage, e.g. quant=rtn)")
+    config_groups = _config_groups(groups, expert_scheme)
+    _warn_asymmetric(config_groups)
+    skip = tuple(p + "." for p in (*linears, *experts))
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    tied = _tied_keys(model, dense)
+    return _Plan(linears, experts, expert_scheme, [k for k in dense if k not in tied],
+                 config_groups, ignore)
+
+
+def _tensors(model: nn.Module, plan: _Plan, dtype: torch.dtype):
+    """(key, tensor) for everything the checkpoint holds, one layer at a time."""
+    for name, (lin, scheme) in plan.linears.items():
+        if scheme is None:
+            yield f"{name}.weight", dense_weight(lin, dtype)
+        else:
+            for k, v in quantised_tensors(lin, scheme, dtype).items():
+                yield f"{name}.{k}", v
+        if lin.meta["bias"]:
+            yield f"{name}.bias", lin.bias.to(dtype)
+    for owner, mod in plan.experts.items():
+        # Per expert, as DeepSeek checkpoints store them; transformers merges them into its
+        # fused parameters on load.
+        for e in range(mod.num_experts):
+            expert = getattr(mod, str(e))
+            gu = expert.gate_up_proj
+            half = gu.out_features // 2  # gate rows first: transformers' chunk(2) of gate_up
+            parts = [("gate_proj", gu, slice(0, half)), ("up_proj", gu, slice(half, None)),
+                     ("down_proj", expert.down_proj, None)]
+            for proj, lin, rows in parts:
+                for k, v in quantised_tensors(lin, plan.expert_scheme, dtype, rows).items():
+                    yield f"{owner}.{e}.{proj}.{k}", v
+    model_dtype = _dense_dtype(model)
+    state = model.state_dict()
+    for k in plan.dense_keys:
+        v = state[k]
+        # Tensors the model keeps in another dtype on purpose (e.g. an fp32 router bias in a
+        # bf16 model) stay as they are; the rest follows `dtype`.
+        if v.is_floating_point() and v.dtype == model_dtype:
+            v = v.to(dtype)
+        yield k, v.detach().cpu().contiguous()
 
 
 def _check_out(out_dir: Path) -> None:
@@ -340,18 +370,16 @@ def _warn_asymmetric(config_groups: dict) -> None:
     if len(config_groups) > 1:
         msg += (f". This export has {len(config_groups)} config groups, and dequantize=True "
                 f"decodes every layer with one of them: transformers cannot load it correctly")
-    warnings.warn(msg, ExportWarning, stacklevel=3)
+    warnings.warn(msg, ExportWarning, stacklevel=4)  # the caller of export_model
 
 
-def _export_experts(experts: dict[str, CompressedExperts], tensors: dict,
-                    dtype: torch.dtype) -> Scheme | None:
-    """Write every routed expert per expert (`<owner>.<e>.{gate,up,down}_proj`), the layout of
-    DeepSeek checkpoints that transformers merges into its fused parameters on load.
+def _experts_scheme(experts: dict[str, CompressedExperts]) -> Scheme | None:
+    """The one scheme of every routed expert (None if there are none).
 
-    Returns their scheme (None if there are no experts). They must share one scheme and be
-    quantised symmetrically: transformers 5.24 decodes all routed experts of a compressed-tensors
-    checkpoint with one config group, only from `weight_packed` (dense experts go missing) and
-    without zero points (asymmetric experts fail an assertion).
+    They must share one scheme and be quantised symmetrically: transformers 5.24 decodes all
+    routed experts of a compressed-tensors checkpoint with one config group, only from
+    `weight_packed` (dense experts go missing) and without zero points (asymmetric experts fail
+    an assertion).
     """
     seen: dict[Scheme | None, str] = {}
     for owner, mod in experts.items():
@@ -380,16 +408,6 @@ def _export_experts(experts: dict[str, CompressedExperts], tensors: dict,
         raise ExportError(
             f"routed experts are quantised asymmetrically ({name}): transformers decodes routed "
             f"experts without their zero points. Export a run with quant.sym=true")
-    for owner, mod in experts.items():
-        for e in range(mod.num_experts):
-            expert = getattr(mod, str(e))
-            gu = expert.gate_up_proj
-            half = gu.out_features // 2  # gate rows first: transformers' chunk(2) of gate_up
-            parts = [("gate_proj", gu, slice(0, half)), ("up_proj", gu, slice(half, None)),
-                     ("down_proj", expert.down_proj, None)]
-            for proj, lin, rows in parts:
-                for k, v in quantised_tensors(lin, scheme, dtype, rows).items():
-                    tensors[f"{owner}.{e}.{proj}.{k}"] = v
     return scheme
 
 
@@ -419,26 +437,38 @@ def _tied_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
     return out
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
+def _write_weights(tensors, out_dir: Path, shard_bytes: int) -> None:
+    """Write (key, tensor) pairs as safetensors shards of about `shard_bytes`, each as soon as it
+    is full. Shards get their final names (model-i-of-n) once n is known; a single one is
+    model.safetensors with no index."""
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=meta)
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        path = out_dir / f".shard-{len(files):05d}.safetensors"
+        save_file(shard, str(path), metadata=meta)
+        files.append((path, list(shard)))
+        shard.clear()
+
+    for k, v in tensors:
+        n = v.numel() * v.element_size()
+        if shard and size + n > shard_bytes:
+            flush()
+            size = 0
+        shard[k] = v
+        size += n
+        total += n
+    flush()
+    if len(files) == 1:
+        files[0][0].rename(out_dir / "model.safetensors")
         return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    for i, (path, keys) in enumerate(files, 1):
+        fname = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        path.rename(out_dir / fname)
+        weight_map.update({k: fname for k in keys})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
