@@ -87,7 +87,8 @@ from torch import nn
 from ciuic_lab.compress import packing
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear
-from ciuic_lab.models.adapters import ROUTER_NAMES
+from ciuic_lab.errors import CheckpointError
+from ciuic_lab.models.adapters import adapter_for
 
 FORMATS = ("compressed-tensors",)
 SHARD_BYTES = 5 * 2**30
@@ -255,6 +256,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
 
 
 def _plan(model: nn.Module) -> _Plan:
+    routers = adapter_for(model).router_names
     experts: dict[str, CompressedExperts] = {}
     linears: dict[str, tuple[CompressedLinear, Scheme | None]] = {}
     ignore: list[str] = []
@@ -274,7 +276,7 @@ def _plan(model: nn.Module) -> _Plan:
         elif type(mod).__module__.startswith("ciuic_lab.compress"):
             raise ExportError(f"{name} is a {type(mod).__name__}, a format pack-quantized cannot "
                               f"hold (bitsandbytes baselines export only through bitsandbytes)")
-        elif isinstance(mod, nn.Linear) or name.rpartition(".")[2] in ROUTER_NAMES:
+        elif isinstance(mod, nn.Linear) or name.rpartition(".")[2] in routers:
             # The head, routers and any linear left uncompressed stay dense. The "Linear" target
             # would claim them, so they are ignored by name (loaders such as vLLM also want
             # every linear targeted or ignored). Routers are not nn.Linear in transformers but
@@ -303,18 +305,16 @@ def _tensors(model: nn.Module, plan: _Plan, dtype: torch.dtype):
                 yield f"{name}.{k}", v
         if lin.meta["bias"]:
             yield f"{name}.bias", lin.bias.to(dtype)
+    ad = adapter_for(model)
     for owner, mod in plan.experts.items():
         # Per expert, as DeepSeek checkpoints store them; transformers merges them into its
         # fused parameters on load.
         for e in range(mod.num_experts):
             expert = getattr(mod, str(e))
-            gu = expert.gate_up_proj
-            half = gu.out_features // 2  # gate rows first: transformers' chunk(2) of gate_up
-            parts = [("gate_proj", gu, slice(0, half)), ("up_proj", gu, slice(half, None)),
-                     ("down_proj", expert.down_proj, None)]
-            for proj, lin, rows in parts:
+            for name, proj, rows in ad.expert_parts(owner, e, expert.gate_up_proj.out_features):
+                lin = getattr(expert, proj)
                 for k, v in quantised_tensors(lin, plan.expert_scheme, dtype, rows).items():
-                    yield f"{owner}.{e}.{proj}.{k}", v
+                    yield f"{name}.{k}", v
     model_dtype = _dense_dtype(model)
     state = model.state_dict()
     for k in plan.dense_keys:
@@ -510,8 +510,6 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "compressed-t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ciuic_lab.compress.checkpoint import CheckpointError
-
     p = argparse.ArgumentParser(prog="python -m ciuic_lab.export",
                                 description="Export a run's compressed model to a Hugging Face "
                                             "directory (compressed-tensors pack-quantized).")

@@ -172,6 +172,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     if suite is not None and model is not None:
         metrics.update(suite.run(model, "compressed"))
         generations = suite.generations()
+        for row in report.layers:  # what each layer computes with once prepared
+            row["kernel"] = suite.kernels.get(row["name"], "reference")
     metrics.update(_sizes(report, weight_bytes, dense_params))
     for note in notes:
         log.warning(note)
@@ -221,7 +223,8 @@ def _sizes(report: CompressionReport, weight_bytes: int, dense_params: int) -> d
 
 def _mean_budget(alloc: dict, params: dict[str, int]) -> float | None:
     """Parameter-weighted mean of a stage's per-layer budgets: the figure its policy meets."""
-    pairs = [(v, params.get(k, 0)) for k, v in alloc.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    pairs = [(v.get("bits") if isinstance(v, dict) else v, params.get(k, 0))
+             for k, v in alloc.items()]
+    pairs = [(v, w) for v, w in pairs if isinstance(v, (int, float)) and not isinstance(v, bool)]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None

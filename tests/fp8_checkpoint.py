@@ -46,14 +46,15 @@ def quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
     return q.view(rb * block, cb * block)[:out, :cols].contiguous(), scale.float()
 
 
-def _per_expert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Fused experts tensors -> the official per-expert names (gate rows first in gate_up)."""
+def _per_expert(model, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fused experts tensor -> the official per-expert names (the adapter's layout)."""
+    from ciuic_lab.models.adapters import adapter_for
+
     owner, _, proj = name.rpartition(".")
-    if proj == "gate_up_proj":
-        half = t.shape[1] // 2
-        return {**{f"{owner}.{e}.gate_proj.weight": t[e, :half] for e in range(t.shape[0])},
-                **{f"{owner}.{e}.up_proj.weight": t[e, half:] for e in range(t.shape[0])}}
-    return {f"{owner}.{e}.down_proj.weight": t[e] for e in range(t.shape[0])}
+    state = model.state_dict()
+    rows = state[f"{owner}.gate_up_proj"].shape[1]
+    return {f"{ckpt}.weight": t[e, sl] for e in range(t.shape[0])
+            for ckpt, fused, sl in adapter_for(model).expert_parts(owner, e, rows) if fused == proj}
 
 
 def write_fp8_checkpoint(model, out: str | Path, block: int = 32, shards: int = 3) -> Path:
@@ -62,7 +63,7 @@ def write_fp8_checkpoint(model, out: str | Path, block: int = 32, shards: int = 
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         t = t.detach().cpu()
-        parts = _per_expert(name, t) if t.dim() == 3 and ".experts." in name else {name: t}
+        parts = _per_expert(model, name, t) if t.dim() == 3 and ".experts." in name else {name: t}
         for n, v in parts.items():
             if _is_fp8_weight(n, v):
                 tensors[n], tensors[n + "_scale_inv"] = quantize_blocks(v, block)

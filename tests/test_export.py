@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from ciuic_lab import export
 from ciuic_lab.compress import checkpoint
@@ -78,20 +77,10 @@ def _requant(model, pick, bits, g=32, sym=True):
 def _quantise_all(model, bits=4, g=32):
     """Every target of the blocks packed with RTN directly (no calibration walk): a quick
     compressed model for the architectures the pipeline tests already cover."""
-    for name, mod in list(model.named_modules()):
-        if not name.startswith("model.layers."):
-            continue
-        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] not in adapters.ROUTER_NAMES:
-            new = _packed(mod.weight.detach(), bits, g, True, bias=mod.bias)
-        elif adapters.is_fused_experts(mod):
-            n = mod.gate_up_proj.shape[0]
-            new = CompressedExperts(
-                [_packed(mod.gate_up_proj[e].detach(), bits, g, True) for e in range(n)],
-                [_packed(mod.down_proj[e].detach(), bits, g, True) for e in range(n)], mod.act_fn)
-        else:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, new)
+    ad = adapters.adapter_for(model)
+    for block in ad.blocks(model):
+        ad.install(block, {x.name: (x, _packed(x.weight.detach(), bits, g, True, bias=x.bias))
+                           for x in ad.layers(block)})
     return model
 
 

@@ -10,12 +10,12 @@ from ciuic_lab.compress import kernels
 from ciuic_lab.compress.kernels import (
     Int4Layout,
     Int8Layout,
-    base_weight,
     choose_kernel,
     kernel_group_size,
     kernel_name,
 )
-from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.magnitude import Magnitude
@@ -79,7 +79,7 @@ def test_int4_cpu_matches_reference(out, cols, group, sym, pattern, lowrank, m, 
         return
     assert kernel_name(layout) == "int4_cpu" and layout.group == g
     x = torch.randn(2, m, cols).to(act)
-    ref = F.linear(x.float(), base_weight(layer))
+    ref = F.linear(x.float(), layer.base_weight())
     y = layout(x)
     assert y.dtype == act and y.shape == (2, m, out)
     assert _rel_err(y, ref) < 1e-2
@@ -99,13 +99,13 @@ def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym)
     expected, slack = _expected_int4_readout(layer, layout.group)
     got = layout.weight(chunk=100)
     assert torch.equal(got, expected)
-    ours = base_weight(layer)
+    ours = layer.base_weight()
     assert ((got - ours).abs() <= slack + 1e-12).all()
-    pruned = got[~layer._kept_mask()]
+    pruned = got[~layer.kept_mask()]
     if sym:  # zero code 8 and zero offset 0: pruned entries are exactly 0
         assert (pruned == 0).all()
     else:  # (8 − z)·bf16(s) + bf16((8 − z)·s): two roundings that need not cancel
-        assert (pruned.abs() <= slack[~layer._kept_mask()]).all()
+        assert (pruned.abs() <= slack[~layer.kept_mask()]).all()
 
 
 @pytest.mark.parametrize("out,cols,bits,group", [
@@ -157,7 +157,7 @@ def test_int4_handles_empty_and_batched_inputs():
     layout = choose_kernel(layer, CPU, torch.float32)
     assert layout(torch.zeros(0, 128)).shape == (0, 32)
     x = torch.randn(2, 3, 5, 128)
-    assert _rel_err(layout(x), F.linear(x, base_weight(layer))) < 1e-2
+    assert _rel_err(layout(x), F.linear(x, layer.base_weight())) < 1e-2
 
 
 def test_layout_plus_the_rest_is_the_layer():
@@ -167,7 +167,7 @@ def test_layout_plus_the_rest_is_the_layer():
     layout = choose_kernel(layer, CPU, torch.float32)
     nbytes = layer.nbytes()
     x = torch.randn(4, 256)
-    rest = layer.dequantized_weight() - base_weight(layer)  # U·V
+    rest = layer.dequantized_weight() - layer.base_weight()  # U·V
     y = layout(x) + F.linear(x, rest, layer.bias.float())
     assert _rel_err(y, layer(x)) < 1e-2
     assert layer.nbytes() == nbytes  # choosing a layout leaves the layer as it was
@@ -192,7 +192,7 @@ def test_int8_matches_reference(out, cols, sym, pattern, m, act, seed):
     layout = choose_kernel(layer, CPU, act)
     assert kernel_name(layout) == "int8"
     x = torch.randn(m, cols).to(act)
-    assert _rel_err(layout(x), F.linear(x.float(), base_weight(layer))) < 1e-2
+    assert _rel_err(layout(x), F.linear(x.float(), layer.base_weight())) < 1e-2
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -208,7 +208,7 @@ def test_int8_kernel_weight_is_our_weight(sym):
         expected = (main + (128 - q.zero) * q.scale).bfloat16().float()
     got = layout.weight()
     assert torch.equal(got, expected)
-    ours = base_weight(layer)
+    ours = layer.base_weight()
     slack = 2 * BF16_U * ((q.codes.float() - 128).abs() * q.scale + ours.abs())
     assert ((got - ours).abs() <= slack).all()
 
@@ -219,7 +219,7 @@ def test_int8_survives_a_misaligned_bf16_input():
     layout = choose_kernel(layer, CPU, torch.bfloat16)
     x = torch.randn(4 * 64 + 1).bfloat16()[1:].view(4, 64)
     assert x.data_ptr() % 32
-    assert _rel_err(layout(x), F.linear(x.float(), base_weight(layer))) < 1e-2
+    assert _rel_err(layout(x), F.linear(x.float(), layer.base_weight())) < 1e-2
 
 
 def test_int8_bytes():
@@ -260,7 +260,7 @@ def test_int4_cuda_matches_reference_and_reads_back_exactly(out, cols, group, sy
     assert torch.equal(layout.weight().cpu(), expected)
     for act in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(3, 7, cols, device=CUDA).to(act)
-        ref = F.linear(x.float(), base_weight(layer).to(CUDA))
+        ref = F.linear(x.float(), layer.base_weight().to(CUDA))
         assert _rel_err(layout(x), ref) < 1e-2
 
 
@@ -273,7 +273,7 @@ def test_semi_structured_matches_reference(dtype):
     layout = choose_kernel(layer, CUDA, dtype, semi_structured=True)
     assert kernel_name(layout) == "semi_structured"
     x = torch.randn(2, 64, 256, device=CUDA, dtype=dtype)
-    ref = F.linear(x.float(), base_weight(layer).to(CUDA))
+    ref = F.linear(x.float(), layer.base_weight().to(CUDA))
     assert _rel_err(layout(x), ref) < 1e-2
     assert layout.nbytes() < 128 * 256 * 2  # about half the dense bytes plus metadata
     unstructured = _layer(128, 256, None, pattern="unstructured", dtype=dtype)
@@ -288,4 +288,4 @@ def test_int8_cuda_matches_reference(sym):
     assert choose_kernel(layer, CUDA, torch.bfloat16) is None  # off unless asked
     layout = choose_kernel(layer, CUDA, torch.bfloat16, int8_cuda=True)
     x = torch.randn(5, 96, device=CUDA, dtype=torch.bfloat16)
-    assert _rel_err(layout(x), F.linear(x.float(), base_weight(layer).to(CUDA))) < 1e-2
+    assert _rel_err(layout(x), F.linear(x.float(), layer.base_weight().to(CUDA))) < 1e-2

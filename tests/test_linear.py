@@ -57,10 +57,14 @@ def test_nbytes_counts_every_buffer_and_meets_4p5x():
 
 
 def test_state_dict_holds_the_packed_parts():
+    from ciuic_lab.compress import coding
+
     _, layer = _packed([Magnitude(pattern="2:4"), RTN(3, 32, sym=False)], torch.randn(8, 64))
     sd = layer.state_dict()
-    assert set(sd) == {"nm_index", "codes", "scale", "zero"}
-    assert sd["nm_index"].numel() == 8 * 32 * 2 // 8  # 2 bits per kept value
+    assert set(sd) == {"mask_code", "codes", "scale", "zero"}
+    # the 2:4 mask at log2 C(4,2) bits per group of 4 (0.65 bit per weight), not 1 bit per weight
+    assert sd["mask_code"].numel() == coding.coded_nbytes((8, 64), (2, 4)) < 8 * 64 // 8
+    assert torch.equal(layer.kept_mask().view(8, 16, 4).sum(-1), torch.full((8, 16), 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -82,7 +86,7 @@ def test_dense_codes_dequantise_to_the_layer_weight(bits, pattern, sym, group, s
     assert q.codes.shape == (8, 48) and q.codes.dtype == torch.int32
     assert torch.equal(q.dequantize(), layer.dequantized_weight())
     if pattern != "none":
-        assert (q.dequantize()[~layer._kept_mask()] == 0).all()
+        assert (q.dequantize()[~layer.kept_mask()] == 0).all()
 
 
 def test_dense_codes_needs_a_quantised_base():

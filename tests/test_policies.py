@@ -113,8 +113,9 @@ def test_sensitivity_meets_mean_bits_and_beats_uniform(target):
         st = LayerStats(p.shape[1], hessian=True)
         st.add_batch(torch.randn(128, p.shape[1]) * (10 if p.block == 1 else 1))
         layers[p.name] = (torch.randn(p.shape), st)
-        pol.summarize(p.facts.setdefault("quant", {}), *layers[p.name], group_size=32, sym=True)
-    alloc = pol.allocate(ps, target)
+        pol.summarize(p.facts.setdefault("quant", {}), *layers[p.name], group_size=32, sym=True,
+                      sensitivity="local")
+    alloc = pol.allocate(ps, target, group_size=32)
     assert abs(_wmean(ps, alloc) - target) <= 0.05
     errs = [layer_errors(layers[p.name][0], layers[p.name][1].hessian, None, [2, 3, 4, 5, 6, 8],
                          32, True) for p in ps]

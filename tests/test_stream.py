@@ -201,9 +201,11 @@ from ciuic_lab.compress.pipeline import compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.eval.memory import PeakMemory
+from ciuic_lab.models.loader import skeleton
 torch.set_num_threads(1)
 src, out = sys.argv[1], sys.argv[2]
 calib = torch.randint(0, 256, (4, 64))
+skeleton(src, torch.float32)  # import the architecture's modules before measuring
 with PeakMemory("cpu") as before:
     pass
 with PeakMemory("cpu") as pm:
@@ -223,13 +225,13 @@ def _streamed_rss(src: Path, out: Path) -> int:
 @pytest.mark.slow
 def test_streamed_host_memory_does_not_grow_with_depth(tmp_path):
     """Peak host memory of a streamed run (fresh processes) stays below the shallower checkpoint's
-    size and grows less than 10 % when the depth doubles."""
+    size and grows less than 10 % when the depth doubles (blocks of ~50 MB)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     sizes, extra = {}, {}
-    for layers in (4, 8):
-        cfg = DeepseekV3Config(vocab_size=256, hidden_size=256, intermediate_size=1024,
-                               moe_intermediate_size=512, num_hidden_layers=layers,
+    for layers in (6, 12):
+        cfg = DeepseekV3Config(vocab_size=256, hidden_size=512, intermediate_size=2048,
+                               moe_intermediate_size=768, num_hidden_layers=layers,
                                num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
                                n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                                n_group=1, topk_group=1, q_lora_rank=64, kv_lora_rank=64,
@@ -237,12 +239,12 @@ def test_streamed_host_memory_does_not_grow_with_depth(tmp_path):
                                tie_word_embeddings=False)
         torch.manual_seed(0)
         src = tmp_path / f"src{layers}"
-        DeepseekV3ForCausalLM(cfg).save_pretrained(src, max_shard_size="20MB")
+        DeepseekV3ForCausalLM(cfg).save_pretrained(src, max_shard_size="50MB")
         sizes[layers] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         extra[layers] = _streamed_rss(src, tmp_path / f"out{layers}")
-    assert sizes[8] > 1.8 * sizes[4]
-    assert extra[4] < sizes[4] and extra[8] < sizes[4], (extra, sizes)
-    assert extra[8] < 1.1 * extra[4] + 4 * 2**20, (extra, sizes)
+    assert sizes[12] > 1.8 * sizes[6]
+    assert extra[6] < sizes[6] and extra[12] < sizes[6], (extra, sizes)
+    assert extra[12] < 1.1 * extra[6], (extra, sizes)
 
 
 def test_cli_streamed_run_measures_the_dense_baseline_and_compression_costs(tmp_path):

@@ -51,8 +51,12 @@ class Method:
         return get_policy(self.stage, self.policy)
 
     def policy_needs(self) -> frozenset[str]:
-        """What the policy reads in the profile walk: "weight", "act_norm", "hessian"."""
-        return getattr(self._policy(), "needs", frozenset())
+        """What the policy reads in the profile walk: "weight", "act_norm", "hessian",
+        "output_grad" (the calibration loss's gradient at each layer's output)."""
+        policy = self._policy()
+        if hasattr(policy, "needs_for"):  # needs that depend on the method's knobs
+            return frozenset(policy.needs_for(**asdict(self)))
+        return getattr(policy, "needs", frozenset())
 
     def summarize(self, profile: LayerProfile, weight, stats: LayerStats | None) -> None:
         """Let the policy keep its small fact about one layer (profile walk)."""
@@ -250,7 +254,8 @@ class LowRankMethod(Method):
 @dataclass
 class QuantMethod(Method):
     """Sets `state.quant` (codes of the base part's kept entries), or quantises U, V when a
-    factorize stage removed the base part."""
+    factorize stage removed the base part. A layer's budget is its width in bits, or
+    {"bits": b, "group_size": g} when the policy also chose its group size."""
 
     stage: ClassVar[str] = "quant"
     bits: int = 4
@@ -260,6 +265,9 @@ class QuantMethod(Method):
     avg_bits: float | None = None  # sensitivity: mean bits goal (null = `bits`)
     kind_bits: dict | None = None  # kind_map: {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
     candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    candidate_groups: list | None = None  # sensitivity: group sizes a layer may get (null: group_size)
+    sensitivity: str = "fisher"  # sensitivity: fisher (end-to-end) | local (layer output error)
+    budget: str = "codes"  # sensitivity: avg_bits counts code bits (codes) or everything (stored)
     layers: dict | None = None  # {name pattern: bits or null (kept at the store dtype)}
 
     def __post_init__(self):
@@ -270,8 +278,13 @@ class QuantMethod(Method):
         for b in list(self.candidate_bits) + list((self.kind_bits or {}).values()):
             _check(isinstance(b, int) and 2 <= b <= 8, "quant.candidate_bits/kind_bits",
                    f"every width must be an integer in 2..8, got {b!r}")
-        _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
-               "quant.group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        for g in [self.group_size, *(self.candidate_groups or [])]:
+            _check(isinstance(g, int) and (g == -1 or g > 0), "quant.group_size/candidate_groups",
+                   f"must be -1 (per channel) or a positive integer, got {g!r}")
+        _check(self.sensitivity in ("fisher", "local"), "quant.sensitivity",
+               f"must be fisher or local, got {self.sensitivity!r}")
+        _check(self.budget in ("codes", "stored"), "quant.budget",
+               f"must be codes or stored, got {self.budget!r}")
         get_policy("quant", self.policy)
         self._check_layers()
 
@@ -285,6 +298,12 @@ class QuantMethod(Method):
     def goal(self) -> float:
         return float(self.avg_bits if self.avg_bits is not None else self.bits)
 
+    def format_of(self, budget) -> tuple[int, int]:
+        """(bits, group size) of a layer's budget."""
+        if isinstance(budget, dict):
+            return int(budget["bits"]), int(budget.get("group_size", self.group_size))
+        return int(budget), self.group_size
+
     def to_quantize(self, state: LayerState):
         # Keep what a prune stage reconstructed (SparseGPT updates the kept weights); with a
         # low-rank part, the base must carry what U·V does not.
@@ -294,16 +313,16 @@ class QuantMethod(Method):
         return state.weight - lr
 
     def apply(self, state: LayerState, stats: LayerStats | None, budget) -> None:
-        bits = int(budget)
+        bits, group = self.format_of(budget)
         if state.base is None:  # factorized layer: the factors are what is stored
-            state.u_quant = self.quantize(state.u, None, None, bits)
-            state.v_quant = self.quantize(state.v, None, None, bits)
+            state.u_quant = self.quantize(state.u, None, None, bits, group)
+            state.v_quant = self.quantize(state.v, None, None, bits, group)
         else:
             w = self.to_quantize(state)
             state.base = w
-            state.quant = self.quantize(w, state.mask, stats, bits)
+            state.quant = self.quantize(w, state.mask, stats, bits, group)
         state.info["bits"] = bits
+        state.info["group_size"] = group
 
-    def quantize(self, w, mask, stats: LayerStats | None, bits: int) -> QuantPart:
+    def quantize(self, w, mask, stats: LayerStats | None, bits: int, group_size: int) -> QuantPart:
         raise NotImplementedError
-

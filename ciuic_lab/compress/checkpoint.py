@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent
+from ciuic_lab.compress.blocks import (in_memory_experts, rebuild_non_persistent,
+                                       return_freed_memory)
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
@@ -259,6 +260,7 @@ class Stored:
     that does not fit the device (a block-walk provider, see compress/blocks.py)."""
 
     def __init__(self, path: str | Path, device: str | torch.device):
+        return_freed_memory(fix_threshold=True)
         self.path, self.device = Path(path), torch.device(device)
         self.manifest = read_manifest(self.path)
         self.model = skeleton(self.manifest, "meta").eval()
@@ -286,6 +288,7 @@ class Stored:
 
     def release(self, i: int, block: nn.Module) -> None:
         self.adapter.blocks(self.model)[i] = block.to("meta")
+        return_freed_memory()
 
     def experts(self, i: int, owner: str, module: nn.Module):
         return in_memory_experts(module, self.device)  # experts left dense: stored fused

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.linear import CompressedLinear, QuantPart
+from ciuic_lab.compress.state import QuantPart
 from ciuic_lab.compress.quant import grid
 
 # Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
@@ -68,19 +68,9 @@ KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int8", "semi_structured", "reference")
 
 
 # ---- what the layouts are built from --------------------------------------------------------
-def base_weight(layer: CompressedLinear) -> torch.Tensor:
-    """float32 (out, in) base part of a layer: dequant(Q) ⊙ M, or its 16-bit values ⊙ M.
-
-    The oracle every layout is tested against. Reads CompressedLinear's private part readers:
-    the lead should expose this as a method next to `dense_codes()`.
-    """
-    base = layer.meta["base"]
-    shape = (layer.out_features, layer.in_features)
-    if base is None:
-        return torch.zeros(shape, device=layer._device())
-    if base["quant"] is not None:
-        return layer.dense_codes().dequantize()
-    return layer._dense_part("", "values", shape, None, layer._kept_mask())
+# A layout is built from a CompressedLinear ("layer" below: duck-typed, so this module does not
+# import the format that imports it): its `dense_codes()` for quantised bases, its
+# `base_weight()` and `kept_mask()` for a 16-bit sparse one.
 
 
 def kernel_group_size(cols: int, group_size: int,
@@ -296,7 +286,7 @@ def _is_two_of_four(mask: torch.Tensor) -> bool:
 
 
 # ---- choosing ------------------------------------------------------------------------------------
-def choose_kernel(layer: CompressedLinear, device: torch.device | str, dtype: torch.dtype, *,
+def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
                   semi_structured: bool = False, int8_cuda: bool = False) -> KernelLayout | None:
     """The fastest layout for this layer's base part on `device`, or None (reference path).
 
@@ -316,11 +306,11 @@ def choose_kernel(layer: CompressedLinear, device: torch.device | str, dtype: to
         if not (semi_structured and device.type == "cuda" and dtype in (torch.float16,
                                                                            torch.bfloat16)):
             return None
-        mask = layer._kept_mask()
+        mask = layer.kept_mask()
         if mask is None or not _is_two_of_four(mask):
             return None
         try:
-            return SemiStructuredLayout(base_weight(layer).to(device), dtype)
+            return SemiStructuredLayout(layer.base_weight().to(device), dtype)
         except (RuntimeError, ValueError):  # shape below the backend's minimum tile
             return None
     bits, gs = q["bits"], q["group_size"]

@@ -6,15 +6,21 @@ Stages edit a LayerState (compress/state.py) in float32; `CompressedLinear.pack`
 packed parts as persistent buffers, so `nbytes()` and the model-level byte count are read from
 what is really stored:
 
-    mask_bits   uint8   1 bit per weight            (unstructured sparsity)
-    nm_index    uint8   ceil(log2 M) bits per kept   (N:M sparsity)
+    mask_code   uint8   the kept-entry mask at its entropy limit (compress/coding.py): an N:M
+                        pattern in log2 C(M,N) bits per group (2:4: 0.65 bit per weight), an
+                        unstructured mask near H(density) bits per weight (1 bit at 50 %)
     values      16-bit  kept weights                 (base part, not quantised)
     codes       uint8   k bits per kept weight       (base part, quantised)
     scale/zero  fp16 / uint8 per (row, group)
     u, v        16-bit or k-bit codes (+ grids)      (low-rank part)
     bias        16-bit
 
-The reference forward rebuilds the dense weight transiently in the input's dtype and device.
+Forward: the reference path rebuilds the dense weight transiently in the input's dtype and device;
+it is the oracle. `prepare(device, dtype)` re-encodes the base part for a fused kernel where one
+fits (compress/kernels.py: PyTorch's int4/int8 weight-only matmuls) and drops the packed base
+buffers it replaces, so the layer then holds (and `nbytes()` counts) the kernel's layout; the
+low-rank part runs as two small matmuls U·(V·x), never as a dense U·V. A prepared layer is for
+inference: save checkpoints before preparing.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress import packing
+from ciuic_lab.compress import coding, packing
 from ciuic_lab.compress.formats import buffer_nbytes
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.state import LayerState, QuantPart
+
+_BASE_BUFFERS = ("mask_code", "values", "codes", "scale", "zero")
 
 
 class CompressedLinear(nn.Module):
@@ -39,6 +47,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.meta = meta  # formats of the stored parts: enough to rebuild the weight
+        self.kernel: nn.Module | None = None  # set by prepare()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -49,17 +58,11 @@ class CompressedLinear(nn.Module):
         mod = cls(cols, out, meta)
         if state.base is not None:
             base: dict = {"mask": None, "quant": None}
-            kept = None
-            if state.mask is not None:
-                kept = state.mask
-                if state.nm is not None:
-                    n, m = state.nm
-                    idx = packing.nm_indices(state.mask, n, m)
-                    mod._buf("nm_index", packing.pack_bits(idx, packing.nm_index_bits(m)))
-                    base["mask"] = {"kind": "nm", "n": n, "m": m}
-                else:
-                    mod._buf("mask_bits", packing.pack_mask(state.mask))
-                    base["mask"] = {"kind": "bitmask"}
+            kept = state.mask
+            if kept is not None:
+                stream, code = coding.encode_mask(kept, state.nm)
+                mod._buf("mask_code", stream)
+                base["mask"] = {"code": code}
                 base["n_kept"] = int(kept.sum())
             if state.quant is not None:
                 q = state.quant
@@ -84,6 +87,9 @@ class CompressedLinear(nn.Module):
         return mod
 
     def spec(self) -> dict:
+        if self.kernel is not None:
+            raise RuntimeError("a layer prepared for inference no longer holds its packed base "
+                               "part: save the checkpoint before prepare()")
         return {"format": self.format, "in": self.in_features, "out": self.out_features,
                 "meta": self.meta}
 
@@ -107,12 +113,17 @@ class CompressedLinear(nn.Module):
 
     # ---- reading --------------------------------------------------------------------------
     def nbytes(self) -> int:
+        """Bytes of every buffer the layer holds (a prepared layer's kernel layout included)."""
         return buffer_nbytes(self)
 
     @property
     def params(self) -> int:
         """Parameters of the dense weight this layer replaces (the denominator of bits/param)."""
         return self.in_features * self.out_features
+
+    @property
+    def kernel_name(self) -> str:
+        return "reference" if self.kernel is None else self.kernel.kernel_name
 
     def _grid(self, prefix: str, qmeta: dict) -> tuple[torch.Tensor, torch.Tensor]:
         scale = getattr(self, prefix + "scale").float()
@@ -122,17 +133,12 @@ class CompressedLinear(nn.Module):
             zero = getattr(self, prefix + "zero").float()
         return scale, zero
 
-    def _kept_mask(self) -> torch.Tensor | None:
+    def kept_mask(self) -> torch.Tensor | None:
+        """The base part's kept entries, bool (out, in), decoded from `mask_code` (None: dense)."""
         m = self.meta["base"]["mask"]
-        shape = (self.out_features, self.in_features)
         if m is None:
             return None
-        if m["kind"] == "bitmask":
-            return packing.unpack_mask(self.mask_bits, shape)
-        n, mm = m["n"], m["m"]
-        count = self.out_features * (self.in_features // mm) * n
-        idx = packing.unpack_bits(self.nm_index, packing.nm_index_bits(mm), count)
-        return packing.nm_mask(idx.view(self.out_features, self.in_features // mm, n), mm)
+        return coding.decode_mask(self.mask_code, m["code"], (self.out_features, self.in_features))
 
     def _dense_part(self, prefix: str, dense_name: str, shape: tuple[int, int],
                     qmeta: dict | None, kept: torch.Tensor | None) -> torch.Tensor:
@@ -141,7 +147,8 @@ class CompressedLinear(nn.Module):
         Unquantised parts live in buffer `dense_name`; quantised ones in `<prefix>codes` (+grid).
         """
         if qmeta is None:
-            return _scatter(getattr(self, dense_name).float(), kept, torch.zeros(shape, device=self._device()))
+            zeros = torch.zeros(shape, device=self._device())
+            return _scatter(getattr(self, dense_name).float(), kept, zeros)
         n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
         codes = packing.unpack_bits(getattr(self, prefix + "codes"), qmeta["bits"], n)
         scale, zero = self._grid(prefix, qmeta)
@@ -160,7 +167,7 @@ class CompressedLinear(nn.Module):
             raise ValueError("this layer's base part is not quantised: it has no codes")
         q = base["quant"]
         shape = (self.out_features, self.in_features)
-        kept = self._kept_mask()
+        kept = self.kept_mask()
         n = int(kept.sum()) if kept is not None else shape[0] * shape[1]
         codes = packing.unpack_bits(self.codes, q["bits"], n)
         scale, zero = self._grid("", q)
@@ -171,29 +178,63 @@ class CompressedLinear(nn.Module):
     def _device(self) -> torch.device:
         return next(self.buffers()).device
 
+    def base_weight(self) -> torch.Tensor:
+        """float32 (out, in) base part: dequant(Q) ⊙ M, or its 16-bit values ⊙ M (zeros if the
+        layer is purely low rank); read back through the kernel when prepared."""
+        shape = (self.out_features, self.in_features)
+        base = self.meta["base"]
+        if base is None:
+            return torch.zeros(shape, device=self._device())
+        if self.kernel is not None:
+            return self.kernel.weight()
+        return self._dense_part("", "values", shape, base["quant"], self.kept_mask())
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U (out, r), V (r, in)) float32, dequantised if stored in k bits; None without them."""
+        lr = self.meta["lowrank"]
+        if lr is None:
+            return None
+        r = lr["rank"]
+        return (self._dense_part("u_", "u", (self.out_features, r), lr["quant"], None),
+                self._dense_part("v_", "v", (r, self.in_features), lr["quant"], None))
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with, rebuilt from packed parts."""
-        shape = (self.out_features, self.in_features)
-        w = torch.zeros(shape, device=self._device())
-        base = self.meta["base"]
-        if base is not None:
-            w = self._dense_part("", "values", shape, base["quant"], self._kept_mask())
-        lr = self.meta["lowrank"]
-        if lr is not None:
-            r = lr["rank"]
-            u = self._dense_part("u_", "u", (self.out_features, r), lr["quant"], None)
-            v = self._dense_part("v_", "v", (r, self.in_features), lr["quant"], None)
-            w = w + u @ v
+        w = self.base_weight()
+        factors = self.lowrank_factors()
+        if factors is not None:
+            w = w + factors[0] @ factors[1]
         return w.to(dtype)
 
+    # ---- computing ------------------------------------------------------------------------
+    def prepare(self, device: torch.device | str, dtype: torch.dtype, **flags) -> str:
+        """Re-encode the base part for the fastest kernel on `device` (compress/kernels.py), if
+        one fits, and drop the packed base buffers it replaces. Returns the kernel's name
+        ("reference" when none fits: the layer is unchanged)."""
+        from ciuic_lab.compress.kernels import choose_kernel
+
+        if self.kernel is None:
+            layout = choose_kernel(self, device, dtype, **flags)
+            if layout is not None:
+                for name in _BASE_BUFFERS:
+                    self._buffers.pop(name, None)
+                self.kernel = layout
+        return self.kernel_name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
         b = self.bias.to(x.dtype) if self.meta["bias"] else None
-        return F.linear(x, w, b)
+        if self.kernel is None:
+            return F.linear(x, self.dequantized_weight(x.dtype), b)
+        y = self.kernel(x)
+        factors = self.lowrank_factors()
+        if factors is not None:  # two thin matmuls: r (out + in) per token, not out · in
+            u, v = factors
+            y = y + F.linear(F.linear(x, v.to(x.dtype)), u.to(x.dtype))
+        return y if b is None else y + b
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bytes={self.nbytes()}, "
-                f"bits/param={8 * self.nbytes() / self.params:.3f}")
+                f"bits/param={8 * self.nbytes() / self.params:.3f}, kernel={self.kernel_name}")
 
 
 def _scatter(values: torch.Tensor, kept: torch.Tensor | None, fill: torch.Tensor) -> torch.Tensor:

@@ -27,24 +27,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.base import Method
 from ciuic_lab.compress.blocks import (
+    Activations,
+    BlockInputs,
     MoECall,
     Resident,
     add_routed,
     capture,
     experts_modules,
+    dense_forward,
     recording,
+    routed_outputs,
     run_block,
 )
 from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats, relative_error
-from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats
+from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats, set_submodule
 
 
 @dataclass
@@ -109,9 +114,14 @@ def _make_layer(methods: list[Method], state: LayerState, dtype: torch.dtype) ->
 # ---------------------------------------------------------------- routed experts' statistics
 
 
-def _routed_rows(calls: list[MoECall], e: int) -> torch.Tensor:
-    """Every token the router sent to expert e, over the recorded calls: (n_e, H)."""
-    return torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
+def _expert_tokens(calls: list[MoECall], e: int, everyone: torch.Tensor,
+                   min_tokens: int) -> tuple[torch.Tensor, int, bool]:
+    """(calibration inputs, own token count, fallback) of routed expert e: the tokens its router
+    sent it over the recorded calls, or every token that entered the layer (`everyone`) when
+    it got fewer than `min_tokens` (its statistics would be too thin to trust)."""
+    x = torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
+    fallback = x.shape[0] < min_tokens
+    return (everyone if fallback else x), x.shape[0], fallback
 
 
 def _stats_of(x: torch.Tensor, hessian: bool, rows: int = 4096) -> LayerStats:
@@ -184,9 +194,7 @@ def _profile_block(provider, i: int, block: nn.Module, inputs, keep, hessian: bo
         outs = [torch.zeros_like(c.hidden) for c in calls]
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(expert_chunk):
             for j, e in enumerate(ids):
-                x = _routed_rows(calls, e)
-                if x.shape[0] < min_expert_tokens:
-                    x = everyone  # as the compress walk does for a starved expert
+                x, _, _ = _expert_tokens(calls, e, everyone, min_expert_tokens)
                 keep(f"{owner}.{e}.gate_up_proj", gate_up[j], _stats_of(x, hessian))
                 inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
                 keep(f"{owner}.{e}.down_proj", down[j], _stats_of(inter, hessian))
@@ -208,6 +216,176 @@ def _block_weights(provider, i: int, block: nn.Module, chunk: int):
             for j, e in enumerate(ids):
                 yield f"{owner}.{e}.gate_up_proj", gate_up[j]
                 yield f"{owner}.{e}.down_proj", down[j]
+
+
+# ---------------------------------------------------------------- output Fisher walk
+
+
+def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
+                       progress: bool = True, activations: str = "auto",
+                       expert_chunk: int = 8) -> dict[str, torch.Tensor]:
+    """{layer name: F (out,)}, F_o = Σ_t (∂L/∂y_{t,o})² for the next-token loss L of the dense
+    model over `windows`: how much each output channel of each layer matters at the model's
+    output (the end-to-end weight of the sensitivity policy's Fisher mode).
+
+    A backward walk: one forward keeps every block's input (in `Activations`: memory, host or
+    disk), the loss's gradient is taken after the last block, then blocks are revisited in
+    reverse, each re-run with autograd from its stored input to carry the gradient to the block
+    before; hooks read each layer's output gradient on the way. Routed experts never enter
+    autograd whole: a MoE layer's output is replayed from a chunked computation as a leaf, its
+    gradient there is pushed through the experts a chunk at a time (their input gradient, their
+    routing weights' gradient, and each expert's own output gradients), and the block's backward
+    finishes from the MoE layer's inputs. So it runs on streamed blocks too; memory: the stored
+    block inputs (depth × calibration tokens × hidden) and one block's autograd graph for all
+    calibration batches.
+    """
+    ad = provider.adapter
+    inputs = capture(provider, windows, batch_size, activations)
+    stored = [inputs.hidden]
+    n = len(provider)
+    for i in tqdm(range(n), desc="fisher (forward)", unit="block", disable=not progress):
+        block = provider.load(i)
+        outs = dense_forward(block, i, provider, BlockInputs(stored[-1], inputs.kwargs),
+                             expert_chunk)
+        stored.append(Activations(provider.device, activations).fill(outs))
+        provider.release(i, block)
+    post = provider.post()
+    grads = []
+    for b in range(len(inputs)):
+        h = stored[-1][b].detach().requires_grad_(True)
+        ids = windows[b * batch_size:(b + 1) * batch_size].to(h.device)
+        with torch.enable_grad():
+            logits = h
+            for mod in post:
+                logits = mod(logits)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                   reduction="sum")
+            (g,) = torch.autograd.grad(loss, h)
+        grads.append(g)
+    fisher: dict[str, torch.Tensor] = {}
+    for i in tqdm(reversed(range(n)), total=n, desc="fisher (backward)", unit="block",
+                  disable=not progress):
+        block = provider.load(i)
+        grads = _block_backward(provider, i, block, BlockInputs(stored[i], inputs.kwargs), grads,
+                                fisher, expert_chunk)
+        stored[i + 1] = None
+        provider.release(i, block)
+    return fisher
+
+
+class _LeafReplay(nn.Module):
+    """Stands in for a fused experts module in an autograd pass: returns the MoE output computed
+    beforehand as a leaf that requires grad, and keeps the call's inputs (still in the graph)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs, self.calls = outputs, []
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        leaf = self.outputs[len(self.calls)].detach().requires_grad_(True)
+        self.calls.append((hidden_states, top_k_index, top_k_weights, leaf))
+        return leaf
+
+
+def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
+                    grads: list[torch.Tensor], fisher: dict, chunk: int) -> list[torch.Tensor]:
+    """The loss's gradient at the block's input, per batch, from the one at its output; every
+    layer's squared output gradient added to `fisher` on the way."""
+    ad = provider.adapter
+    prefix = ad.block_name(i)
+    owners = experts_modules(ad, block)
+    routed = {}
+    if owners:  # the MoE outputs, chunked: no expert is in autograd, none need be resident
+        with recording(block, ad) as rec:
+            run_block(block, inputs)
+        routed = {name: routed_outputs(ad, rec.calls[name], provider.experts(i, name, mod), chunk)
+                  for name, mod in owners}
+    replays = {name: _LeafReplay(outs) for name, outs in routed.items()}
+    originals = dict(owners)
+    for name, rep in replays.items():
+        set_submodule(block, name, rep)
+    passes = []
+    try:
+        with torch.enable_grad(), _linear_grads(ad, block, prefix, fisher):
+            for (x0, kw), g in zip(inputs, grads):
+                x = x0.detach().requires_grad_(True)
+                out = block(x, **kw)
+                y = out[0] if isinstance(out, tuple) else out
+                calls = [rep.calls[-1] for rep in replays.values()]
+                g_moe = torch.autograd.grad(y, [c[3] for c in calls], g, retain_graph=True) \
+                    if calls else []
+                passes.append((x, y, g, calls, g_moe))
+            # the experts' part of the backward, a chunk of experts at a time for all batches
+            back = {name: _experts_backward(provider, i, name, originals[name], chunk, fisher,
+                                            prefix, [(c[k][0], c[k][1], c[k][2], gm[k])
+                                                     for _, _, _, c, gm in passes])
+                    for k, name in enumerate(replays)}
+            new = []
+            for b, (x, y, g, calls, _) in enumerate(passes):
+                outs, grad_outs = [y], [g]
+                for k, name in enumerate(replays):
+                    d_hidden, d_weights = back[name][b]
+                    outs += [calls[k][0], calls[k][2]]
+                    grad_outs += [d_hidden, d_weights]
+                (gx,) = torch.autograd.grad(outs, x, grad_outs)
+                new.append(gx)
+    finally:
+        for name, mod in originals.items():
+            set_submodule(block, name, mod)
+    return new
+
+
+def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, fisher: dict,
+                      prefix: str, calls: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per recorded call (hidden, index, weights, g at the MoE output): the gradients at the MoE
+    input and at the routing weights, with each expert's output gradients added to `fisher`:
+    its down projection's is the routing weight times g on its tokens; its gate/up's follows
+    through act(gate)·up and the down projection."""
+    ad = provider.adapter
+    out = [(torch.zeros_like(h), torch.zeros_like(w)) for h, _, w, _ in calls]
+    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
+        for j, e in enumerate(ids):
+            for (h, index, w, g), (d_h, d_w) in zip(calls, out):
+                tok, kpos = torch.where(index == e)
+                if tok.numel() == 0:
+                    continue
+                with torch.enable_grad():
+                    x = h[tok].detach().requires_grad_(True)
+                    z = F.linear(x, gate_up[j].to(x.dtype))
+                    gate, up = z.chunk(2, dim=-1)
+                    y = F.linear(mod.act_fn(gate) * up, down[j].to(x.dtype))
+                    g_down = g[tok] * w[tok, kpos, None].detach()
+                    gx, gz = torch.autograd.grad(y, [x, z], g_down.to(y.dtype))
+                _add_sq(fisher, f"{prefix}.{owner}.{e}.down_proj", g_down)
+                _add_sq(fisher, f"{prefix}.{owner}.{e}.gate_up_proj", gz)
+                d_h.index_add_(0, tok, gx.to(d_h.dtype))
+                d_w[tok, kpos] += (g[tok] * y.detach()).sum(-1).to(d_w.dtype)
+    return out
+
+
+def _add_sq(fisher: dict, name: str, g: torch.Tensor) -> None:
+    sq = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    fisher[name] = fisher[name] + sq if name in fisher else sq
+
+
+class _linear_grads:
+    """Context: each nn.Linear layer's squared output gradient added to `fisher` in backward."""
+
+    def __init__(self, ad, block: nn.Module, prefix: str, fisher: dict):
+        self.layers = [x for x in ad.layers(block) if x.expert is None]
+        self.prefix, self.fisher, self.handles = prefix, fisher, []
+
+    def __enter__(self):
+        for x in self.layers:
+            def hook(_m, _a, out, name=f"{self.prefix}.{x.name}") -> None:
+                out.register_hook(lambda g: _add_sq(self.fisher, name, g))
+
+            self.handles.append(x.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------- compress walk
@@ -295,10 +473,7 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
     packed = {}
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
         for j, e in enumerate(ids):
-            x = _routed_rows(calls, e)
-            own, fallback = x.shape[0], x.shape[0] < min_expert_tokens
-            if fallback:
-                x = everyone
+            x, own, fallback = _expert_tokens(calls, e, everyone, min_expert_tokens)
             names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
             gu = compress_one(f"{prefix}.{names[0]}", "expert", gate_up[j], None,
                               _stats_of(x, hessian), fallback, own)
@@ -323,6 +498,13 @@ def plan(provider, windows: torch.Tensor, methods: list[Method], batch_size: int
         method.check_shapes(profiles)
     report = CompressionReport()
     t0 = time.perf_counter()
+    grad_users = [m for m in methods if "output_grad" in m.policy_needs()]
+    if grad_users:
+        fisher = output_fisher_walk(provider, windows, batch_size, progress, activations,
+                                    expert_chunk)
+        for p in profiles:
+            for m in grad_users:
+                p.facts.setdefault(m.stage, {})["output_fisher"] = fisher[p.name]
     profile_walk(provider, windows, methods, profiles, batch_size, expert_chunk,
                  min_expert_tokens, progress, activations)
     report.profile_seconds = time.perf_counter() - t0

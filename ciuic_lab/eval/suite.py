@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig
@@ -45,6 +46,7 @@ class Suite:
         self.windows = windows
         self.progress = bool(cfg.progress)
         self.texts: dict[str, list[str]] = {}  # generations per model ("dense", "compressed")
+        self.kernels: dict[str, str] = {}  # layer name -> kernel, once the model is prepared
 
     def header(self) -> dict:
         return {"eval/seqlen": self.seqlen, "eval/windows": int(self.windows.shape[0]),
@@ -61,16 +63,42 @@ class Suite:
                 torch.device(device).type, *extra]
 
     def run(self, model, which: str) -> dict:
-        """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one."""
+        """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one.
+
+        Quality (perplexity, lm-eval, generations) of a compressed model runs on its packed
+        layers, or with `eval.quality_path=materialize` on their weights rebuilt once (the same
+        numbers up to float rounding, at the dense model's speed). Then its packed layers are
+        prepared for their kernels, and peak memory and speed are measured on that: what the
+        compressed model really holds and how fast it really runs. `eval/path/*` records which
+        path computed what.
+        """
+        from ciuic_lab.compress.serve import materialized, prepare_for_inference
+
+        s, ev = SUFFIX[which], self.cfg.eval
+        out: dict = {}
+        path = "dense"
+        if which == "compressed":
+            path = str(ev.quality_path)
+            if path not in ("packed", "materialize"):
+                raise ValueError(f"eval.quality_path must be packed or materialize, got {path!r}")
+        quality = materialized(model, next(model.parameters()).dtype) \
+            if path == "materialize" else nullcontext()
+        with quality:
+            out.update(self._quality(model, which))
+        if which == "compressed":
+            dev = model_device(model)
+            self.kernels = prepare_for_inference(model, dev, next(model.parameters()).dtype)
+            out["eval/path/quality"] = "materialized" if path == "materialize" else "packed"
+            out["eval/path/speed_memory"] = "packed (kernels where they fit)"
+            out["kernels/layers_with_kernel"] = sum(k != "reference" for k in self.kernels.values())
+        out.update(self._serving(model, which))
+        return out
+
+    def _quality(self, model, which: str) -> dict:
         s, ev = SUFFIX[which], self.cfg.eval
         out: dict = {}
         if which == "compressed" or ev.dense_baseline:
             out.update(self._perplexity(model, which))
-        if ev.speed:
-            from ciuic_lab.eval.speed import tokens_per_second
-
-            out[f"speed/tokens_per_s{s}"] = tokens_per_second(
-                model, self.windows, batch_size=1, max_windows=int(ev.speed_windows))
         le = ev.lm_eval
         if le.enabled and (which == "compressed" or le.dense_baseline):
             t0 = time.perf_counter()
@@ -82,6 +110,25 @@ class Suite:
 
             self.texts[which] = greedy_continuations(model, self.tok, list(gen.prompts),
                                                      int(gen.max_new_tokens))
+        return out
+
+    def _serving(self, model, which: str) -> dict:
+        """Peak memory of one evaluation batch's forward, and speed (prefill over windows,
+        greedy decode with the KV cache), on the model as it is held."""
+        s, ev = SUFFIX[which], self.cfg.eval
+        dev = model_device(model)
+        batch = self.windows[: int(ev.batch_size)].to(dev)
+        with torch.no_grad(), PeakMemory(dev) as pm:
+            model(input_ids=batch, use_cache=False)
+        out = {f"mem/peak_bytes{s}": pm.peak_bytes, f"mem/peak_kind{s}": pm.kind}
+        if ev.speed:
+            from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second
+
+            out[f"speed/tokens_per_s{s}"] = tokens_per_second(
+                model, self.windows, batch_size=1, max_windows=int(ev.speed_windows))
+            prompt = self.windows[0, : min(self.seqlen, 128)]
+            out[f"speed/decode_tokens_per_s{s}"] = decode_tokens_per_second(
+                model, prompt, int(ev.decode_tokens))
         return out
 
     def run_streamed(self, provider, which: str, notes: list[str], why: str) -> dict:
@@ -132,12 +179,9 @@ class Suite:
         s, bs = SUFFIX[which], int(self.cfg.eval.batch_size)
 
         def measure() -> dict:
-            dev = model_device(model)
             t0 = time.perf_counter()
-            with PeakMemory(dev) as pm:
-                ppl = perplexity(model, self.windows, batch_size=bs, progress=self.progress)
-            return {f"ppl/wikitext2{s}": ppl, f"mem/peak_bytes{s}": pm.peak_bytes,
-                    f"mem/peak_kind{s}": pm.kind, f"time/eval_s{s}": time.perf_counter() - t0}
+            ppl = perplexity(model, self.windows, batch_size=bs, progress=self.progress)
+            return {f"ppl/wikitext2{s}": ppl, f"time/eval_s{s}": time.perf_counter() - t0}
 
         if which == "compressed":
             return measure()

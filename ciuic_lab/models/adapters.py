@@ -119,6 +119,13 @@ class DecoderAdapter:
         gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
         return act_fn(gate) * up
 
+    @staticmethod
+    def experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden_states, top_k_index, top_k_weights) of a call to a fused experts module."""
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[n] for n in names[len(args):]]
+        return vals[0], vals[1], vals[2]
+
     def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    act_fn) -> torch.Tensor:
         """One routed expert applied to its tokens."""
@@ -142,6 +149,15 @@ class DecoderAdapter:
                 [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def expert_parts(self, owner: str, e: int, gate_up_rows: int) -> list[tuple[str, str, slice]]:
+        """Where expert e's fused rows go in a per-expert (official) checkpoint:
+        (checkpoint name without `.weight`, fused projection, its rows). The inverse of the
+        fusion in `checkpoint_tensors`."""
+        half = gate_up_rows // 2
+        return [(f"{owner}.{e}.gate_proj", "gate_up_proj", slice(0, half)),
+                (f"{owner}.{e}.up_proj", "gate_up_proj", slice(half, None)),
+                (f"{owner}.{e}.down_proj", "down_proj", slice(None))]
+
     def checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A block's tensors as stored in a checkpoint -> the module's state-dict names.
 

@@ -156,15 +156,15 @@ class GPTQ(QuantMethod):
         # Factorized layer, y = U (V x): V sees the layer's inputs (Hessian H); U sees V̂x,
         # whose Hessian is V̂ H V̂ᵀ with V̂ already quantised, so U also absorbs V's error.
         h = self._hessian(stats)
-        bits = int(budget)
-        state.v_quant = self._run(state.v, None, h, bits, self.group_size)
+        bits, group = self.format_of(budget)
+        state.v_quant = self._run(state.v, None, h, bits, group)
         v_hat = state.v_quant.dequantize()
-        state.u_quant = self._run(state.u, None, v_hat @ h.to(v_hat) @ v_hat.T, bits,
-                                  self.group_size)
+        state.u_quant = self._run(state.u, None, v_hat @ h.to(v_hat) @ v_hat.T, bits, group)
         state.info["bits"] = bits
+        state.info["group_size"] = group
 
-    def quantize(self, w, mask, stats, bits):
-        return self._run(w, mask, self._hessian(stats), bits, self.group_size)
+    def quantize(self, w, mask, stats, bits, group_size):
+        return self._run(w, mask, self._hessian(stats), bits, group_size)
 
     @staticmethod
     def _hessian(stats: LayerStats | None) -> torch.Tensor:

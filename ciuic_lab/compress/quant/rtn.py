@@ -13,5 +13,5 @@ from ciuic_lab.compress.state import rtn_quantize
 
 @dataclass
 class RTN(QuantMethod):
-    def quantize(self, w, mask, stats, bits):
-        return rtn_quantize(w, bits, self.group_size, self.sym, mask)
+    def quantize(self, w, mask, stats, bits, group_size):
+        return rtn_quantize(w, bits, group_size, self.sym, mask)

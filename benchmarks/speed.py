@@ -1,0 +1,123 @@
+"""Dense vs compressed speed, measured side by side in one run: prefill and decode tokens/s, and the
+WikiText-2 evaluation's wall time.
+
+    nice python benchmarks/speed.py [--models deepseek-v3-tiny deepseek-llm-tiny llama-1b
+                                     deepseek-v3-1b] [--threads 2] [--windows 8]
+
+For each model: the dense model in bf16 (the dtype the int4/int8 kernels compute in, so the
+comparison is like for like), then compressed copies held as they are served (packed layers
+prepared for their kernels, compress/serve.py):
+  - rtn 4-bit g128: every layer on PyTorch's int4 kernel (where N % 16 == 0)
+  - the default `ciuic` recipe (bundled models only; calibrated): mixed widths, so layers without a
+    kernel run the reference path for speed, and its quality metrics run materialised
+Columns: prefill tokens/s (eval windows, batch 1), decode tokens/s (greedy, KV cache, batch 1,
+128-token prompt), WikiText-2 wall time for --windows windows (the run's quality path: kernels for
+rtn-4, materialised for the recipe, as the default run does), stored weight bytes. Ratios are
+against the dense model of the same run. `llama-1b` / `deepseek-v3-1b` are random models of about
+1B parameters (shape only: speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from ciuic_lab.compress.serve import materialized, prepare_for_inference
+from ciuic_lab.eval.memory import stored_bytes
+from ciuic_lab.eval.perplexity import perplexity
+from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second
+
+SHAPES = {
+    "llama-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                     num_attention_heads=16, num_key_value_heads=16,
+                                     vocab_size=32000, tie_word_embeddings=False)),
+    "deepseek-v3-1b": ("DeepseekV3Config", dict(
+        hidden_size=1536, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=12, n_routed_experts=32, n_shared_experts=1,
+        num_experts_per_tok=4, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=512, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+        v_head_dim=64, vocab_size=32000, tie_word_embeddings=False)),
+}
+
+
+def build(name: str):
+    import transformers
+
+    from ciuic_lab.models.loader import load, load_tokenizer
+
+    if name in SHAPES:
+        cls, kw = SHAPES[name]
+        config = getattr(transformers, cls)(max_position_embeddings=2048, **kw)
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        return model.eval(), load_tokenizer("deepseek-llm-tiny"), False
+    model, tok = load(name, dtype="bfloat16", device="cpu")
+    return model, tok, True
+
+
+def measure(model, windows, wiki, quality_ctx) -> dict:
+    t0 = time.perf_counter()
+    with quality_ctx:
+        ppl = perplexity(model, wiki, batch_size=1, progress=False)
+    wall = time.perf_counter() - t0
+    return {"prefill": tokens_per_second(model, windows, batch_size=1, max_windows=2),
+            "decode": decode_tokens_per_second(model, windows[0, :128], new_tokens=16),
+            "wiki_s": wall, "ppl": ppl, "bytes": stored_bytes(model)}
+
+
+def compressed(model, tok, overrides: list[str]):
+    from ciuic_lab.api import compress
+    from ciuic_lab.config import compose
+
+    m = copy.deepcopy(model)
+    compress(m, tok, compose(overrides), progress=False)
+    return m
+
+
+def main() -> None:
+    from contextlib import nullcontext
+
+    from ciuic_lab.data.wikitext import test_windows
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+",
+                    default=["deepseek-v3-tiny", "deepseek-llm-tiny", "llama-1b", "deepseek-v3-1b"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 512 timed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rtn4 = ["recipe=none", "prune=none", "lowrank=none", "quant=rtn", "quant.bits=4",
+            "quant.group_size=128", "device=cpu"]
+    recipe = ["device=cpu"]
+    print(f"{'model':18s} {'variant':10s} {'prefill t/s':>11s} {'decode t/s':>10s} "
+          f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s}   ratios vs dense (prefill, decode, wiki time)")
+    for name in args.models:
+        model, tok, trained = build(name)
+        windows = test_windows(tok, 512)
+        wiki = windows[: args.windows]
+        rows = {"dense": measure(model, windows, wiki, nullcontext())}
+        variants = [("rtn-4 g128", rtn4, False)] + ([("ciuic", recipe, True)] if trained else [])
+        for label, overrides, materialize in variants:
+            m = compressed(model, tok, overrides)
+            kernels = prepare_for_inference(m, "cpu", torch.bfloat16)
+            ctx = materialized(m, torch.bfloat16) if materialize else nullcontext()
+            rows[label] = measure(m, windows, wiki, ctx)
+            rows[label]["kernels"] = sum(k != "reference" for k in kernels.values()), len(kernels)
+            del m
+        d = rows["dense"]
+        for label, r in rows.items():
+            ratio = "" if label == "dense" else (
+                f"   {r['prefill'] / d['prefill']:.2f}x  {r['decode'] / d['decode']:.2f}x  "
+                f"{r['wiki_s'] / d['wiki_s']:.2f}x  kernels {r['kernels'][0]}/{r['kernels'][1]}")
+            print(f"{name:18s} {label:10s} {r['prefill']:11.1f} {r['decode']:10.2f} "
+                  f"{r['wiki_s']:7.1f} {r['ppl']:9.2f} {r['bytes'] / 2**20:8.1f}{ratio}",
+                  flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Streamed compression keeps host memory at about one block, whatever the depth: measured.
+
+    nice python benchmarks/streamed_memory.py [--depths 10 20] [--out /tmp/streamed_bench]
+
+Writes two random DeepSeek-V3-shaped checkpoints (MLA attention, a dense first layer, MoE layers
+with 8 routed experts of 1536x2048 and a shared one; bf16 shards with an index) of the two depths,
+the deeper about 3 GB, then compresses each with the default `ciuic` recipe in streamed mode
+(`compress.stream=true`, evaluation block by block too) through the CLI, each in a fresh
+process, and prints per depth: checkpoint size, the whole process's peak RSS, the compression's
+peak host memory (`mem/compress_peak_host_bytes`), time and bits/param. The property: peak RSS
+below the shallower checkpoint's size, and less than 10 % growth when the depth doubles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = dict(hidden_size=1536, intermediate_size=4096, moe_intermediate_size=2048,
+             num_attention_heads=12, num_key_value_heads=12, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+             topk_group=1, q_lora_rank=512, kv_lora_rank=256, qk_rope_head_dim=32,
+             qk_nope_head_dim=64, v_head_dim=64, tie_word_embeddings=False,
+             max_position_embeddings=2048)
+
+
+def write_checkpoint(out: Path, layers: int) -> int:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from ciuic_lab.models.loader import load_tokenizer
+
+    if not (out / "config.json").exists():
+        tok = load_tokenizer("deepseek-v3-tiny")
+        config = DeepseekV3Config(vocab_size=len(tok), num_hidden_layers=layers, **SHAPE)
+        torch.manual_seed(0)
+        # Built and saved one block at a time would be nicer; a random model this size fits.
+        model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(out, max_shard_size="500MB")
+        tok.save_pretrained(out)
+        del model
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+def compress(src: Path, run: Path) -> dict:
+    cmd = [sys.executable, "-m", "ciuic_lab.run", "model=hub", f"model.name_or_path={src}",
+           "compress.stream=true", "eval.stream=true", "eval.max_windows=4",
+           "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "eval.speed=false",
+           "tracker=none", f"hydra.run.dir={run}"]
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    m = json.loads((run / "result.json").read_text())["metrics"]
+    return {"peak_rss": max(peak_kib, before) * 1024, "wall_s": time.perf_counter() - t0, **m}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", type=int, nargs=2, default=[10, 20])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/streamed_bench"))
+    args = ap.parse_args()
+    rows = {}
+    for depth in args.depths:
+        size = write_checkpoint(args.out / f"v3-{depth}", depth)
+        print(f"depth {depth}: checkpoint {size / 2**30:.2f} GiB, compressing...", flush=True)
+        rows[depth] = {"size": size, **compress(args.out / f"v3-{depth}",
+                                               args.out / f"run-{depth}")}
+    print(f"\n{'layers':>6s} {'checkpoint GiB':>14s} {'process peak RSS GiB':>20s} "
+          f"{'compress peak host GiB':>22s} {'compress s':>10s} {'bits/param':>10s} "
+          f"{'ppl dense -> compressed':>24s}")
+    for depth, r in rows.items():
+        print(f"{depth:6d} {r['size'] / 2**30:14.2f} {r['peak_rss'] / 2**30:20.2f} "
+              f"{r['mem/compress_peak_host_bytes'] / 2**30:22.2f} {r['time/compress_s']:10.0f} "
+              f"{r['size/bits_per_param']:10.3f} "
+              f"{r['ppl/wikitext2_dense']:11.1f} -> {r['ppl/wikitext2']:.1f}")
+    lo, hi = args.depths
+    growth = rows[hi]["peak_rss"] / rows[lo]["peak_rss"] - 1
+    print(f"\npeak RSS below the {lo}-layer checkpoint: "
+          f"{rows[lo]['peak_rss'] < rows[lo]['size'] and rows[hi]['peak_rss'] < rows[lo]['size']}; "
+          f"growth {lo} -> {hi} layers: {100 * growth:+.1f} % (goal < 10 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A compressed model made ready to compute: kernel layouts, or weights materialised once.
+
+    kernels = prepare_for_inference(model, device, dtype)   # {layer name: kernel}
+    with materialized(model, dtype):                         # quality metrics at dense speed
+        perplexity(model, windows)
+
+`prepare_for_inference` asks every packed layer that can (CompressedLinear.prepare) to re-encode
+itself for the fastest kernel on the device; the model then holds those layouts, and its memory
+and speed are measured that way. `materialized` swaps each packed layer for a dense nn.Linear
+holding exactly the weight the layer computes with (its `dequantized_weight`), once, for
+metrics where only the numbers matter; the packed layers come back when it exits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciuic_lab.compress.formats import is_packed
+from ciuic_lab.models.adapters import set_submodule
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: torch.dtype,
+                          **flags) -> dict[str, str]:
+    """{name: kernel} of every packed layer ("reference" where no kernel fits or the format has
+    no `prepare`)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if is_packed(mod):
+            out[name] = mod.prepare(device, dtype, **flags) if hasattr(mod, "prepare") \
+                else "reference"
+    return out
+
+
+class _Dense(nn.Module):
+    """A packed layer's weight, rebuilt once (with its bias)."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(layer.dequantized_weight(dtype), requires_grad=False)
+        bias = getattr(layer, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@contextmanager
+def materialized(model: nn.Module, dtype: torch.dtype):
+    """Within the block, every packed layer computes with its weight rebuilt once, in `dtype`.
+
+    Costs the dense model's memory for the duration; the outputs are the packed layers' own up
+    to float rounding (the same `dequantized_weight`)."""
+    packed = [(name, mod) for name, mod in model.named_modules() if is_packed(mod)]
+    try:
+        for name, mod in packed:
+            set_submodule(model, name, _Dense(mod, dtype))
+        yield model
+    finally:
+        for name, mod in packed:
+            set_submodule(model, name, mod)
