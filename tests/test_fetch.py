@@ -190,6 +190,28 @@ def test_changed_gguf_gets_a_new_cache_entry(tiny, tmp_path):
     assert not fetch.gguf_cache_dir(copy).exists()
 
 
+def test_gguf_in_a_cached_hub_repo_loads_offline(tiny, tmp_path, monkeypatch):
+    """A hub id + gguf_file is found in the HF cache (HF_HUB_OFFLINE=1 in the suite)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    src, name, expected, _ = tiny
+    snap = tmp_path / "models--acme--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    shutil.copy2(src / name, snap / name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve("acme/tiny", gguf_file=name) == ("gguf", str(snap / name))
+    model, _ = load("acme/tiny", gguf_file=name, dtype="float32", device="cpu")
+    w = model.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(w, torch.from_numpy(expected["model.layers.1.mlp.down_proj.weight"]))
+    assert resolve("acme/tiny", gguf_file=name)[0] == "local"
+    with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE"):
+        resolve("acme/other", gguf_file=name)
+
+
 def test_missing_gguf_fails_cheaply(tmp_path):
     with pytest.raises(ModelNotFound, match="nope.gguf"):
         resolve(str(tmp_path), gguf_file="nope.gguf")
