@@ -25,16 +25,24 @@ def bundled_names() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").exists())
 
 
-def resolve(name_or_path: str) -> tuple[str, str]:
-    """('random' | 'local' | 'hub', what to load). Cheap: reads no weights.
+def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str]:
+    """('random' | 'local' | 'hub' | 'gguf', what to load). Cheap: reads no weights.
 
-    Raises ModelNotFound with the alternatives when the name can be neither.
+    A fetchable model (models/fetch.py REGISTRY) resolves to its converted directory once
+    fetched. With gguf_file: the converted directory once converted, else ('gguf', the file).
+    Raises ModelNotFound with the alternatives (or the fetch command) when the name can be neither.
     """
+    from ciuic_lab.models import fetch  # lazy: fetch imports ModelNotFound from here
+
     s = str(name_or_path)
+    if gguf_file:
+        return fetch.resolve_gguf(s, gguf_file)
     if s in tiny.CONFIGS:
         return "random", s
     if s in bundled_names():
         return "local", str(BUNDLED_DIR / s)
+    if s in fetch.REGISTRY:
+        return "local", str(fetch.require(s))
     p = Path(os.path.expanduser(s))
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -123,10 +131,19 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "auto",
          trust_remote_code: bool = False, experts_implementation: str | None = None,
-         seed: int = 0, revision: str | None = None):
-    """(model, tokenizer), model in eval mode on `device`."""
+         seed: int = 0, revision: str | None = None, gguf_file: str | None = None):
+    """(model, tokenizer), model in eval mode on `device`.
+
+    gguf_file: a GGUF inside name_or_path (a directory or hub id), converted once into the cache
+    (models/fetch.py) and loaded from there like any local directory.
+    """
     from transformers import AutoModelForCausalLM
 
+    if gguf_file:
+        from ciuic_lab.models.fetch import convert_cached
+
+        name_or_path = str(convert_cached(name_or_path, gguf_file, revision=revision))
+        revision = None  # it named the hub GGUF's revision; the converted directory has none
     kind, target = resolve(name_or_path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
