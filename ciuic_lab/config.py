@@ -77,10 +77,11 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     from ciuic_lab.models.loader import load_config, resolve
 
     methods = build_methods(cfg)
+    gguf = cfg.model.get("gguf_file")
     if model_config is None:
-        resolve(cfg.model.name_or_path)
+        resolve(cfg.model.name_or_path, gguf)
         model_config = load_config(cfg.model.name_or_path, cfg.model.trust_remote_code,
-                                   cfg.model.revision)
+                                   cfg.model.revision, gguf)
     ev = cfg.eval
     if ev.seqlen is not None and int(ev.seqlen) < 2:
         raise ConfigError(f"eval.seqlen: must be >= 2 or null, got {ev.seqlen}")

@@ -77,6 +77,15 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     offload = bool(cfg.compress.offload) and device.type != "cpu"
     notes: list[str] = []
     m = cfg.model
+    if m.get("gguf_file") and model is None:
+        from omegaconf import OmegaConf
+
+        from ciuic_lab.models.fetch import convert_cached
+
+        # A GGUF is converted once into the cache; from then on the run reads that directory.
+        converted = convert_cached(m.name_or_path, m.gguf_file, revision=m.revision)
+        cfg = OmegaConf.merge(cfg, {"model": {"name_or_path": str(converted), "gguf_file": None}})
+        m = cfg.model
     source = None
     if stream:
         from ciuic_lab.models.source import CheckpointSource

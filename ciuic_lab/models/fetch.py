@@ -43,6 +43,9 @@ from pathlib import Path
 
 import torch
 
+from ciuic_lab import cache
+from ciuic_lab.errors import ModelNotFound
+
 log = logging.getLogger("ciuic_lab")
 
 CARDS_DIR = Path(__file__).parent / "cards"
@@ -52,8 +55,8 @@ _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 def cache_root() -> Path:
-    """Where converted models live (one function so a shared cache module can take it over)."""
-    return Path(os.environ.get("CIUIC_LAB_CACHE", Path.home() / ".cache" / "ciuic_lab")) / "models"
+    """Where converted models live: the lab's cache root (ciuic_lab.cache) / models."""
+    return cache.root() / "models"
 
 
 @dataclass(frozen=True)
@@ -101,18 +104,12 @@ def is_converted(path: Path) -> bool:
     return (path / PROVENANCE).is_file() and (path / "config.json").is_file()
 
 
-def _not_found(msg: str) -> Exception:
-    from ciuic_lab.models.loader import ModelNotFound  # loader imports this module lazily
-
-    return ModelNotFound(msg)
-
-
 def require(name: str) -> Path:
     """The converted directory of a registered model; ModelNotFound naming the command if absent."""
     spec = REGISTRY[name]
     path = converted_dir(name)
     if not is_converted(path):
-        raise _not_found(f"model {name!r} is not fetched yet (looked in {path}); run once: "
+        raise ModelNotFound(f"model {name!r} is not fetched yet (looked in {path}); run once: "
                          f"{spec.command}")
     return path
 
@@ -358,10 +355,10 @@ def locate_gguf(name_or_path: str, gguf_file: str, revision: str | None = None,
     if d.is_dir() or Path(os.path.expanduser(gguf_file)).is_absolute():
         p = d / os.path.expanduser(gguf_file)  # an absolute gguf_file wins over the directory
         if not p.is_file():
-            raise _not_found(f"model.gguf_file: {p} is not a file")
+            raise ModelNotFound(f"model.gguf_file: {p} is not a file")
         return p
     if not _HUB_ID.match(s):
-        raise _not_found(f"model.name_or_path: {s!r} is neither a directory nor a hub id (org/name), "
+        raise ModelNotFound(f"model.name_or_path: {s!r} is neither a directory nor a hub id (org/name), "
                          f"so model.gguf_file={gguf_file!r} cannot be found")
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
@@ -370,7 +367,7 @@ def locate_gguf(name_or_path: str, gguf_file: str, revision: str | None = None,
         return Path(cached)
     if not download:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise _not_found(f"model.gguf_file: {gguf_file!r} of hub id {s!r} is not in the local "
+            raise ModelNotFound(f"model.gguf_file: {gguf_file!r} of hub id {s!r} is not in the local "
                              f"cache and HF_HUB_OFFLINE=1 forbids downloading it")
         return None
     return Path(hf_hub_download(s, gguf_file, revision=revision))

@@ -32,7 +32,7 @@ def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str]:
     fetched. With gguf_file: the converted directory once converted, else ('gguf', the file).
     Raises ModelNotFound with the alternatives (or the fetch command) when the name can be neither.
     """
-    from ciuic_lab.models import fetch  # lazy: fetch imports ModelNotFound from here
+    from ciuic_lab.models import fetch  # lazy: conversion pulls in gguf and pip only when used
 
     s = str(name_or_path)
     if gguf_file:
@@ -62,13 +62,17 @@ def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str]:
     return "hub", s
 
 
-def load_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
-    """The model's HF config, without its weights (for checks before anything is loaded)."""
+def load_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                gguf_file: str | None = None):
+    """The model's HF config, without its weights (for checks before anything is loaded; a GGUF
+    not converted yet is read for its metadata only)."""
     from transformers import AutoConfig
 
-    kind, target = resolve(name_or_path)
+    kind, target = resolve(name_or_path, gguf_file)
     if kind == "random":
         return tiny.CONFIGS[target](vocab=8192)
+    if kind == "gguf":
+        return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, revision=revision)
     return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, revision=revision)
 
 
