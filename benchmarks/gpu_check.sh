@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
-# GPU check, about 2-3 minutes on one H100/H200: the CUDA tests, then dense vs compressed weight
-# bytes, peak memory and prefill tokens/s for the reference model and a ~320M-parameter random
-# DeepSeek-V3-shaped model (layer-by-layer compression).
-#   bash benchmarks/gpu_check.sh [REFERENCE_MODEL_DIR]   (default: the bundled deepseek-v3-tiny)
-# Needs torch + transformers (+ pytest); no Hydra, W&B or lm-eval. Runs from a checkout without
+# GPU check, about 8 minutes on one H100/H200 (prepared for a session with a GPU):
+#   1. the CUDA tests (packed layers on CUDA, int4/int8/2:4 kernel layouts, mask codecs);
+#   2. dense vs compressed speed and memory on CUDA: a ~1B DeepSeek-V3-shaped model, bf16 vs
+#      4-bit g128 on the int4 kernel (benchmarks/speed.py);
+#   3. a DeepSeek-V2-Lite-shaped random checkpoint (its real config; the first N_LAYERS of its 27)
+#      compressed streamed with the default ciuic recipe on the GPU: peak GPU memory, host RSS,
+#      wall time and per-block times (the full depth follows from them).
+#   bash benchmarks/gpu_check.sh [N_LAYERS=4]
+# Needs torch + transformers + safetensors, and hydra-core / omegaconf / antlr4 (carried as wheels,
+# see the device tool's README); no W&B, lm-eval or datasets. Runs from a checkout without
 # installing: the repo root goes on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-ref="${1:-ciuic_lab/models/bundled/deepseek-v3-tiny}"
+n="${1:-4}"
+out="${OUT:-/tmp}"
+status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py
-status=$?
-args=(--big)
-[ -f "$ref/config.json" ] && args+=(--reference "$ref")
-python3 benchmarks/gpu_memory_speed.py "${args[@]}" || status=1
+python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu.py tests/test_kernels.py tests/test_coding.py || status=1
+python3 benchmarks/speed.py --device cuda --models deepseek-v3-1b --windows 16 || status=1
+python3 benchmarks/random_checkpoint.py /tmp/v2lite --shape deepseek-v2-lite --layers "$n" || status=1
+python3 - "$out/v2lite_run" <<'PY' || status=1
+import json, resource, subprocess, sys, time
+run = sys.argv[1]
+t0 = time.perf_counter()
+subprocess.run([sys.executable, "-m", "ciuic_lab.run", "model=hub", "model.name_or_path=/tmp/v2lite",
+                "compress.stream=true", "device=cuda", "eval.max_windows=8",
+                "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "tracker=none",
+                "progress=false", f"hydra.run.dir={run}"], check=True)
+print(f"wall {time.perf_counter() - t0:.0f} s, process peak RSS "
+      f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB")
+r = json.load(open(f"{run}/result.json"))
+m = r["metrics"]
+print({k: m[k] for k in ("mem/compress_peak_device_bytes", "mem/compress_peak_host_bytes",
+                         "time/compress_s", "time/profile_s", "size/bits_per_param",
+                         "ppl/wikitext2_dense", "ppl/wikitext2") if k in m})
+blocks = {}
+for row in r["layers"]:
+    blocks[row["name"].split(".")[2]] = row["block_s"]
+print("per-block compress seconds:", blocks)
+PY
 exit $status

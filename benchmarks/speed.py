@@ -43,7 +43,7 @@ SHAPES = {
 }
 
 
-def build(name: str):
+def build(name: str, device: str):
     import transformers
 
     from ciuic_lab.models.loader import load, load_tokenizer
@@ -52,19 +52,25 @@ def build(name: str):
         cls, kw = SHAPES[name]
         config = getattr(transformers, cls)(max_position_embeddings=2048, **kw)
         torch.manual_seed(0)
-        with torch.device("cpu"):
+        with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         return model.eval(), load_tokenizer("deepseek-llm-tiny"), False
-    model, tok = load(name, dtype="bfloat16", device="cpu")
+    model, tok = load(name, dtype="bfloat16", device=device)
     return model, tok, True
 
 
 def measure(model, windows, wiki, quality_ctx) -> dict:
+    from ciuic_lab.eval.memory import PeakMemory
+    from ciuic_lab.eval.perplexity import model_device
+
     t0 = time.perf_counter()
     with quality_ctx:
         ppl = perplexity(model, wiki, batch_size=1, progress=False)
     wall = time.perf_counter() - t0
-    return {"prefill": tokens_per_second(model, windows, batch_size=1, max_windows=2),
+    dev = model_device(model)
+    with PeakMemory(dev) as pm:
+        prefill = tokens_per_second(model, windows, batch_size=1, max_windows=2)
+    return {"prefill": prefill, "peak": pm.peak_bytes,
             "decode": decode_tokens_per_second(model, windows[0, :128], new_tokens=16),
             "wiki_s": wall, "ppl": ppl, "bytes": stored_bytes(model)}
 
@@ -88,22 +94,24 @@ def main() -> None:
                     default=["deepseek-v3-tiny", "deepseek-llm-tiny", "llama-1b", "deepseek-v3-1b"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 512 timed")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rtn4 = ["recipe=none", "prune=none", "lowrank=none", "quant=rtn", "quant.bits=4",
-            "quant.group_size=128", "device=cpu"]
-    recipe = ["device=cpu"]
+            "quant.group_size=128", f"device={args.device}"]
+    recipe = [f"device={args.device}"]
     print(f"{'model':18s} {'variant':10s} {'prefill t/s':>11s} {'decode t/s':>10s} "
-          f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s}   ratios vs dense (prefill, decode, wiki time)")
+          f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s} {'peak MiB':>9s}   ratios vs dense "
+          f"(prefill, decode, wiki time)")
     for name in args.models:
-        model, tok, trained = build(name)
+        model, tok, trained = build(name, args.device)
         windows = test_windows(tok, 512)
         wiki = windows[: args.windows]
         rows = {"dense": measure(model, windows, wiki, nullcontext())}
         variants = [("rtn-4 g128", rtn4, False)] + ([("ciuic", recipe, True)] if trained else [])
         for label, overrides, materialize in variants:
             m = compressed(model, tok, overrides)
-            kernels = prepare_for_inference(m, "cpu", torch.bfloat16)
+            kernels = prepare_for_inference(m, args.device, torch.bfloat16)
             ctx = materialized(m, torch.bfloat16) if materialize else nullcontext()
             rows[label] = measure(m, windows, wiki, ctx)
             rows[label]["kernels"] = sum(k != "reference" for k in kernels.values()), len(kernels)
@@ -114,8 +122,8 @@ def main() -> None:
                 f"   {r['prefill'] / d['prefill']:.2f}x  {r['decode'] / d['decode']:.2f}x  "
                 f"{r['wiki_s'] / d['wiki_s']:.2f}x  kernels {r['kernels'][0]}/{r['kernels'][1]}")
             print(f"{name:18s} {label:10s} {r['prefill']:11.1f} {r['decode']:10.2f} "
-                  f"{r['wiki_s']:7.1f} {r['ppl']:9.2f} {r['bytes'] / 2**20:8.1f}{ratio}",
-                  flush=True)
+                  f"{r['wiki_s']:7.1f} {r['ppl']:9.2f} {r['bytes'] / 2**20:8.1f} "
+                  f"{r['peak'] / 2**20:9.1f}{ratio}", flush=True)
         del model
 
 

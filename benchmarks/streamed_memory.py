@@ -2,9 +2,10 @@
 
     nice python benchmarks/streamed_memory.py [--depths 10 20] [--out /tmp/streamed_bench]
 
-Writes two random DeepSeek-V3-shaped checkpoints (MLA attention, a dense first layer, MoE layers
-with 8 routed experts of 1536x2048 and a shared one; bf16 shards with an index) of the two depths,
-the deeper about 3 GB, then compresses each with the default `ciuic` recipe in streamed mode
+Writes two random DeepSeek-V3-shaped checkpoints (benchmarks/random_checkpoint.py, shape
+deepseek-v3-bench: MLA attention, a dense first layer, MoE layers with 8 routed experts of
+1536x2048 and a shared one; bf16 shards, one per block, with an index) of the two depths, the
+deeper about 3 GB, then compresses each with the default `ciuic` recipe in streamed mode
 (`compress.stream=true`, evaluation block by block too) through the CLI, each in a fresh
 process, and prints per depth: checkpoint size, the whole process's peak RSS, the compression's
 peak host memory (`mem/compress_peak_host_bytes`), time and bits/param. The property: peak RSS
@@ -23,29 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = dict(hidden_size=1536, intermediate_size=4096, moe_intermediate_size=2048,
-             num_attention_heads=12, num_key_value_heads=12, n_routed_experts=8,
-             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
-             topk_group=1, q_lora_rank=512, kv_lora_rank=256, qk_rope_head_dim=32,
-             qk_nope_head_dim=64, v_head_dim=64, tie_word_embeddings=False,
-             max_position_embeddings=2048)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from random_checkpoint import write  # noqa: E402  (a sibling script)
 
 
 def write_checkpoint(out: Path, layers: int) -> int:
-    import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    from ciuic_lab.models.loader import load_tokenizer
-
     if not (out / "config.json").exists():
-        tok = load_tokenizer("deepseek-v3-tiny")
-        config = DeepseekV3Config(vocab_size=len(tok), num_hidden_layers=layers, **SHAPE)
-        torch.manual_seed(0)
-        # Built and saved one block at a time would be nicer; a random model this size fits.
-        model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(out, max_shard_size="500MB")
-        tok.save_pretrained(out)
-        del model
+        write(out, "deepseek-v3-bench", layers)
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
