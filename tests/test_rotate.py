@@ -19,6 +19,7 @@ from ciuic_lab.compress.rotate import (
     add_online_rotations,
     fwht,
     hadamard_factor,
+    kron_matmul,
     make_rotation,
     paley_hadamard,
     rotate_linear_input,
@@ -44,6 +45,24 @@ def test_fwht_is_the_sylvester_product_on_any_leading_dims(n):
     x = torch.randn(3, 2, n, dtype=torch.float64)
     assert torch.allclose(fwht(x), x @ sylvester(n), atol=1e-12)
     assert torch.allclose(fwht(fwht(x)) / n, x, atol=1e-12)
+
+
+def test_kron_matmul_is_the_kronecker_product():
+    fs = [torch.randn(d, d, dtype=torch.float64) for d in (3, 4, 2)]
+    x = torch.randn(5, 2, 24, dtype=torch.float64)
+    full = torch.kron(torch.kron(fs[0], fs[1]), fs[2])
+    assert torch.allclose(kron_matmul(x, fs), x @ full, atol=1e-12)
+    with pytest.raises(ValueError, match="multiply"):
+        kron_matmul(x, fs[:2])
+
+
+@pytest.mark.parametrize("k", [2, 64, 256, 8192])
+def test_sylvester_factors_in_any_grouping_are_the_same_hadamard(k):
+    """H_k applied as narrow-first factors equals the butterfly fwht."""
+    from ciuic_lab.compress.rotate import _sylvester_factors
+
+    x = torch.randn(3, k, dtype=torch.float64)
+    assert torch.allclose(kron_matmul(x, _sylvester_factors(k)), fwht(x) / math.sqrt(k), atol=1e-12)
 
 
 def test_fwht_rejects_other_widths():
