@@ -3,7 +3,8 @@
     python benchmarks/rotate_refine.py                     # both parts
     python benchmarks/rotate_refine.py --part rotate       # A: methods with / without rotations
     python benchmarks/rotate_refine.py --part refine       # B: one-pass vs refined combinations
-    options: --windows 64 --calib 32 --calib-seqlen 256 --only NAME...
+    options: --windows 64 --calib 32 --calib-seqlen 256 --iters 2 --only NAME...
+    (from a git worktree, prefix PYTHONPATH=. so that the worktree's ciuic_lab is imported)
 
 Part A (issue #13 item 4): each method (RTN / GPTQ at 2, 3, 4 bits g128, SparseGPT 50 %,
 SVD-LLM factorize at 60 % of the parameters) on the plain model, after the fused residual
@@ -194,8 +195,54 @@ def part_rotate(base, calib, windows, only):
           lambda r, c: f"{results[(r, c)]:.3f}")
 
 
-def part_refine(base, calib, windows, only):
-    raise NotImplementedError
+# ---- part B ------------------------------------------------------------------------------------
+
+# (stages before the low-rank one, low-rank knobs): the low-rank stage is SVD-LLM residual
+# (one pass) or AlternatingRefine with the same knobs (refined), so the stored budget is equal.
+ROWS_B = {
+    "sgpt 50% + gptq3 + lr 2% fb8": (lambda: [SparseGPT(sparsity=0.5), GPTQ(bits=3)],
+                                     {"ratio": 0.02, "factor_bits": 8}),
+    "sgpt 50% + gptq3 + lr 10% fb8": (lambda: [SparseGPT(sparsity=0.5), GPTQ(bits=3)],
+                                      {"ratio": 0.10, "factor_bits": 8}),
+    "sgpt 60% + lr 10% (OATS-like)": (lambda: [SparseGPT(sparsity=0.6)],
+                                      {"ratio": 0.10, "factor_bits": 16}),
+    "gptq2 + lr 5% fb8": (lambda: [GPTQ(bits=2)], {"ratio": 0.05, "factor_bits": 8}),
+}
+# rows also run on the rotated model
+ROWS_B_ROTATED = ("sgpt 50% + gptq3 + lr 2% fb8", "gptq2 + lr 5% fb8")
+
+
+def part_refine(base, calib, windows, only, iters: int = 2):
+    from ciuic_lab.compress.refine import AlternatingRefine
+
+    dense = evaluate(copy.deepcopy(base), windows, check=False)
+    print(f"\npart B: one pass (SVD-LLM residual) vs AlternatingRefine(iters={iters}, "
+          f"start=both) at the same stored budget; dense ppl {dense:.3f}")
+    print(f"{'combination':32s} {'transform':9s} {'low-rank':9s} {'bits/param':>10s} "
+          f"{'ppl':>9s} {'mean rel_err':>12s} {'time s':>7s}")
+    results = {}
+    for r, (before, lr) in ROWS_B.items():
+        if only and not any(o in r for o in only):
+            continue
+        for c in ("plain", "fused H") if r in ROWS_B_ROTATED else ("plain",):
+            for lname, make in (("one pass", lambda lr=lr: SVDLLM(mode="residual", **lr)),
+                                ("refined", lambda lr=lr: AlternatingRefine(iters=iters, **lr))):
+                model = copy.deepcopy(base)
+                TRANSFORMS[c](model)
+                t0 = time.perf_counter()
+                report = compress_model(model, calib, [*before(), make()], batch_size=4,
+                                        progress=False)
+                secs = time.perf_counter() - t0
+                rel = sum(x["rel_error"] for x in report.layers) / len(report.layers)
+                ppl = evaluate(model, windows)
+                results[(r, c, lname)] = ppl
+                print(f"{r:32s} {c:9s} {lname:9s} {report.totals()['bits_per_param']:10.3f} "
+                      f"{ppl:9.3f} {rel:12.4f} {secs:7.1f}", flush=True)
+    cols = [(c, ln) for c in ("plain", "fused H") for ln in ("one pass", "refined")]
+    table("part B: WikiText-2 ppl", [f"{c}, {ln}" for c, ln in cols],
+          [r for r in ROWS_B if (r, "plain", "one pass") in results],
+          lambda r, c: (f"{results[(r, *c.split(', '))]:.3f}"
+                        if (r, *c.split(", ")) in results else "-"))
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -208,6 +255,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=None, help="row names (substring match)")
+    ap.add_argument("--iters", type=int, default=2, help="part B: alternations per chain")
     a = ap.parse_args()
     torch.manual_seed(0)
     base, tok = load(MODEL, device="cpu")
@@ -218,7 +266,7 @@ def main() -> None:
     if a.part in ("rotate", "all"):
         part_rotate(base, calib, windows, a.only)
     if a.part in ("refine", "all"):
-        part_refine(base, calib, windows, a.only)
+        part_refine(base, calib, windows, a.only, a.iters)
 
 
 if __name__ == "__main__":

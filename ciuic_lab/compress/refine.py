@@ -217,7 +217,7 @@ class AlternatingRefine(LowRankMethod):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    iters: int = 3
+    iters: int = 2
     remask: bool = True
     start: str = "both"
     patience: int = 2
