@@ -14,6 +14,7 @@ from ciuic_lab.compress.rotate import (
     HadamardRotation,
     OnlineRotation,
     RandomOrthogonal,
+    RotatedExperts,
     RotatedLinear,
     RotationUnsupported,
     add_online_rotations,
@@ -22,8 +23,10 @@ from ciuic_lab.compress.rotate import (
     kron_matmul,
     make_rotation,
     paley_hadamard,
+    rotate_experts_down,
     rotate_linear_input,
     rotate_model,
+    rotate_value_path,
 )
 from ciuic_lab.compress.stats import LayerStats, relative_error
 from ciuic_lab.models import tiny
@@ -296,3 +299,58 @@ def test_every_stage_runs_in_the_rotated_basis():
     assert all(r["rel_error"] < 0.9 for r in report.layers)
     with torch.no_grad():
         assert bool(torch.isfinite(m(torch.randint(0, 256, (1, 8))).logits).all())
+
+
+# ---- value path and routed experts --------------------------------------------------------------
+@pytest.mark.parametrize("name", ARCHS)
+def test_value_path_rotation_is_fused_and_exact(name):
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    attn = m.model.layers[0].self_attn
+    o_before = attn.o_proj.weight.clone()
+    src = attn.v_proj if hasattr(attn, "v_proj") else attn.kv_b_proj
+    w_before = src.weight.clone()
+    info = rotate_value_path(m, seed=3)
+    rotate_model(m, seed=1)  # composes with the residual rotation
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert info["runtime_bytes"] == 0 and not torch.allclose(attn.o_proj.weight, o_before)
+    if hasattr(attn, "kv_b_proj"):  # only the value rows of each head move, the key rows stay
+        cfg = m.config
+        rows = src.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+        old = w_before.view_as(rows)
+        assert torch.equal(rows[:, :cfg.qk_nope_head_dim], old[:, :cfg.qk_nope_head_dim])
+        assert not torch.allclose(rows[:, cfg.qk_nope_head_dim:], old[:, cfg.qk_nope_head_dim:])
+
+
+@pytest.mark.parametrize("name", ["tiny-random-deepseek-v3", "tiny-random-deepseek-v2"])
+def test_routed_experts_down_rotation_keeps_the_model(name):
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    rotate_model(m, seed=0)
+    info = rotate_experts_down(m, seed=0)
+    assert len(info["wrapped"]) == m.config.num_hidden_layers - 1  # every MoE layer
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert stored_bytes(m) == before + info["runtime_bytes"]  # the experts' weights not copied
+    assert info["runtime_bytes"] == len(info["wrapped"]) * m.config.moe_intermediate_size
+
+
+def test_rotated_experts_fail_loudly_in_the_unmodified_walk():
+    """Until the adapter calls RotatedExperts.expert_intermediate, compressing must fail rather
+    than calibrate the down projections on unrotated inputs."""
+    from ciuic_lab.compress.pipeline import compress_model
+    from ciuic_lab.compress.quant.rtn import RTN
+
+    m = tiny.build("tiny-random-deepseek-v3", vocab=256)
+    rotate_experts_down(m, seed=0)
+    assert isinstance(m.model.layers[1].mlp.experts, RotatedExperts)
+    with pytest.raises(AttributeError, match="act_fn"):
+        compress_model(m, torch.randint(0, 256, (2, 16)), [RTN(4, 32)], progress=False)

@@ -16,9 +16,19 @@ Three layers of this file:
    (dense Haar-random Q, for offline use where speed does not matter).
 2. `rotate_model`: the fused residual-stream rotation (offline, zero run-time cost) for Llama,
    Qwen2, DeepSeek-V2 and DeepSeek-V3, driven by the small per-architecture table `RESIDUAL`.
+   `rotate_value_path`: the fused per-head rotation of attention values and o_proj's input.
 3. `OnlineRotation` / `RotatedLinear` / `add_online_rotations`: a rotation kept at run time in
    front of a linear (down_proj, o_proj): W ← W Q offline, x ← x Q online; its sign vector is a
    persistent buffer, so model byte counts include it, and its FLOPs show up in measured speed.
+   `RotatedExperts` / `rotate_experts_down`: the same for routed experts' down projections
+   (needs two small pipeline changes before compression; see RotatedExperts).
+
+Wiring into the walk: transforms run on the loaded model before `compress_model` (they only
+edit weights or wrap modules), so every stage calibrates in the rotated basis. Routed experts
+with `RotatedExperts` need two changes there: `adapters.expert_intermediate(mod, e, x)` returns
+`mod.expert_intermediate(e, x)` when the module has it, and `pipeline._install` wraps each
+compressed expert down projection as `RotatedLinear(orig.down_rotation, packed)` (and reads
+the activation from `orig._act`).
 
 Conventions: a linear computes y = x Wᵀ with W (out, in); activations are row vectors, a rotated
 activation is x Q. `Rotation.apply(x)` = x Q and `Rotation.apply_t(x)` = x Qᵀ on the last dim.
@@ -470,6 +480,62 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
             "runtime_bytes": 0}
 
 
+def _rotate_rows_per_head(w: torch.Tensor, rot: Rotation, heads: int, stride: int,
+                          offset: int) -> None:
+    """Rows [h·stride + offset, h·stride + offset + rot.n) of w (each head's value rows), or the
+    same entries of a bias: W_h ← Qᵀ W_h, so that each head's values come out as v_h Q."""
+    def fn(t):
+        lead = t.shape[1:]
+        t = t.reshape(heads, stride, -1).clone()
+        v = t[:, offset:offset + rot.n, :]  # (heads, d, in)
+        t[:, offset:offset + rot.n, :] = rot.apply(v.transpose(1, 2)).transpose(1, 2)
+        return t.reshape(heads * stride, *lead)
+    _with(w, fn)
+
+
+@torch.no_grad()
+def rotate_value_path(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dict:
+    """Fused per-head rotation of the attention values and of o_proj's input (QuaRot, arXiv
+    2404.00456 §4.1, "W_v and W_out"), zero run-time cost.
+
+    Attention mixes each head's value vectors linearly over positions (A_h v_h), so rotating
+    every head's values by one orthogonal Q_d (d = head_dim / v_head_dim), v_h ← v_h Q_d, makes
+    the attention output o_h Q_d; o_proj, which reads the concatenated heads, undoes it with
+    W_o ← W_o (I_heads ⊗ Q_d). The value rows rotated are v_proj's (Llama/Qwen2: per KV head, so
+    grouped-query heads share it) or the value rows of kv_b_proj (MLA: each head's last
+    v_head_dim rows). o_proj's input dim becomes incoherent within each head's block; combine
+    with an online rotation of o_proj for full-width mixing. Composes with `rotate_model`
+    (either order): it touches only value rows and o_proj's input side.
+    """
+    mt = getattr(model.config, "model_type", None)
+    if mt not in RESIDUAL:
+        raise RotationUnsupported(f"no value-path layout for model_type {mt!r}")
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    if mt in ("llama", "qwen2"):
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads, stride, offset, src = cfg.num_key_value_heads, d, 0, "self_attn.v_proj"
+    else:  # MLA: kv_b_proj rows per head are [k_nope (qk_nope_head_dim), v (v_head_dim)]
+        d = cfg.v_head_dim
+        kv_heads, stride, offset, src = heads, cfg.qk_nope_head_dim + d, cfg.qk_nope_head_dim, \
+            "self_attn.kv_b_proj"
+    rot = make_rotation(d, seed, kind)
+    done = []
+    for i, block in enumerate(model.model.layers):
+        vmod, omod = _get(block, src), _get(block, "self_attn.o_proj")
+        if not isinstance(vmod, nn.Linear) or not isinstance(omod, nn.Linear):
+            raise RotationUnsupported(f"model.layers.{i}: expected nn.Linear {src} and o_proj "
+                                      f"(rotate before compressing or wrapping them)")
+        _rotate_rows_per_head(vmod.weight, rot, kv_heads, stride, offset)
+        if vmod.bias is not None:
+            _rotate_rows_per_head(vmod.bias, rot, kv_heads, stride, offset)
+        # o_proj reads (heads, d) blocks: W_o ← W_o (I ⊗ Q_d)
+        _with(omod.weight, lambda t: rot.apply(t.reshape(t.shape[0], heads, d)).reshape(t.shape))
+        done.append(f"model.layers.{i}.self_attn")
+    return {"kind": kind, "seed": seed, "head_dim": d, "construction": rot.describe(),
+            "rotated": done, "runtime_bytes": 0}
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Online rotations (kept at run time)
 # ------------------------------------------------------------------------------------------------
@@ -614,3 +680,64 @@ def add_online_rotations(model: nn.Module, seed: int = 0,
             if site == "down_proj" and _get(block, "mlp.experts.down_proj") is not None:
                 info.skipped.append(f"model.layers.{i}.mlp.experts.down_proj")
     return {"wrapped": info.wrapped, "runtime_bytes": info.runtime_bytes, "skipped": info.skipped}
+
+
+class RotatedExperts(nn.Module):
+    """Routed experts (fused 3-D `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) whose down
+    projections read a run-time rotated input: y_e = (act(g)·u) Q (W_e Q)ᵀ, one OnlineRotation
+    of width I shared by the layer's experts (its signs stored once).
+
+    The eager per-expert loop of transformers' DeepSeek experts, plus the rotation. The
+    activation is kept as `_act`, deliberately not `act_fn`: the current adapter's
+    `expert_intermediate` and the pipeline's `_install` read `act_fn` and would calibrate and
+    rebuild these experts WITHOUT the rotation, so they fail loudly (AttributeError) instead,
+    until they call `expert_intermediate` below and keep `down_rotation` (module docstring,
+    "Wiring").
+    """
+
+    def __init__(self, experts: nn.Module, seed: int):
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up_proj = experts.gate_up_proj
+        self.down_proj = experts.down_proj
+        self._act = experts.act_fn
+        inter = experts.down_proj.shape[-1]
+        self.down_rotation = OnlineRotation(inter, seed).to(experts.down_proj.device)
+        _with(self.down_proj, self.down_rotation.rotation().apply)  # every W_e ← W_e Q
+
+    def expert_intermediate(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """The (rotated) input of expert e's down projection for its tokens x."""
+        gate, up = torch.nn.functional.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, -1)
+        return self.down_rotation(self._act(gate) * up)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            tok, pos = torch.where(top_k_index == e)
+            y = torch.nn.functional.linear(self.expert_intermediate(e, hidden_states[tok]),
+                                           self.down_proj[e].to(hidden_states.dtype))
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+
+@torch.no_grad()
+def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
+    """Replace every fused routed-experts module (`mlp.experts`) by RotatedExperts: the input of
+    each expert's down projection is rotated at run time (one sign vector of width I per layer).
+    Needs the adapter/pipeline support described in RotatedExperts before `compress_model`."""
+    from ciuic_lab.models.adapters import is_fused_experts
+
+    info = {"wrapped": [], "runtime_bytes": 0}
+    for i, block in enumerate(model.model.layers):
+        mlp = getattr(block, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        if experts is None or not is_fused_experts(experts):
+            continue
+        mlp.experts = RotatedExperts(experts, seed * 1_000_003 + 7919 * (i + 1))
+        info["wrapped"].append(f"model.layers.{i}.mlp.experts")
+        info["runtime_bytes"] += mlp.experts.down_rotation.nbytes()
+    return info
+
