@@ -89,7 +89,7 @@ def kron_matmul(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     no transposes, no copies beyond each product's output. Cost n·Σ d_i multiply-adds.
     Since the Sylvester matrix factors, H_ab = H_a ⊗ H_b, a Hadamard of width 2^k is applied as
     a few factors of width ≤ 64, the widest last (see `_sylvester_factors`); on CPU this measured
-    2-10x faster than the butterfly `fwht` (BLAS instead of log2 n memory passes).
+    about 2-3x faster than the butterfly `fwht` (BLAS instead of log2 n memory passes).
     """
     lead, n = x.shape[:-1], x.shape[-1]
     dims = [f.shape[0] for f in factors]
