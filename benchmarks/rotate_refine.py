@@ -4,6 +4,7 @@
     python benchmarks/rotate_refine.py --part rotate       # A: methods with / without rotations
     python benchmarks/rotate_refine.py --part refine       # B: one-pass vs refined combinations
     options: --windows 64 --calib 32 --calib-seqlen 256 --iters 2 --only NAME...
+             --transforms plain 'fused H' ... --no-dense
     (from a git worktree, prefix PYTHONPATH=. so that the worktree's ciuic_lab is imported)
 
 Part A (issue #13 item 4): each method (RTN / GPTQ at 2, 3, 4 bits g128, SparseGPT 50 %,
@@ -153,7 +154,8 @@ def op_cost() -> None:
 # ---- part A ------------------------------------------------------------------------------------
 
 
-def part_rotate(base, calib, windows, only):
+def dense_and_speed(base, windows):
+    """Dense perplexity after each transform (must not move) and the online rotations' cost."""
     dense = {}
     for c, tf in TRANSFORMS.items():
         m = copy.deepcopy(base)
@@ -179,19 +181,24 @@ def part_rotate(base, calib, windows, only):
     del models
     op_cost()
 
+
+def part_rotate(base, calib, windows, only, transforms, measure_dense=True):
+    if measure_dense:
+        dense_and_speed(base, windows)
+    dense = evaluate(copy.deepcopy(base), windows, check=False)
     results = {}
     print(f"\n{'method':28s} {'transform':16s} {'bits/param':>10s} {'+rot':>7s} {'ppl':>9s} "
           f"{'Δ% vs dense':>11s} {'time s':>7s}")
     for r, stages in ROWS_A.items():
         if only and not any(o in r for o in only):
             continue
-        for c, tf in TRANSFORMS.items():
-            ppl, bpp, bpp_rot, secs = compress_row(base, tf, stages(), calib, windows)
+        for c in transforms:
+            ppl, bpp, bpp_rot, secs = compress_row(base, TRANSFORMS[c], stages(), calib, windows)
             results[(r, c)] = ppl
             print(f"{r:28s} {c:16s} {bpp:10.3f} {bpp_rot:7.3f} {ppl:9.3f} "
-                  f"{100 * (ppl / dense['plain'] - 1):11.2f} {secs:7.1f}", flush=True)
-    table(f"part A: WikiText-2 ppl (dense {dense['plain']:.3f})", list(TRANSFORMS),
-          [r for r in ROWS_A if (r, "plain") in results],
+                  f"{100 * (ppl / dense - 1):11.2f} {secs:7.1f}", flush=True)
+    table(f"part A: WikiText-2 ppl (dense {dense:.3f})", transforms,
+          [r for r in ROWS_A if (r, transforms[0]) in results],
           lambda r, c: f"{results[(r, c)]:.3f}")
 
 
@@ -209,7 +216,7 @@ ROWS_B = {
     "gptq2 + lr 5% fb8": (lambda: [GPTQ(bits=2)], {"ratio": 0.05, "factor_bits": 8}),
 }
 # rows also run on the rotated model
-ROWS_B_ROTATED = ("sgpt 50% + gptq3 + lr 2% fb8", "gptq2 + lr 5% fb8")
+ROWS_B_ROTATED = ("sgpt 50% + gptq3 + lr 2% fb8",)
 
 
 def part_refine(base, calib, windows, only, iters: int = 2):
@@ -256,6 +263,10 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=None, help="row names (substring match)")
     ap.add_argument("--iters", type=int, default=2, help="part B: alternations per chain")
+    ap.add_argument("--transforms", nargs="*", default=list(TRANSFORMS), choices=list(TRANSFORMS),
+                    help="part A: model transforms (columns)")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="part A: skip the dense-ppl-per-transform and speed measurements")
     a = ap.parse_args()
     torch.manual_seed(0)
     base, tok = load(MODEL, device="cpu")
@@ -264,7 +275,7 @@ def main() -> None:
     print(f"{MODEL}: {windows.shape[0]} test windows x 512, calibration {a.calib} x "
           f"{a.calib_seqlen}, torch threads {torch.get_num_threads()}", flush=True)
     if a.part in ("rotate", "all"):
-        part_rotate(base, calib, windows, a.only)
+        part_rotate(base, calib, windows, a.only, a.transforms, not a.no_dense)
     if a.part in ("refine", "all"):
         part_refine(base, calib, windows, a.only, a.iters)
 
