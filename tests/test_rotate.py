@@ -18,6 +18,7 @@ from ciuic_lab.compress.rotate import (
     RotatedLinear,
     RotationUnsupported,
     add_online_rotations,
+    apply_rotations,
     fwht,
     hadamard_factor,
     kron_matmul,
@@ -354,3 +355,22 @@ def test_rotated_experts_fail_loudly_in_the_unmodified_walk():
     assert isinstance(m.model.layers[1].mlp.experts, RotatedExperts)
     with pytest.raises(AttributeError, match="act_fn"):
         compress_model(m, torch.randint(0, 256, (2, 16)), [RTN(4, 32)], progress=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-qwen2", "tiny-random-deepseek-v3"])
+def test_all_transforms_together(name):
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    moe = name != "tiny-random-qwen2"
+    info = apply_rotations(m, "hadamard", value_path=True, online=("down_proj", "o_proj"),
+                           experts_down=moe, seed=5)
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert stored_bytes(m) == before + info["runtime_bytes"]
+    assert set(info) == {"runtime_bytes", "value_path", "residual", "online"} | (
+        {"experts_down"} if moe else set())

@@ -741,3 +741,29 @@ def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
         info["runtime_bytes"] += mlp.experts.down_rotation.nbytes()
     return info
 
+
+
+@torch.no_grad()
+def apply_rotations(model: nn.Module, residual: str | None = "hadamard", value_path: bool = False,
+                    online: tuple[str, ...] = (), experts_down: bool = False,
+                    seed: int = 0) -> dict:
+    """Every transform of this file in a fixed order, for a run config to call once after
+    loading and before `compress_model`: the value path (needs plain v/o linears), the residual
+    stream (`residual`: "hadamard" | "random" | None), online rotations of `online` sites
+    (ONLINE_SITES keys), then routed experts' down inputs.
+
+    The model computes the same function afterwards (to fp32 rounding). Returns each
+    transform's info and `runtime_bytes`, the stored bytes kept for run-time rotations.
+    """
+    info: dict = {"runtime_bytes": 0}
+    if value_path:
+        info["value_path"] = rotate_value_path(model, seed)
+    if residual is not None:
+        info["residual"] = rotate_model(model, seed, residual)
+    if online:
+        info["online"] = add_online_rotations(model, seed, tuple(online))
+        info["runtime_bytes"] += info["online"]["runtime_bytes"]
+    if experts_down:
+        info["experts_down"] = rotate_experts_down(model, seed)
+        info["runtime_bytes"] += info["experts_down"]["runtime_bytes"]
+    return info
