@@ -1,0 +1,376 @@
+"""Rotations (QuIP#, arXiv 2402.04396; QuaRot, arXiv 2404.00456): the maths, the fused
+residual-stream rotation on every supported architecture, and online rotations in the walk."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ciuic_lab.compress.base import rtn_quantize
+from ciuic_lab.compress.rotate import (
+    RESIDUAL,
+    HadamardRotation,
+    OnlineRotation,
+    RandomOrthogonal,
+    RotatedExperts,
+    RotatedLinear,
+    RotationUnsupported,
+    add_online_rotations,
+    apply_rotations,
+    fwht,
+    hadamard_factor,
+    kron_matmul,
+    make_rotation,
+    paley_hadamard,
+    rotate_experts_down,
+    rotate_linear_input,
+    rotate_model,
+    rotate_value_path,
+)
+from ciuic_lab.compress.stats import LayerStats, relative_error
+from ciuic_lab.models import tiny
+
+ARCHS = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-deepseek-v2",
+         "tiny-random-deepseek-v2-qlora", "tiny-random-deepseek-v3"]
+
+
+def sylvester(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+# ---- maths ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 16, 256])
+def test_fwht_is_the_sylvester_product_on_any_leading_dims(n):
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ sylvester(n), atol=1e-12)
+    assert torch.allclose(fwht(fwht(x)) / n, x, atol=1e-12)
+
+
+def test_kron_matmul_is_the_kronecker_product():
+    fs = [torch.randn(d, d, dtype=torch.float64) for d in (3, 4, 2)]
+    x = torch.randn(5, 2, 24, dtype=torch.float64)
+    full = torch.kron(torch.kron(fs[0], fs[1]), fs[2])
+    assert torch.allclose(kron_matmul(x, fs), x @ full, atol=1e-12)
+    with pytest.raises(ValueError, match="multiply"):
+        kron_matmul(x, fs[:2])
+
+
+@pytest.mark.parametrize("k", [2, 64, 256, 8192])
+def test_sylvester_factors_in_any_grouping_are_the_same_hadamard(k):
+    """H_k applied as narrow-first factors equals the butterfly fwht."""
+    from ciuic_lab.compress.rotate import _sylvester_factors
+
+    x = torch.randn(3, k, dtype=torch.float64)
+    assert torch.allclose(kron_matmul(x, _sylvester_factors(k)), fwht(x) / math.sqrt(k), atol=1e-12)
+
+
+def test_fwht_rejects_other_widths():
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht(torch.randn(4, 12))
+
+
+@pytest.mark.parametrize("order", [4, 12, 20, 28, 36, 44, 60, 108])
+def test_paley_matrices_are_hadamard(order):
+    h = paley_hadamard(order)
+    assert h is not None and set(h.unique().tolist()) == {-1, 1}
+    assert torch.equal(h @ h.T, order * torch.eye(order, dtype=h.dtype))
+
+
+@pytest.mark.parametrize("n", [576, 1536, 7168, 2048, 18432, 512, 64, 256])
+def test_every_deepseek_and_smollm2_width_gets_a_true_hadamard(n):
+    """No width of DeepSeek-V3 / MLA / SmolLM2 needs the Haar fallback."""
+    p, k, kind = hadamard_factor(n)
+    assert p * k == n and kind in ("sylvester", "paley") and k & (k - 1) == 0
+
+
+@pytest.mark.parametrize("n", [64, 96, 576, 1536, 100])
+def test_hadamard_rotation_is_orthogonal_and_incoherent(n):
+    r = HadamardRotation(n, seed=3)
+    q = r.matrix()
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-12)
+    assert torch.allclose(r.apply_t(torch.eye(n, dtype=torch.float64)), q.T, atol=1e-12)
+    if r.kind != "haar":  # every entry ±1/√n: maximal incoherence
+        assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(n)), atol=1e-12)
+    else:
+        assert q.abs().max() * math.sqrt(n) < math.sqrt(r.p)  # max entry ≤ 1/√k
+
+
+@pytest.mark.parametrize("n", [7168, 18432])
+def test_large_widths_round_trip_without_a_dense_matrix(n):
+    r = HadamardRotation(n, seed=0)
+    x = torch.randn(4, n, dtype=torch.float64)
+    y = r.apply(x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-10)
+    assert torch.allclose(r.apply_t(y), x, atol=1e-10)
+    e0 = torch.zeros(1, n, dtype=torch.float64)
+    e0[0, 0] = 1
+    assert torch.allclose(r.apply(e0).abs(), torch.full((1, n), n ** -0.5, dtype=torch.float64))
+
+
+def test_rotations_are_seeded():
+    for kind in ("hadamard", "random"):
+        a, b, c = (make_rotation(64, s, kind).matrix() for s in (5, 5, 6))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    q = RandomOrthogonal(48, 0).matrix()
+    assert torch.allclose(q @ q.T, torch.eye(48, dtype=q.dtype), atol=1e-12)
+    with pytest.raises(ValueError):
+        make_rotation(64, 0, "identity")
+
+
+def test_rotation_makes_rtn_better_on_outlier_columns():
+    """The point of incoherence: W with a few huge input columns quantises badly per row; in
+    the rotated basis the outliers are spread and the 3-bit grid fits them much better."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    w[:, [3, 40, 77, 100]] *= 20
+    st = LayerStats(128, hessian=True)
+    st.add_batch(torch.randn(1024, 128, generator=g))
+    r = HadamardRotation(128, seed=1)
+    plain = rtn_quantize(w.float(), 3, -1, True).dequantize().double()
+    rot = r.apply_t(rtn_quantize(r.apply(w).float(), 3, -1, True).dequantize().double())
+    assert relative_error(w, rot, st) < 0.7 * relative_error(w, plain, st)
+
+
+# ---- fused residual rotation ------------------------------------------------------------------
+def scrambled(name, **cfg):
+    """A tiny model with non-trivial norm scales, so that folding them is really tested."""
+    m = tiny.build(name, vocab=256, **cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.5)
+    return m
+
+
+def logits_and_routes(model, ids):
+    routes = []
+    hooks = [mod.register_forward_hook(lambda _m, _a, out: routes.append(out[2].sort(-1).values))
+             for n, mod in model.named_modules() if n.endswith("mlp.gate")]
+    with torch.no_grad():
+        out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    return out, routes
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_rotated_model_computes_the_same_function(name, kind):
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref, ref_routes = logits_and_routes(m, ids)
+    cfg = m.config.to_dict()
+    shapes = {n: p.shape for n, p in m.named_parameters()}
+    info = rotate_model(m, seed=7, kind=kind)
+    out, routes = logits_and_routes(m, ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    # routers rotated, not changed: the same experts are picked for every token
+    assert len(routes) == len(ref_routes) and all(torch.equal(a, b) for a, b in zip(routes, ref_routes))
+    assert m.config.to_dict() == cfg and {n: p.shape for n, p in m.named_parameters()} == shapes
+    for n, p in m.named_parameters():
+        if n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")):
+            assert torch.equal(p, torch.ones_like(p)), n
+        if n.endswith(("q_a_layernorm.weight", "kv_a_layernorm.weight")):  # latents: untouched
+            assert not torch.equal(p, torch.ones_like(p)), n
+    assert info["runtime_bytes"] == 0 and info["rotated"][0] == "embed"
+    # the rotation really happened: embeddings changed
+    assert not torch.allclose(m.model.embed_tokens.weight, scrambled(name).model.embed_tokens.weight)
+
+
+def test_non_power_of_two_hidden_size():
+    """hidden 96 = 12·8: the Paley-12 ⊗ H8 rotation on a whole model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    info = rotate_model(m, seed=0)
+    assert "paley12 ⊗ H8" in info["construction"]
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_tied_embeddings_are_refused():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(RotationUnsupported, match="tied"):
+        rotate_model(m)
+
+
+def test_unknown_block_parameters_are_refused():
+    m = tiny.build("tiny-random-llama", vocab=256)
+    m.model.layers[1].self_attn.extra = nn.Linear(64, 64)
+    with pytest.raises(RotationUnsupported, match="layers.1.self_attn.extra"):
+        rotate_model(m)
+
+
+def test_a_norm_that_does_not_commute_is_refused():
+    m = tiny.build("tiny-random-qwen2", vocab=256)
+    ln = nn.LayerNorm(64, bias=False)  # mean subtraction: not rotation-invariant
+    m.model.norm = ln
+    with pytest.raises(RotationUnsupported):
+        rotate_model(m)
+
+
+def test_unsupported_architecture():
+    m = tiny.build("tiny-random-llama", vocab=256)
+    m.config.model_type = "gemma"
+    with pytest.raises(RotationUnsupported, match="gemma"):
+        rotate_model(m)
+
+
+def test_table_covers_the_supported_architectures():
+    from ciuic_lab.models.adapters import SUPPORTED
+
+    assert set(SUPPORTED) <= set(RESIDUAL)
+
+
+# ---- online rotations -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [128, 96])
+def test_rotated_linear_keeps_outputs_and_counts_its_bytes(n):
+    lin = nn.Linear(n, 32, bias=True)
+    x = torch.randn(5, 7, n)
+    ref = lin(x)
+    rl = rotate_linear_input(copy.deepcopy(lin), seed=0)
+    assert torch.allclose(rl(x), ref, atol=1e-5)
+    assert not torch.allclose(rl.linear.weight, lin.weight)  # W Q is stored
+    extra = n + (0 if n == 128 else 4 * rl.rotation.p ** 2)  # int8 signs (+ fp32 Paley block)
+    assert rl.rotation.nbytes() == extra
+    assert rl.nbytes() == extra + 4 * (n * 32 + 32)
+    assert rl.rotation(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-deepseek-v3"])
+def test_online_rotations_keep_the_model_and_show_in_stored_bytes(name):
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    rotate_model(m, seed=1)
+    info = add_online_rotations(m, seed=2, sites=("down_proj", "o_proj"))
+    with torch.no_grad():
+        out = m(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert info["runtime_bytes"] > 0 and stored_bytes(m) == before + info["runtime_bytes"]
+    n_blocks = m.config.num_hidden_layers
+    dense_mlps = n_blocks if name == "tiny-random-llama" else 1
+    shared = 0 if name == "tiny-random-llama" else n_blocks - 1
+    assert len(info["wrapped"]) == n_blocks + dense_mlps + shared  # o_proj + down projections
+    assert len(info["skipped"]) == (0 if name == "tiny-random-llama" else n_blocks - 1)
+    signs = [b for mod in m.modules() if isinstance(mod, OnlineRotation) for b in [mod.signs]]
+    assert len({tuple(s.tolist()) for s in signs}) == len(signs)  # a fresh Q per module
+
+
+def test_every_stage_runs_in_the_rotated_basis():
+    """The walk finds `<site>.linear` inside RotatedLinear, calibrates it on rotated inputs and
+    replaces it by a CompressedLinear; the rotation stays in front."""
+    from ciuic_lab.compress.linear import CompressedLinear
+    from ciuic_lab.compress.lowrank.svdllm import SVDLLM
+    from ciuic_lab.compress.pipeline import compress_model
+    from ciuic_lab.compress.prune.sparsegpt import SparseGPT
+    from ciuic_lab.compress.quant.gptq import GPTQ
+
+    m = tiny.build("tiny-random-deepseek-v3", vocab=256)
+    rotate_model(m, seed=0)
+    add_online_rotations(m, seed=0)
+    report = compress_model(m, torch.randint(0, 256, (4, 32)),
+                            [SparseGPT(0.5), GPTQ(4, 32), SVDLLM(ratio=0.05)], batch_size=2,
+                            progress=False)
+    names = [r["name"] for r in report.layers]
+    assert "model.layers.0.mlp.down_proj.linear" in names
+    assert "model.layers.1.mlp.shared_experts.down_proj.linear" in names
+    down = m.model.layers[0].mlp.down_proj
+    assert isinstance(down, RotatedLinear) and isinstance(down.linear, CompressedLinear)
+    assert all(r["rel_error"] < 0.9 for r in report.layers)
+    with torch.no_grad():
+        assert bool(torch.isfinite(m(torch.randint(0, 256, (1, 8))).logits).all())
+
+
+# ---- value path and routed experts --------------------------------------------------------------
+@pytest.mark.parametrize("name", ARCHS)
+def test_value_path_rotation_is_fused_and_exact(name):
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    attn = m.model.layers[0].self_attn
+    o_before = attn.o_proj.weight.clone()
+    src = attn.v_proj if hasattr(attn, "v_proj") else attn.kv_b_proj
+    w_before = src.weight.clone()
+    info = rotate_value_path(m, seed=3)
+    rotate_model(m, seed=1)  # composes with the residual rotation
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert info["runtime_bytes"] == 0 and not torch.allclose(attn.o_proj.weight, o_before)
+    if hasattr(attn, "kv_b_proj"):  # only the value rows of each head move, the key rows stay
+        cfg = m.config
+        rows = src.weight.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, -1)
+        old = w_before.view_as(rows)
+        assert torch.equal(rows[:, :cfg.qk_nope_head_dim], old[:, :cfg.qk_nope_head_dim])
+        assert not torch.allclose(rows[:, cfg.qk_nope_head_dim:], old[:, cfg.qk_nope_head_dim:])
+
+
+@pytest.mark.parametrize("name", ["tiny-random-deepseek-v3", "tiny-random-deepseek-v2"])
+def test_routed_experts_down_rotation_keeps_the_model(name):
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    rotate_model(m, seed=0)
+    info = rotate_experts_down(m, seed=0)
+    assert len(info["wrapped"]) == m.config.num_hidden_layers - 1  # every MoE layer
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert stored_bytes(m) == before + info["runtime_bytes"]  # the experts' weights not copied
+    assert info["runtime_bytes"] == len(info["wrapped"]) * m.config.moe_intermediate_size
+
+
+def test_rotated_experts_fail_loudly_in_the_unmodified_walk():
+    """Until the adapter calls RotatedExperts.expert_intermediate, compressing must fail rather
+    than calibrate the down projections on unrotated inputs."""
+    from ciuic_lab.compress.pipeline import compress_model
+    from ciuic_lab.compress.quant.rtn import RTN
+
+    m = tiny.build("tiny-random-deepseek-v3", vocab=256)
+    rotate_experts_down(m, seed=0)
+    assert isinstance(m.model.layers[1].mlp.experts, RotatedExperts)
+    with pytest.raises(AttributeError, match="act_fn"):
+        compress_model(m, torch.randint(0, 256, (2, 16)), [RTN(4, 32)], progress=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-qwen2", "tiny-random-deepseek-v3"])
+def test_all_transforms_together(name):
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled(name)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    moe = name != "tiny-random-qwen2"
+    info = apply_rotations(m, "hadamard", value_path=True, online=("down_proj", "o_proj"),
+                           experts_down=moe, seed=5)
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert stored_bytes(m) == before + info["runtime_bytes"]
+    assert set(info) == {"runtime_bytes", "value_path", "residual", "online"} | (
+        {"experts_down"} if moe else set())
