@@ -114,9 +114,44 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
         check_source(str(cfg.data.calib_source))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.calib_source: {e}") from None
+    _check_rotate(cfg, model_config)
     if cfg.tracker.mode not in ("online", "offline", "disabled", "auto"):
         raise ConfigError(f"tracker.mode: must be online, offline, disabled or auto; got {cfg.tracker.mode!r}")
     return methods
+
+
+def rotations_on(cfg: DictConfig) -> bool:
+    r = cfg.get("rotate")
+    return r is not None and bool(r.get("residual") or r.get("value_path") or r.get("online"))
+
+
+def _check_rotate(cfg: DictConfig, model_config) -> None:
+    from ciuic_lab.compress.rotate import ONLINE_SITES, RESIDUAL
+
+    if not rotations_on(cfg):
+        return
+    r = cfg.rotate
+    if r.residual not in (None, "hadamard", "random"):
+        raise ConfigError(f"rotate.residual: must be null, hadamard or random, got {r.residual!r}")
+    bad = [s for s in r.online if s not in ONLINE_SITES]
+    if bad:
+        raise ConfigError(f"rotate.online: unknown sites {bad}; choose from {list(ONLINE_SITES)}")
+    if model_config.model_type not in RESIDUAL:
+        raise ConfigError(f"rotate: no rotation layout for model_type {model_config.model_type!r} "
+                          f"(compress/rotate.py RESIDUAL knows {sorted(RESIDUAL)})")
+    if r.residual and getattr(model_config, "tie_word_embeddings", False):
+        raise ConfigError("rotate.residual: this model ties its input and output embeddings, and "
+                          "one shared matrix cannot hold both E·Q and the rotated head; use "
+                          "rotate.residual=null (value_path and online rotations still apply)")
+    # The residual rotation rewrites the embeddings and every block before the first is
+    # compressed; a streamed run never holds them together (left for a later change).
+    if cfg.compress.stream:
+        raise ConfigError("rotate: rotations need the whole model loaded (compress.stream=false)")
+    # A checkpoint stores packed layers by name on the architecture's own skeleton, which has no
+    # run-time rotation modules to load into.
+    if r.online and cfg.get("save"):
+        raise ConfigError("rotate.online: a model with run-time rotations cannot be saved yet; "
+                          "use save=false, or only the fused rotations (rotate=hadamard)")
 
 
 def to_container(cfg: DictConfig) -> dict:

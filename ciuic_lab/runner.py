@@ -27,7 +27,7 @@ from ciuic_lab.compress.pipeline import (
     dense_report,
     profile,
 )
-from ciuic_lab.config import to_container, validate
+from ciuic_lab.config import rotations_on, to_container, validate
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import PeakMemory, stored_bytes
 
@@ -125,6 +125,14 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                                               "compress.offload=true"))
         else:
             metrics.update(suite.run(model, "dense"))
+
+    if rotations_on(cfg):  # after the dense baseline: it is measured on the model as published
+        from hydra.utils import instantiate
+
+        t0 = time.perf_counter()
+        info = instantiate(cfg.rotate)(model)
+        metrics["rotate/runtime_bytes"] = int(info["runtime_bytes"])
+        metrics["time/rotate_s"] = time.perf_counter() - t0
 
     compressed_dir = None
     if methods:

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from ciuic_lab.compress.base import ConfigError
+from ciuic_lab.errors import ConfigError
 from ciuic_lab.compress.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.policies import LayerProfile

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.base import rtn_quantize
+from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.compress.rotate import (
     RESIDUAL,
     HadamardRotation,
@@ -374,3 +374,77 @@ def test_all_transforms_together(name):
     assert stored_bytes(m) == before + info["runtime_bytes"]
     assert set(info) == {"runtime_bytes", "value_path", "residual", "online"} | (
         {"experts_down"} if moe else set())
+
+
+# ---- wired into a run: `rotate=...` and `lowrank=alternating` ---------------------------------
+RUN_QUICK = ["model=tiny-random-deepseek-v3", "eval.max_windows=2", "eval.seqlen=64",
+             "data.calib_samples=4", "data.calib_seqlen=32", "eval.speed=false", "progress=false",
+             "eval.lm_eval.enabled=false", "eval.generate.max_new_tokens=2", "tracker=none",
+             "device=cpu"]
+
+
+def _run(*overrides, tmp_path=None):
+    from ciuic_lab.config import compose
+    from ciuic_lab.runner import run
+
+    return run(compose([*RUN_QUICK, *overrides]), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "hadamard_online"])
+def test_rotate_config_keeps_the_model_and_counts_run_time_bytes(rotation):
+    """With every stage off, the rotated model is the published one up to rounding: the run's
+    compressed perplexity equals its dense one, and online rotations add exactly their bytes."""
+    out = _run(f"rotate={rotation}", "recipe=none", "prune=none", "quant=none", "lowrank=none")
+    m = out.metrics
+    assert m["ppl/wikitext2"] == pytest.approx(m["ppl/wikitext2_dense"], rel=1e-4)
+    extra = m["rotate/runtime_bytes"]
+    assert (extra > 0) == (rotation == "hadamard_online")
+    assert m["mem/weight_bytes"] == m["mem/weight_bytes_dense"] + extra
+    rotated = [mod for mod in out.model.modules() if isinstance(mod, RotatedLinear)]
+    assert bool(rotated) == (rotation == "hadamard_online")
+
+
+def test_recipe_runs_in_the_rotated_basis():
+    out = _run("rotate=hadamard_online", "lowrank.ratio=0.01")
+    names = [r["name"] for r in out.report.layers]
+    assert "model.layers.0.mlp.down_proj.linear" in names  # calibrated behind its rotation
+    assert out.metrics["ppl/wikitext2"] < 2 * out.metrics["ppl/wikitext2_dense"]
+
+
+@pytest.mark.parametrize("override, key", [
+    (["rotate=hadamard", "rotate.residual=spin"], "rotate.residual"),
+    (["rotate=hadamard", "rotate.online=[q_proj]"], "rotate.online"),
+    (["rotate=hadamard", "model=tiny-random-llama"], None),
+    (["rotate=hadamard_online", "save=true"], "rotate.online"),
+])
+def test_rotate_config_errors_come_before_any_work(override, key):
+    from ciuic_lab.config import compose, validate
+    from ciuic_lab.errors import ConfigError
+
+    cfg = compose([*RUN_QUICK, *override])
+    if key is None:  # tied embeddings: read from the model's config
+        from ciuic_lab.models import tiny
+
+        model_config = tiny.build("tiny-random-llama", vocab=256).config
+        model_config.tie_word_embeddings = True
+        with pytest.raises(ConfigError, match="ties its input and output embeddings"):
+            validate(cfg, model_config)
+        return
+    with pytest.raises(ConfigError, match=key):
+        validate(cfg)
+
+
+def test_alternating_refine_as_a_config_keeps_the_budget():
+    """`lowrank=alternating` stores what `lowrank=svdllm` stores (same masks, grid and rank), and
+    on the first block, whose inputs both runs share, no layer ends worse."""
+    base = _run("lowrank=svdllm", "lowrank.ratio=0.05", "quant.policy=uniform",
+                "prune.policy=uniform")
+    alt = _run("lowrank=alternating", "lowrank.ratio=0.05", "lowrank.iters=1",
+               "quant.policy=uniform", "prune.policy=uniform")
+    assert alt.metrics["size/bits_per_param"] == pytest.approx(base.metrics["size/bits_per_param"])
+    first = {r["name"]: r["rel_error"] for r in base.report.layers
+             if r["name"].startswith("model.layers.0.")}
+    refined = {r["name"]: r["rel_error"] for r in alt.report.layers if r["name"] in first}
+    assert first and refined.keys() == first.keys()
+    assert all(refined[n] <= first[n] * (1 + 1e-4) for n in first), (first, refined)
+    assert any(refined[n] < first[n] * 0.999 for n in first)

@@ -39,8 +39,9 @@ from typing import ClassVar
 
 import torch
 
-from ciuic_lab.compress.base import LowRankMethod, _check, rtn_quantize
-from ciuic_lab.compress.linear import LayerState, QuantPart
+from ciuic_lab.compress.base import LowRankMethod
+from ciuic_lab.errors import check as _check
+from ciuic_lab.compress.state import LayerState, QuantPart, rtn_quantize
 from ciuic_lab.compress.lowrank.svdllm import svdllm_factors, whitened_svd, whitening
 from ciuic_lab.compress.policies.rank import rank_for
 from ciuic_lab.compress.prune.sparsegpt import sparsegpt_prune

@@ -728,8 +728,9 @@ def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
     """Replace every fused routed-experts module (`mlp.experts`) by RotatedExperts: the input of
     each expert's down projection is rotated at run time (one sign vector of width I per layer).
     Needs the adapter/pipeline support described in RotatedExperts before `compress_model`."""
-    from ciuic_lab.models.adapters import is_fused_experts
+    from ciuic_lab.models.adapters import adapter_for
 
+    is_fused_experts = adapter_for(model).is_fused_experts
     info = {"wrapped": [], "runtime_bytes": 0}
     for i, block in enumerate(model.model.layers):
         mlp = getattr(block, "mlp", None)
