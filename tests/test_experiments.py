@@ -3,6 +3,7 @@ ablation study runs end to end with its points at matched bits."""
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
 # name -> number of points its grid sweeps
 GRIDS = {"ablation_stages": 7, "prune_methods": 9, "quant_methods": 8, "lowrank_rules": 24,
-         "ciuic_pareto": 18, "baselines": 4}
+         "ciuic_pareto": 18, "baselines": 4, "frontier_gptq": 18, "frontier_gptq_adaptive": 5,
+         "frontier_sparsegpt": 5, "frontier_lowrank": 6, "frontier_ciuic": 6, "rotations": 12}
 POINTS = ["prune", "lowrank", "quant", "prune_lowrank", "prune_quant", "lowrank_quant",
           "prune_lowrank_quant"]
 
@@ -87,6 +89,19 @@ def test_every_point_of_every_study_is_a_valid_run(name):
     assert len({tuple(p) for p in points}) == len(points)
     for p in points:
         validate(_compose(f"+experiment={name}", *p))
+
+
+@pytest.mark.parametrize("name", sorted(set(GRIDS) - {"baselines"}))  # baselines: test_bnb
+def test_first_and_last_point_of_every_study_runs(name):
+    """Smoke run: the study's first and last points on the tiny model, compressed and measured."""
+    from ciuic_lab.runner import run
+
+    points = sweep_points(name)
+    for p in (points[0], points[-1]):
+        cfg = _compose(f"+experiment={name}", *p, *QUICK, "tracker=none", "eval.speed=false")
+        out = run(cfg)
+        m = out.metrics
+        assert m["size/bits_per_param"] < 16 and math.isfinite(m["ppl/wikitext2"]), (name, p)
 
 
 def _stage_methods(cfg) -> dict:
