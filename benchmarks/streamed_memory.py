@@ -1,6 +1,6 @@
 """Streamed compression keeps host memory at about one block, whatever the depth: measured.
 
-    nice python benchmarks/streamed_memory.py [--depths 10 20] [--out /tmp/streamed_bench]
+    nice python benchmarks/streamed_memory.py [--depths 10 20] [--out /tmp/streamed_bench] [OVERRIDES]
 
 Writes two random DeepSeek-V3-shaped checkpoints (benchmarks/random_checkpoint.py, shape
 deepseek-v3-bench: MLA attention, a dense first layer, MoE layers with 8 routed experts of
@@ -34,11 +34,11 @@ def write_checkpoint(out: Path, layers: int) -> int:
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def compress(src: Path, run: Path) -> dict:
+def compress(src: Path, run: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "ciuic_lab.run", "model=hub", f"model.name_or_path={src}",
            "compress.stream=true", "eval.stream=true", "eval.max_windows=4",
            "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "eval.speed=false",
-           "tracker=none", f"hydra.run.dir={run}"]
+           "tracker=none", f"hydra.run.dir={run}", *extra]
     t0 = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -54,19 +54,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs=2, default=[10, 20])
     ap.add_argument("--out", type=Path, default=Path("/tmp/streamed_bench"))
+    ap.add_argument("overrides", nargs="*",
+                    help="extra run overrides for both depths, e.g. data.calib_samples=16")
     args = ap.parse_args()
     rows = {}
     for depth in args.depths:
         size = write_checkpoint(args.out / f"v3-{depth}", depth)
         print(f"depth {depth}: checkpoint {size / 2**30:.2f} GiB, compressing...", flush=True)
         rows[depth] = {"size": size, **compress(args.out / f"v3-{depth}",
-                                               args.out / f"run-{depth}")}
+                                               args.out / f"run-{depth}", args.overrides)}
     print(f"\n{'layers':>6s} {'checkpoint GiB':>14s} {'process peak RSS GiB':>20s} "
-          f"{'compress peak host GiB':>22s} {'compress s':>10s} {'bits/param':>10s} "
+          f"{'compress peak host GiB':>22s} {'compress s':>10s} {'profile s':>9s} {'bits/param':>10s} "
           f"{'ppl dense -> compressed':>24s}")
     for depth, r in rows.items():
         print(f"{depth:6d} {r['size'] / 2**30:14.2f} {r['peak_rss'] / 2**30:20.2f} "
               f"{r['mem/compress_peak_host_bytes'] / 2**30:22.2f} {r['time/compress_s']:10.0f} "
+              f"{r['time/profile_s']:9.0f} "
               f"{r['size/bits_per_param']:10.3f} "
               f"{r['ppl/wikitext2_dense']:11.1f} -> {r['ppl/wikitext2']:.1f}")
     lo, hi = args.depths
