@@ -50,13 +50,14 @@ def _rel_err(y, ref):
 def _expected_int4_readout(layer, g):
     """What the int4 kernel must compute for W: (q − 8)·bf16(s) + bf16((8 − z)·s), then bf16."""
     q = layer.dense_codes()
+    codes, zero = kernels.recentred(q)  # k <= 3: q − z + 8 with zero 8 (see recentred)
     cols = layer.in_features
     s = kernels.per_kernel_group(q.scale, cols, q.group_size, g)
-    z = kernels.per_kernel_group(q.zero, cols, q.group_size, g)
+    z = kernels.per_kernel_group(zero, cols, q.group_size, g)
     s_k = s.bfloat16().float().repeat_interleave(g, 1)
     zero_k = ((8.0 - z) * s).bfloat16().float().repeat_interleave(g, 1)
-    exact = (q.codes.float() - 8.0) * s_k + zero_k  # exact in fp32: few significant bits each
-    slack = BF16_U * ((q.codes.float() - 8.0).abs() * s.repeat_interleave(g, 1)
+    exact = (codes.float() - 8.0) * s_k + zero_k  # exact in fp32: few significant bits each
+    slack = BF16_U * ((codes.float() - 8.0).abs() * s.repeat_interleave(g, 1)
                       + zero_k.abs() + exact.abs())
     return exact.bfloat16().float(), slack
 
@@ -65,12 +66,12 @@ def _expected_int4_readout(layer, g):
 @settings(max_examples=40, deadline=None)
 @given(out=st.sampled_from([16, 32, 48, 80]), cols=st.sampled_from([64, 128, 192, 320, 512]),
        group=st.sampled_from([32, 64, 128, 256, 512, -1]), sym=st.booleans(),
-       pattern=st.sampled_from(["none", "unstructured", "2:4"]),
+       bits=st.sampled_from([2, 3, 4]), pattern=st.sampled_from(["none", "unstructured", "2:4"]),
        lowrank=st.sampled_from([None, "residual"]), m=st.sampled_from([1, 3, 7]),
        act=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 99))
-def test_int4_cpu_matches_reference(out, cols, group, sym, pattern, lowrank, m, act, seed):
+def test_int4_cpu_matches_reference(out, cols, group, sym, bits, pattern, lowrank, m, act, seed):
     torch.manual_seed(seed)
-    layer = _layer(out, cols, 4, group, sym, pattern, lowrank)
+    layer = _layer(out, cols, bits, group, sym, pattern, lowrank)
     layout = choose_kernel(layer, CPU, act)
     g = kernel_group_size(cols, group)
     # a kernel exactly when some kernel group (32..256) tiles K and every one of our groups
@@ -85,16 +86,17 @@ def test_int4_cpu_matches_reference(out, cols, group, sym, pattern, lowrank, m, 
     assert _rel_err(y, ref) < 1e-2
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("out,cols,group", [(32, 256, 32), (48, 256, 64), (16, 512, 128),
                                             (64, 512, 256), (32, 576, 128), (16, 192, -1)])
-def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym):
+def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym, bits):
     """Reading the kernel's weight back through identity rows gives exactly the converted grid.
 
     This pins the layout facts (codes unchanged, scale_zero[K/g, N, 2], w = (q − 8)·scale + zero)
     with no tolerance, then bounds the conversion's own rounding against our weight.
     """
-    layer = _layer(out, cols, 4, group, sym, "unstructured")
+    layer = _layer(out, cols, bits, group, sym, "unstructured")
     layout = choose_kernel(layer, CPU, torch.bfloat16)
     expected, slack = _expected_int4_readout(layer, layout.group)
     got = layout.weight(chunk=100)
@@ -102,9 +104,9 @@ def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym)
     ours = layer.base_weight()
     assert ((got - ours).abs() <= slack + 1e-12).all()
     pruned = got[~layer.kept_mask()]
-    if sym:  # zero code 8 and zero offset 0: pruned entries are exactly 0
+    if sym or bits < 4:  # zero offset 0 (sym 4-bit, or recentred): pruned entries exactly 0
         assert (pruned == 0).all()
-    else:  # (8 − z)·bf16(s) + bf16((8 − z)·s): two roundings that need not cancel
+    else:  # (z − 8)·bf16(s) + bf16((8 − z)·s): two roundings that need not cancel
         assert (pruned.abs() <= slack[~layer.kept_mask()]).all()
 
 
@@ -114,12 +116,40 @@ def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym)
     (32, 64, 4, 16),    # groups narrower than 32
     (32, 80, 4, 40),    # 40 is no multiple of 32
     (32, 48, 4, -1),    # per-channel, K not a multiple of 32
-    (32, 64, 3, 32), (32, 64, 2, 32), (32, 64, 5, 32),
+    (32, 64, 5, 32), (32, 64, 6, 128),  # 5..7 bits: no kernel holds them
     (32, 64, 8, 32),    # 8-bit with groups
     (32, 40, 8, -1),    # 8-bit, K % 16 (the CPU bf16 kernel has no K tail)
 ])
 def test_shapes_without_a_kernel_fall_back(out, cols, bits, group):
-    assert choose_kernel(_layer(out, cols, bits, group), CPU, torch.bfloat16) is None
+    layer = _layer(out, cols, bits, group)
+    assert choose_kernel(layer, CPU, torch.bfloat16, byte_codes=False) is None
+    assert kernel_name(choose_kernel(layer, CPU, torch.bfloat16)) == "bytes"
+
+
+@pytest.mark.parametrize("bits,group,pattern,lowrank", [
+    (5, 32, "unstructured", None), (6, 128, "none", "residual"), (8, 32, "2:4", None),
+    (7, -1, "unstructured", "residual"), (5, 48, "none", None),  # 48: a tail group of 16
+])
+@pytest.mark.parametrize("sym", [True, False])
+def test_byte_codes_layout_is_the_reference_weight(bits, group, pattern, lowrank, sym):
+    """In float32 the byte layout computes with exactly the reference forward's base weight (and
+    the layer adds the same low-rank term); in bf16 within bf16 rounding. Stores 1 byte per code."""
+    torch.manual_seed(bits)
+    layer = _layer(32, 64 if group != 48 else 112, bits, group, sym, pattern, lowrank)
+    base = layer.base_weight()
+    x = torch.randn(3, layer.in_features)
+    ref = F.linear(x, layer.dequantized_weight(torch.float32))
+    layout = choose_kernel(layer, CPU, torch.float32)
+    assert kernel_name(layout) == "bytes"
+    assert torch.equal(layout._weight(), base)
+    layer.prepare(CPU, torch.float32)
+    assert layer.kernel_name == "bytes"
+    assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)
+    groups = layout.scale.shape[1]
+    assert layout.nbytes() == 32 * layer.in_features + 32 * groups * 3
+    lb = choose_kernel(_layer(32, 64, bits, 32, sym, pattern), CPU, torch.bfloat16)
+    xb = torch.randn(2, 64)
+    assert _rel_err(lb(xb.bfloat16()), F.linear(xb, lb._weight())) < 1e-2
 
 
 def test_no_kernel_without_a_quantised_base_on_cpu():

@@ -51,13 +51,24 @@ def test_prepared_layers_compute_what_the_reference_does_in_bf16_tolerance():
 
 
 def test_a_layer_without_a_kernel_stays_on_the_reference_path():
-    model = _compressed("tiny-random-llama", [RTN(3, 32)])  # 3 bits: no core kernel
+    model = _compressed("tiny-random-llama", [RTN(6, 32)])  # 6 bits, groups: no core kernel
     ref = copy.deepcopy(model)
-    kernels = prepare_for_inference(model, "cpu", torch.float32)
+    kernels = prepare_for_inference(model, "cpu", torch.float32, byte_codes=False)
     assert set(kernels.values()) == {"reference"}
     x = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_without_a_fused_kernel_a_layer_serves_from_byte_codes():
+    """The default fallback: one byte per code, the reference weight, the same logits."""
+    model = _compressed("tiny-random-llama", [RTN(6, 32)])
+    ref = copy.deepcopy(model)
+    kernels = prepare_for_inference(model, "cpu", torch.float32)
+    assert set(kernels.values()) == {"bytes"}
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_materialised_weights_give_the_packed_models_logits():

@@ -64,7 +64,7 @@ from ciuic_lab.compress.quant import grid
 
 # Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int8", "semi_structured", "reference")
+KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int8", "semi_structured", "bytes", "reference")
 
 
 # ---- what the layouts are built from --------------------------------------------------------
@@ -145,6 +145,18 @@ class KernelLayout(nn.Module):
         return torch.cat(cols).t().contiguous()
 
 
+def recentred(q: QuantPart) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, zero) as the int4 layout stores them. For k <= 3 each code is moved onto the
+    kernel's fixed offset: q' = q − z + 8 ∈ [1, 15] (z ∈ [0, 2^k − 1]), zero 8, so that
+    w = (q' − 8)·s with a zero term of 0. Left as (q, z), the kernel would add two bf16-rounded
+    terms (q − 8)·s and (8 − z)·s that cancel to a much smaller w (2-bit: ~7·2⁻⁸ relative error
+    instead of 2⁻⁸). 4-bit codes stay as they are (q − z + 8 could leave [0, 15])."""
+    if q.bits == 4:
+        return q.codes, q.zero
+    z = grid.expand_groups(q.zero, q.codes.shape[1], q.group_size).round().to(q.codes.dtype)
+    return q.codes - z + 8, torch.full_like(q.zero, 8.0)
+
+
 class Int4Layout(KernelLayout):
     """4-bit codes on PyTorch's tinygemm kernels (CPU or CUDA); see the module docstring."""
 
@@ -155,7 +167,8 @@ class Int4Layout(KernelLayout):
         dev = torch.device(device)
         self.kernel_name = "int4_cuda" if dev.type == "cuda" else "int4_cpu"
         self.group = group
-        codes = q.codes.to(device=dev, dtype=torch.int32).contiguous()
+        codes, zero = recentred(q)
+        codes = codes.to(device=dev, dtype=torch.int32).contiguous()
         if dev.type == "cuda":
             # CUDA wants two codes per byte, even column in the high nibble.
             pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
@@ -169,7 +182,7 @@ class Int4Layout(KernelLayout):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         self._buf("qweight", packed)
         s = per_kernel_group(q.scale.float(), cols, q.group_size, group).to(dev)
-        z = per_kernel_group(q.zero.float(), cols, q.group_size, group).to(dev)
+        z = per_kernel_group(zero.float(), cols, q.group_size, group).to(dev)
         # (8 − z)·s is exact in fp32 (an fp16 scale times an integer in [−7, 8]); it is rounded
         # once, to bf16, here.
         scale_zero = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1)  # (K/g, N, 2)
@@ -178,8 +191,11 @@ class Int4Layout(KernelLayout):
     @classmethod
     def supported(cls, out: int, cols: int, bits: int, group_size: int,
                   device: torch.device) -> int | None:
-        """The kernel group size to use, or None when this shape has no int4 kernel."""
-        if bits != 4:
+        """The kernel group size to use, or None when this shape has no int4 kernel.
+
+        2- and 3-bit codes take the same kernel unchanged: q ∈ [0, 2^k − 1] ⊂ [0, 15], and
+        scale = s, zero = (8 − z)·s give (q − 8)·s + (8 − z)·s = (q − z)·s for any grid."""
+        if not 2 <= bits <= 4:
             return None
         g = kernel_group_size(cols, group_size)
         if g is None:
@@ -241,6 +257,44 @@ class Int8Layout(KernelLayout):
         return (y.float() + fix).to(y.dtype)
 
 
+class ByteCodesLayout(KernelLayout):
+    """Any quantised base (2..8 bits, any group size, masked or not) as one byte per code,
+    dequantised on each call and multiplied densely.
+
+    The fallback where no fused kernel fits (5..7 bits, grouped 8 bits, shapes the int4 kernels
+    refuse). What it saves over the reference path is the per-call work that dominates small
+    layers there: unpacking k-bit streams and decoding the entropy-coded mask (pruned entries
+    already hold their group's zero code). What it costs: 8 bits per weight + the layer's scales,
+    more than the packed form stores; prepared-model memory (mem/peak_bytes) shows it. Computes in
+    the model's dtype from a float32 weight rebuilt per call, so in float32 it is the reference
+    forward's weight exactly.
+    """
+
+    kernel_name = "bytes"
+
+    def __init__(self, q: QuantPart, device: torch.device, dtype: torch.dtype):
+        out, cols = q.codes.shape
+        super().__init__(out, cols, device)
+        dev = torch.device(device)
+        self.compute_dtype = dtype
+        self.group_size = q.group_size
+        self._buf("codes", q.codes.to(device=dev, dtype=torch.uint8))
+        self._buf("scale", q.scale.to(device=dev, dtype=torch.float16))  # fp16-exact (ours)
+        self._buf("zero", q.zero.to(device=dev, dtype=torch.uint8))
+
+    def _weight(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        g = self.group_size
+        if g != -1 and g < cols and cols % g == 0:  # broadcast per group, no repeated copies
+            c = self.codes.view(out, cols // g, g).float()
+            w = (c - self.zero.float()[..., None]) * self.scale.float()[..., None]
+            return w.view(out, cols)
+        return grid.dequantize(self.codes, self.scale, self.zero, g)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x2, self._weight().to(x2.dtype))
+
+
 class SemiStructuredLayout(KernelLayout):
     """A 16-bit base with at most 2 kept of every 4 inputs, as a 2:4 sparse tensor (CUDA only).
 
@@ -287,12 +341,15 @@ def _is_two_of_four(mask: torch.Tensor) -> bool:
 
 # ---- choosing ------------------------------------------------------------------------------------
 def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
-                  semi_structured: bool = False, int8_cuda: bool = False) -> KernelLayout | None:
+                  semi_structured: bool = False, int8_cuda: bool = False,
+                  byte_codes: bool = True) -> KernelLayout | None:
     """The fastest layout for this layer's base part on `device`, or None (reference path).
 
     dtype: the activation dtype the model runs in; the int4/int8 layouts compute in bf16 whatever
     it is (see the module docstring), the 2:4 layout in `dtype` itself (fp16 or bf16).
     semi_structured / int8_cuda: enable the CUDA layouts not yet measured faster than dense.
+    byte_codes: any other quantised base takes ByteCodesLayout (one byte per weight) rather than
+    the reference path (packed storage, rebuilt on every call); False keeps the packed form.
     A low-rank part or a mask does not prevent a layout: it covers the base part only, and pruned
     entries carry their group's zero code. The layer is not modified.
     """
@@ -319,6 +376,8 @@ def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
         return Int4Layout(layer.dense_codes(), device, g)
     if Int8Layout.supported(out, cols, bits, gs, device) and (device.type == "cpu" or int8_cuda):
         return Int8Layout(layer.dense_codes(), device)
+    if byte_codes and dtype.is_floating_point:
+        return ByteCodesLayout(layer.dense_codes(), device, dtype)
     return None
 
 
