@@ -283,13 +283,7 @@ class ByteCodesLayout(KernelLayout):
         self._buf("zero", q.zero.to(device=dev, dtype=torch.uint8))
 
     def _weight(self) -> torch.Tensor:
-        out, cols = self.codes.shape
-        g = self.group_size
-        if g != -1 and g < cols and cols % g == 0:  # broadcast per group, no repeated copies
-            c = self.codes.view(out, cols // g, g).float()
-            w = (c - self.zero.float()[..., None]) * self.scale.float()[..., None]
-            return w.view(out, cols)
-        return grid.dequantize(self.codes, self.scale, self.zero, g)
+        return grid.dequantize(self.codes, self.scale, self.zero, self.group_size)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x2, self._weight().to(x2.dtype))

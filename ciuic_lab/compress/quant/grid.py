@@ -80,7 +80,13 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                group_size: int) -> torch.Tensor:
     """float32 (out, in) weight from codes and the per-group grid."""
-    cols = codes.shape[1]
+    out, cols = codes.shape
+    if group_size != -1 and group_size < cols and cols % group_size == 0:
+        # Whole groups: broadcast each (row, group) value instead of materialising two
+        # repeated (out, in) copies; the same elementwise ops, so the same result.
+        c = codes.reshape(out, cols // group_size, group_size).float()
+        w = (c - zero.float()[..., None]) * scale.float()[..., None]
+        return w.reshape(out, cols)
     s = expand_groups(scale.float(), cols, group_size)
     z = expand_groups(zero.float(), cols, group_size)
     return (codes.float() - z) * s
