@@ -339,18 +339,20 @@ class Streamed:
                 t = self.source.tensors(block_prefix, self.device,
                                         names=[f"{block_prefix}{owner}.{p}"
                                                for p in ("gate_up_proj", "down_proj")])
-            else:  # per expert (official layout): read the chunk's experts, renumbered from 0
-                t = {}
-                for j, e in enumerate(ids):
-                    names = [f"{block_prefix}{owner}.{e}.{p}.weight"
-                             for p in ("gate_proj", "up_proj", "down_proj")]
-                    for k, v in self.source.tensors(f"{block_prefix}{owner}.{e}.", self.device,
-                                                    names=names).items():
-                        t[f"{owner}.{j}.{k}"] = v
-                t = {k.removeprefix(f"{owner}."): v
-                     for k, v in self.adapter.checkpoint_tensors(t).items()}
-                ids = list(range(len(ids)))
-            return t["gate_up_proj"][ids].to(dtype), t["down_proj"][ids].to(dtype)
+                return t["gate_up_proj"][ids].to(dtype), t["down_proj"][ids].to(dtype)
+            # Per expert (official layout): each stored tensor is copied into its rows of the
+            # chunk's fused tensors as it is read, so the host holds the chunk in the run's
+            # dtype plus one stored tensor, never the chunk twice (stacking copies would).
+            out = {p: torch.empty((len(ids), *getattr(module, p).shape[1:]), dtype=dtype,
+                                  device=self.device) for p in ("gate_up_proj", "down_proj")}
+            rows = out["gate_up_proj"].shape[1]
+            for j, e in enumerate(ids):
+                for stored, proj, sl in self.adapter.expert_parts(owner, e, rows):
+                    name = f"{block_prefix}{stored}.weight"
+                    t = self.source.tensors(block_prefix, self.device, names=[name])
+                    out[proj][j][sl].copy_(t.popitem()[1])
+                    del t
+            return out["gate_up_proj"], out["down_proj"]
 
         return ExpertWeights(n, fetch, module.act_fn)
 

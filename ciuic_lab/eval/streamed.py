@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.blocks import capture, dense_forward
+from ciuic_lab.eval.attention import chunked_attention
 from ciuic_lab.eval.perplexity import shifted_nll_sum
 
 
@@ -22,13 +23,18 @@ from ciuic_lab.eval.perplexity import shifted_nll_sum
 def streamed_perplexity(provider, windows: torch.Tensor, batch_size: int = 1,
                         expert_chunk: int = 8, progress: bool = True,
                         activations: str = "auto") -> float:
-    """exp(mean next-token NLL) over `windows` (n, seqlen), walking `provider`'s blocks."""
-    inputs = capture(provider, windows, batch_size, activations)
-    for i in tqdm(range(len(provider)), desc="perplexity (streamed)", unit="block",
-                  disable=not progress, leave=False):
-        block = provider.load(i)
-        inputs.hidden.replace(dense_forward(block, i, provider, inputs, expert_chunk))
-        provider.release(i, block)
+    """exp(mean next-token NLL) over `windows` (n, seqlen), walking `provider`'s blocks.
+
+    Memory: one block's weights (one chunk of its routed experts), every window's hidden state
+    (n, seqlen, H) where `activations` puts them, and one query chunk's attention scores
+    (eval/attention.py), whatever the depth."""
+    with chunked_attention(provider.model):
+        inputs = capture(provider, windows, batch_size, activations)
+        for i in tqdm(range(len(provider)), desc="perplexity (streamed)", unit="block",
+                      disable=not progress, leave=False):
+            block = provider.load(i)
+            inputs.hidden.replace(dense_forward(block, i, provider, inputs, expert_chunk))
+            provider.release(i, block)
     total, count = 0.0, 0
     post = provider.post()
     for b, (hidden, _kw) in enumerate(inputs):
