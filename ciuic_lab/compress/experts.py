@@ -9,6 +9,8 @@ dequantised experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -32,14 +34,25 @@ class CompressedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            if not 0 <= e < self.num_experts:
-                continue
-            expert = getattr(self, str(e))
-            token_idx, k_pos = torch.where(top_k_index == e)
-            gate, up = expert.gate_up_proj(hidden_states[token_idx]).chunk(2, dim=-1)
-            y = expert.down_proj(self.act_fn(gate) * up)
-            y = y * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        return route(hidden_states, top_k_index, top_k_weights, self.num_experts, self._expert)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        expert = getattr(self, str(e))
+        gate, up = expert.gate_up_proj(x).chunk(2, dim=-1)
+        return expert.down_proj(self.act_fn(gate) * up)
+
+
+def route(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+          num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The eager per-expert loop of transformers' DeepSeek experts: each chosen expert e runs
+    `expert(e, its tokens (t, H))` and adds its routing-weighted output, in ascending e (the
+    order fixes the float sums, so outputs match the dense module's). Indices outside
+    [0, num_experts) (another rank's experts) are skipped."""
+    out = torch.zeros_like(hidden_states)
+    for e in top_k_index.unique().tolist():
+        if not 0 <= e < num_experts:
+            continue
+        token_idx, k_pos = torch.where(top_k_index == e)
+        y = expert(e, hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ciuic_lab.compress.experts import route
+
 # ------------------------------------------------------------------------------------------------
 # 1. Maths
 # ------------------------------------------------------------------------------------------------
@@ -687,7 +689,7 @@ class RotatedExperts(nn.Module):
     projections read a run-time rotated input: y_e = (act(g)·u) Q (W_e Q)ᵀ, one OnlineRotation
     of width I shared by the layer's experts (its signs stored once).
 
-    The eager per-expert loop of transformers' DeepSeek experts, plus the rotation. The
+    The per-expert loop (`experts.route`) of transformers' DeepSeek experts, plus the rotation. The
     activation is kept as `_act`, deliberately not `act_fn`: the current adapter's
     `expert_intermediate` and the pipeline's `_install` read `act_fn` and would calibrate and
     rebuild these experts WITHOUT the rotation, so they fail loudly (AttributeError) instead,
@@ -712,18 +714,13 @@ class RotatedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            if not 0 <= e < self.num_experts:
-                continue
-            tok, pos = torch.where(top_k_index == e)
-            y = torch.nn.functional.linear(self.expert_intermediate(e, hidden_states[tok]),
-                                           self.down_proj[e].to(hidden_states.dtype))
-            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
-        return out
+        return route(hidden_states, top_k_index, top_k_weights, self.num_experts, self._expert)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.expert_intermediate(e, x),
+                                          self.down_proj[e].to(x.dtype))
 
 
-@torch.no_grad()
 def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
     """Replace every fused routed-experts module (`mlp.experts`) by RotatedExperts: the input of
     each expert's down projection is rotated at run time (one sign vector of width I per layer).
