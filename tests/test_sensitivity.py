@@ -166,3 +166,28 @@ def test_the_policy_is_never_predicted_worse_than_uniform(target):
     uniform = get_policy("quant", "uniform").allocate(ps, target)
     err = lambda a: sum(p.facts["quant"]["errors"][(a[p.name], 32)] for p in ps)  # noqa: E731
     assert err(alloc) <= err(uniform) + 1e-9
+
+
+def test_output_fisher_walk_keeps_the_depth_of_block_inputs_off_host_memory(monkeypatch):
+    """The backward walk's per-block inputs grow with depth: on CPU under "auto" they go to disk
+    (host memory stays bounded by one block), and the Fisher weights are the same."""
+    from ciuic_lab.compress import blocks
+
+    model = _model()
+    want = output_fisher_walk(Resident(model, torch.device("cpu")), CALIB, 4, False,
+                              activations="device")
+    chosen = []
+    real_fill = blocks.Activations.fill
+
+    def fill(self, tensors):
+        out = real_fill(self, tensors)
+        chosen.append(self.chosen)
+        return out
+
+    monkeypatch.setattr(blocks.Activations, "fill", fill)
+    got = output_fisher_walk(Resident(model, torch.device("cpu")), CALIB, 4, False)
+    n = len(model.model.layers)
+    assert chosen == ["device"] + ["disk"] * n  # block 0's captured input, then every block's output
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
