@@ -340,18 +340,20 @@ class Streamed:
                                         names=[f"{block_prefix}{owner}.{p}"
                                                for p in ("gate_up_proj", "down_proj")])
                 return t["gate_up_proj"][ids].to(dtype), t["down_proj"][ids].to(dtype)
-            # Per expert (official layout): each stored tensor is copied into its rows of the
-            # chunk's fused tensors as it is read, so the host holds the chunk in the run's
-            # dtype plus one stored tensor, never the chunk twice (stacking copies would).
+            # Per expert (official layout): each expert's stored tensors (one read) are copied
+            # into its rows of the chunk's fused tensors, so the host holds the chunk in the
+            # run's dtype plus one expert as stored, never the chunk twice (stacking would).
             out = {p: torch.empty((len(ids), *getattr(module, p).shape[1:]), dtype=dtype,
                                   device=self.device) for p in ("gate_up_proj", "down_proj")}
             rows = out["gate_up_proj"].shape[1]
             for j, e in enumerate(ids):
-                for stored, proj, sl in self.adapter.expert_parts(owner, e, rows):
-                    name = f"{block_prefix}{stored}.weight"
-                    t = self.source.tensors(block_prefix, self.device, names=[name])
-                    out[proj][j][sl].copy_(t.popitem()[1])
-                    del t
+                parts = self.adapter.expert_parts(owner, e, rows)
+                t = self.source.tensors(block_prefix, self.device,
+                                        names=[f"{block_prefix}{stored}.weight"
+                                               for stored, _, _ in parts])
+                for stored, proj, sl in parts:
+                    out[proj][j][sl].copy_(t.pop(f"{stored}.weight"))
+                del t
             return out["gate_up_proj"], out["down_proj"]
 
         return ExpertWeights(n, fetch, module.act_fn)

@@ -721,6 +721,7 @@ class RotatedExperts(nn.Module):
                                           self.down_proj[e].to(x.dtype))
 
 
+@torch.no_grad()
 def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
     """Replace every fused routed-experts module (`mlp.experts`) by RotatedExperts: the input of
     each expert's down projection is rotated at run time (one sign vector of width I per layer).
