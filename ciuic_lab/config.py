@@ -143,10 +143,12 @@ def _check_rotate(cfg: DictConfig, model_config) -> None:
         raise ConfigError("rotate.residual: this model ties its input and output embeddings, and "
                           "one shared matrix cannot hold both E·Q and the rotated head; use "
                           "rotate.residual=null (value_path and online rotations still apply)")
-    # The residual rotation rewrites the embeddings and every block before the first is
-    # compressed; a streamed run never holds them together (left for a later change).
-    if cfg.compress.stream:
-        raise ConfigError("rotate: rotations need the whole model loaded (compress.stream=false)")
+    # A streamed run applies the fused rotations to each block as it loads and always writes a
+    # checkpoint, which has no place for run-time rotation modules (below).
+    if cfg.compress.stream and r.online:
+        raise ConfigError("rotate.online: run-time rotations cannot be streamed (a streamed run "
+                          "writes a checkpoint, which cannot hold them yet); use the fused "
+                          "rotations only (rotate=hadamard) or compress.stream=false")
     # A checkpoint stores packed layers by name on the architecture's own skeleton, which has no
     # run-time rotation modules to load into.
     if r.online and cfg.get("save"):

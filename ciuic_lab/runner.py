@@ -126,7 +126,16 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         else:
             metrics.update(suite.run(model, "dense"))
 
-    if rotations_on(cfg):  # after the dense baseline: it is measured on the model as published
+    transform = None
+    if rotations_on(cfg) and stream:  # applied to each part as it loads, inside the walks
+        from ciuic_lab.compress.rotate import StreamedRotation
+
+        r = cfg.rotate
+        transform = StreamedRotation(model.config, r.residual, bool(r.value_path), int(r.seed))
+        metrics["rotate/runtime_bytes"] = 0
+        notes.append("rotate: fused rotations applied to each block as it loads (their time is "
+                     "part of time/compress_s)")
+    elif rotations_on(cfg):  # after the dense baseline: it is measured on the model as published
         from hydra.utils import instantiate
 
         t0 = time.perf_counter()
@@ -147,7 +156,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                 compressed_dir = _stream_dir(out_dir)
                 report = compress_streamed(m.name_or_path, compressed_dir, calib, methods, device,
                                            dtype, trust_remote_code=m.trust_remote_code,
-                                           revision=m.revision, source=source, **knobs)
+                                           revision=m.revision, source=source,
+                                           transform=transform, **knobs)
             else:
                 report = compress_model(model, calib, methods, device=device, **knobs)
         metrics["time/compress_s"] = time.perf_counter() - t0

@@ -41,9 +41,9 @@ def recipe():
             SVDLLM(ratio=0.05, factor_bits=8)]
 
 
-def _saved(tmp_path, arch, **kw) -> tuple[torch.nn.Module, Path]:
+def _saved(tmp_path, arch, vocab=256) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
-    model = tiny.build(arch, vocab=256, **kw)
+    model = tiny.build(arch, vocab=vocab)
     model.save_pretrained(tmp_path / "src")
     return model, tmp_path / "src"
 
@@ -270,3 +270,62 @@ def test_cli_streamed_run_measures_the_dense_baseline_and_compression_costs(tmp_
     assert all(row["block_s"] > 0 for row in res["layers"])
     assert any("block by block" in n and "generations" in n for n in res["notes"])
     assert (tmp_path / "run" / "compressed" / "compressed.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-llama"])
+def test_streamed_rotated_run_stores_what_the_in_memory_rotated_run_stores(tmp_path, arch):
+    from ciuic_lab.compress.rotate import StreamedRotation, apply_rotations
+
+    model, src = _saved(tmp_path, arch)
+    rotation = StreamedRotation(model.config, "hadamard", value_path=True, seed=3)
+    compress_streamed(str(src), tmp_path / "streamed", CALIB, recipe(), torch.device("cpu"),
+                      torch.float32, batch_size=2, progress=False, transform=rotation)
+    in_memory = copy.deepcopy(model)
+    apply_rotations(in_memory, "hadamard", value_path=True, seed=3)
+    compress_model(in_memory, CALIB, recipe(), batch_size=2, progress=False)
+    checkpoint.save(in_memory, tmp_path / "memory")
+    assert _digests(tmp_path / "streamed") == _digests(tmp_path / "memory")
+    want = perplexity(in_memory, EVAL, batch_size=2, progress=False)
+    assert perplexity(checkpoint.load(tmp_path / "streamed"), EVAL, 2, False) == want
+    # the rotation really happened: without it the stored bytes differ
+    compress_streamed(str(src), tmp_path / "plain", CALIB, recipe(), torch.device("cpu"),
+                      torch.float32, batch_size=2, progress=False)
+    assert _digests(tmp_path / "plain") != _digests(tmp_path / "streamed")
+
+
+def test_streamed_rotation_reads_experts_rotated_and_keeps_the_dense_function(tmp_path):
+    """A streamed, rotated, uncompressed walk of the blocks computes the dense model's
+    perplexity: every part (ends, blocks, expert chunks) got its share of Q and Qᵀ."""
+    from ciuic_lab.compress.rotate import StreamedRotation
+
+    model, src = _saved(tmp_path, "tiny-random-deepseek-v3")
+    want = perplexity(model, EVAL, batch_size=2, progress=False)
+    rotation = StreamedRotation(model.config, "hadamard", value_path=True, seed=0)
+    streamed = Streamed(skeleton(str(src), torch.float32), CheckpointSource.from_dir(src), "cpu",
+                        rotation)
+    assert not torch.equal(streamed.model.model.embed_tokens.weight,
+                           model.model.embed_tokens.weight)
+    got = streamed_perplexity(streamed, EVAL, batch_size=2, progress=False, expert_chunk=2)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
+    from ciuic_lab import runner
+    from ciuic_lab.config import compose
+
+    tok = load_tokenizer("tiny-random-deepseek-v3")
+    model, src = _saved(tmp_path, "tiny-random-deepseek-v3", vocab=len(tok))
+    tok.save_pretrained(src)
+    quick = ["model=hub", f"model.name_or_path={src}", "rotate=hadamard", "eval.max_windows=2",
+             "eval.seqlen=64", "data.calib_samples=4", "data.calib_seqlen=32", "progress=false",
+             "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "eval.speed=false",
+             "tracker=none", "eval.dense_baseline=false"]
+    streamed = runner.run(compose([*quick, "compress.stream=true", "eval.stream=true"]),
+                          out_dir=tmp_path / "s")
+    in_memory = runner.run(compose([*quick, "save=true"]), out_dir=tmp_path / "m")
+    assert _digests(tmp_path / "s" / "compressed") == _digests(tmp_path / "m" / "compressed")
+    assert streamed.metrics["ppl/wikitext2"] == pytest.approx(in_memory.metrics["ppl/wikitext2"],
+                                                              rel=1e-5)
+    assert any("rotate" in n for n in streamed.notes)
+    with pytest.raises(Exception, match="rotate.online"):
+        runner.run(compose([*quick, "compress.stream=true", "rotate=hadamard_online"]))

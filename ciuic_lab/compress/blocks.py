@@ -286,11 +286,15 @@ class Streamed:
     Each tensor takes the dtype the skeleton gives it (the run's dtype). Routed experts stay on
     the meta device inside their block; `experts()` reads them from the checkpoint a chunk at a
     time (per-expert tensors fused as the module expects).
+
+    `transform` (e.g. `rotate.StreamedRotation`) edits weights as they arrive: `ends(model)` once
+    the embeddings, final norm and head are loaded, `block(i, block)` at every load of block i,
+    `experts(i, gate_up, down)` on every chunk of routed experts read.
     """
 
-    def __init__(self, skeleton: nn.Module, source, device: torch.device):
+    def __init__(self, skeleton: nn.Module, source, device: torch.device, transform=None):
         return_freed_memory(fix_threshold=True)
-        self.model, self.source = skeleton, source
+        self.model, self.source, self.transform = skeleton, source, transform
         self.device = torch.device(device)
         self.adapter = adapter_for(skeleton)
         self.tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
@@ -299,6 +303,8 @@ class Streamed:
                 self._materialize(mod, name, skip_experts=False)
         if self.tied:
             skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+        if transform is not None:
+            transform.ends(skeleton)
 
     def __len__(self) -> int:
         return len(self.adapter.blocks(self.model))
@@ -323,6 +329,8 @@ class Streamed:
     def load(self, i: int) -> nn.Module:
         block = self.adapter.blocks(self.model)[i]
         self._materialize(block, self.adapter.block_name(i), skip_experts=True)
+        if self.transform is not None:
+            self.transform.block(i, block)
         return block
 
     def release(self, i: int, block: nn.Module) -> None:
@@ -335,6 +343,12 @@ class Streamed:
         fused = f"{block_prefix}{owner}.gate_up_proj" in self.source.weight_map
 
         def fetch(ids):
+            gate_up, down = read(ids)
+            if self.transform is not None:
+                self.transform.experts(i, gate_up, down)
+            return gate_up, down
+
+        def read(ids):
             if fused:  # a checkpoint that stores them fused: read the tensors, keep the chunk
                 t = self.source.tensors(block_prefix, self.device,
                                         names=[f"{block_prefix}{owner}.{p}"

@@ -557,9 +557,11 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
                       device: torch.device, dtype: torch.dtype, batch_size: int = 1,
                       progress: bool = True, min_expert_tokens: int = 16, expert_chunk: int = 8,
                       activations: str = "auto", trust_remote_code: bool = False,
-                      revision: str | None = None, source=None) -> CompressionReport:
+                      revision: str | None = None, source=None,
+                      transform=None) -> CompressionReport:
     """Compress a checkpoint that never has to fit in memory: blocks are read from its shards
     (FP8 dequantised on `device`), compressed, written to `out_dir` as they finish, and dropped.
+    `transform` edits the weights as they load (`rotate.StreamedRotation`; see `Streamed`).
 
     Host memory holds about one dense block, its packed result and the activations, whatever the
     depth; the profile walk (when a policy needs it) reads every block once more.
@@ -572,7 +574,7 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
     t0 = time.perf_counter()
     source = source or CheckpointSource.open(name_or_path, revision)
     model = skeleton(name_or_path, dtype, trust_remote_code, revision)
-    provider = Streamed(model, source, device)
+    provider = Streamed(model, source, device, transform)
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
     writer = CheckpointWriter(out_dir, model.config, dtype)

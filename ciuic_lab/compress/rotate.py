@@ -434,12 +434,29 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
 
     kind: "hadamard" (HadamardRotation) or "random" (dense Haar-random). Returns an info dict:
     kind, seed, hidden, construction, folded norms, rotated module paths, runtime_bytes (0).
+    A streamed model gets the same transform block by block: `StreamedRotation`.
     """
-    mt = getattr(model.config, "model_type", None)
+    lay, rot = _residual_setup(model.config, seed, kind)
+    _rotate_ends(model, rot)
+    rotated: list[str] = []
+    for i, block in enumerate(model.model.layers):
+        names, _ = rotate_block(block, lay, rot, f"model.layers.{i}", check=i == 0)
+        rotated += [f"model.layers.{i}.{n}" for n in names]
+    return {"kind": kind, "seed": seed, "hidden": rot.n, "construction": rot.describe(),
+            "folded_norms": 2 * len(model.model.layers) + 1,
+            "rotated": ["embed", *rotated, "lm_head"], "runtime_bytes": 0}
+
+
+def _residual_setup(config, seed: int, kind: str) -> tuple[ResidualLayout, Rotation]:
+    mt = getattr(config, "model_type", None)
     if mt not in RESIDUAL:
         raise RotationUnsupported(f"no residual-stream table for model_type {mt!r}; "
                                   f"known: {', '.join(RESIDUAL)}")
-    lay = RESIDUAL[mt]
+    return RESIDUAL[mt], make_rotation(int(config.hidden_size), seed, kind)
+
+
+def _rotate_ends(model: nn.Module, rot: Rotation) -> None:
+    """Embeddings E ← E Q; the final norm's scale folded into the head, head W ← W Q."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or embed is None:
         raise RotationUnsupported("rotate_model needs input embeddings and an LM head")
@@ -448,38 +465,47 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
             "tied input/output embeddings: the head would need E·diag(g_final)·Q and the input "
             "E·Q from one shared tensor; untie them first (which stores a second vocab×hidden "
             "matrix) or use a model with separate embeddings")
-    hidden = int(model.config.hidden_size)
-    rot = make_rotation(hidden, seed, kind)
-    layers = model.model.layers
-    _check_norm(model.model.norm, hidden, rot)
-
-    rotated: list[str] = []
-    n_norms = 0
-    for i, block in enumerate(layers):
-        found, names = _block_tensors(block, lay, f"model.layers.{i}")
-        attn_norm, mlp_norm = _get(block, lay.attn_norm), _get(block, lay.mlp_norm)
-        if i == 0:
-            _check_norm(attn_norm, hidden, rot)
-        fold_norm(attn_norm, found["attn"])
-        fold_norm(mlp_norm, found["mlp"] + found["er"])
-        n_norms += 2
-        for w in found["attn"] + found["mlp"] + found["er"]:
-            _with(w, rot.apply)  # W ← W Q (last dim is the stream)
-        for w in found["w"]:
-            _with(w, lambda t: rot.apply(t.T).T)  # W ← Qᵀ W
-        for w in found["ew"]:  # (E, H, I): per expert Qᵀ W_e
-            _with(w, lambda t: rot.apply(t.transpose(-1, -2)).transpose(-1, -2))
-        for b in found["wb"]:
-            _with(b, rot.apply)  # column b ← Qᵀ b is row b ← b Q
-        rotated += [f"model.layers.{i}.{n}" for n in names]
-
+    _check_norm(model.model.norm, rot.n, rot)
     fold_norm(model.model.norm, [head.weight])
-    n_norms += 1
     _with(head.weight, rot.apply)
     _with(embed.weight, rot.apply)
-    return {"kind": kind, "seed": seed, "hidden": hidden, "construction": rot.describe(),
-            "folded_norms": n_norms, "rotated": ["embed", *rotated, "lm_head"],
-            "runtime_bytes": 0}
+
+
+@torch.no_grad()
+def rotate_block(block: nn.Module, lay: ResidualLayout, rot: Rotation, path: str,
+                 check: bool = False) -> tuple[list[str], torch.Tensor]:
+    """One decoder block's share of `rotate_model`, in place. Routed experts still on the meta
+    device (a streamed block: they are read a chunk at a time later) are left for
+    `rotate_experts`, which needs the MLP norm's scale: returned (hidden,) float64, with the
+    rotated paths."""
+    found, names = _block_tensors(block, lay, path)
+    attn_norm, mlp_norm = _get(block, lay.attn_norm), _get(block, lay.mlp_norm)
+    if check:
+        _check_norm(attn_norm, rot.n, rot)
+    g = mlp_norm.weight.detach().double().clone()
+    experts_in, experts_out = [t for t in found["er"] if not t.is_meta], \
+        [t for t in found["ew"] if not t.is_meta]
+    fold_norm(attn_norm, found["attn"])
+    fold_norm(mlp_norm, found["mlp"])
+    for w in found["attn"] + found["mlp"]:
+        _with(w, rot.apply)  # W ← W Q (last dim is the stream)
+    for w in found["w"]:
+        _with(w, lambda t: rot.apply(t.T).T)  # W ← Qᵀ W
+    for b in found["wb"]:
+        _with(b, rot.apply)  # column b ← Qᵀ b is row b ← b Q
+    rotate_experts(experts_in, experts_out, g, rot)
+    return names, g
+
+
+@torch.no_grad()
+def rotate_experts(gate_up: list[torch.Tensor], down: list[torch.Tensor], g: torch.Tensor,
+                   rot: Rotation) -> None:
+    """Fused routed-expert tensors (or a chunk of their experts), in place: gate_up (E, 2I, H)
+    ← gate_up · diag(g) · Q (they read the MLP norm's output), down (E, H, I) ← Qᵀ · down."""
+    for w in gate_up:
+        _with(w, lambda t: rot.apply(t * g))
+    for w in down:
+        _with(w, lambda t: rot.apply(t.transpose(-1, -2)).transpose(-1, -2))
 
 
 def _rotate_rows_per_head(w: torch.Tensor, rot: Rotation, heads: int, stride: int,
@@ -509,33 +535,91 @@ def rotate_value_path(model: nn.Module, seed: int = 0, kind: str = "hadamard") -
     with an online rotation of o_proj for full-width mixing. Composes with `rotate_model`
     (either order): it touches only value rows and o_proj's input side.
     """
-    mt = getattr(model.config, "model_type", None)
-    if mt not in RESIDUAL:
-        raise RotationUnsupported(f"no value-path layout for model_type {mt!r}")
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    if mt in ("llama", "qwen2"):
-        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads, stride, offset, src = cfg.num_key_value_heads, d, 0, "self_attn.v_proj"
-    else:  # MLA: kv_b_proj rows per head are [k_nope (qk_nope_head_dim), v (v_head_dim)]
-        d = cfg.v_head_dim
-        kv_heads, stride, offset, src = heads, cfg.qk_nope_head_dim + d, cfg.qk_nope_head_dim, \
-            "self_attn.kv_b_proj"
-    rot = make_rotation(d, seed, kind)
+    spec = ValuePath.of(model.config, seed, kind)
     done = []
     for i, block in enumerate(model.model.layers):
-        vmod, omod = _get(block, src), _get(block, "self_attn.o_proj")
+        spec.rotate(block, f"model.layers.{i}")
+        done.append(f"model.layers.{i}.self_attn")
+    return {"kind": kind, "seed": seed, "head_dim": spec.rot.n, "construction": spec.rot.describe(),
+            "rotated": done, "runtime_bytes": 0}
+
+
+@dataclass
+class ValuePath:
+    """Where one architecture keeps each head's value rows (see `rotate_value_path`)."""
+
+    rot: Rotation
+    heads: int      # attention heads (o_proj's input blocks)
+    kv_heads: int   # heads of the value source (GQA: fewer)
+    stride: int     # rows per head in the value source
+    offset: int     # first value row within a head's rows
+    src: str        # the value source, below the block
+
+    @staticmethod
+    def of(cfg, seed: int, kind: str = "hadamard") -> ValuePath:
+        mt = getattr(cfg, "model_type", None)
+        if mt not in RESIDUAL:
+            raise RotationUnsupported(f"no value-path layout for model_type {mt!r}")
+        heads = cfg.num_attention_heads
+        if mt in ("llama", "qwen2"):
+            d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            return ValuePath(make_rotation(d, seed, kind), heads, cfg.num_key_value_heads, d, 0,
+                             "self_attn.v_proj")
+        # MLA: kv_b_proj rows per head are [k_nope (qk_nope_head_dim), v (v_head_dim)]
+        d = cfg.v_head_dim
+        return ValuePath(make_rotation(d, seed, kind), heads, heads, cfg.qk_nope_head_dim + d,
+                         cfg.qk_nope_head_dim, "self_attn.kv_b_proj")
+
+    @torch.no_grad()
+    def rotate(self, block: nn.Module, path: str) -> None:
+        vmod, omod = _get(block, self.src), _get(block, "self_attn.o_proj")
         if not isinstance(vmod, nn.Linear) or not isinstance(omod, nn.Linear):
-            raise RotationUnsupported(f"model.layers.{i}: expected nn.Linear {src} and o_proj "
+            raise RotationUnsupported(f"{path}: expected nn.Linear {self.src} and o_proj "
                                       f"(rotate before compressing or wrapping them)")
-        _rotate_rows_per_head(vmod.weight, rot, kv_heads, stride, offset)
+        rot, heads, d = self.rot, self.heads, self.rot.n
+        _rotate_rows_per_head(vmod.weight, rot, self.kv_heads, self.stride, self.offset)
         if vmod.bias is not None:
-            _rotate_rows_per_head(vmod.bias, rot, kv_heads, stride, offset)
+            _rotate_rows_per_head(vmod.bias, rot, self.kv_heads, self.stride, self.offset)
         # o_proj reads (heads, d) blocks: W_o ← W_o (I ⊗ Q_d)
         _with(omod.weight, lambda t: rot.apply(t.reshape(t.shape[0], heads, d)).reshape(t.shape))
-        done.append(f"model.layers.{i}.self_attn")
-    return {"kind": kind, "seed": seed, "head_dim": d, "construction": rot.describe(),
-            "rotated": done, "runtime_bytes": 0}
+
+
+class StreamedRotation:
+    """The fused rotations (`rotate_value_path`, then `rotate_model`) of a model that is never
+    whole in memory (`blocks.Streamed`): the ends (embeddings, final norm, head) once when they
+    load, each block every time it loads from the checkpoint, each chunk of routed experts as it
+    is read. Every piece gets exactly the operations the in-memory transforms apply to it, so a
+    streamed rotated run stores what an in-memory one does.
+
+    Memory: one (hidden,) float64 MLP-norm scale per block that has routed experts (folded into
+    their gate_up as they are read, after the block's own norm is already set to ones).
+    """
+
+    def __init__(self, config, residual: str | None = "hadamard", value_path: bool = False,
+                 seed: int = 0):
+        if residual is None and not value_path:
+            raise ValueError("StreamedRotation: nothing to rotate (residual=None, value_path=False)")
+        self.lay, self.rot = (_residual_setup(config, seed, residual) if residual is not None
+                              else (None, None))
+        self.values = ValuePath.of(config, seed) if value_path else None
+        self._scales: dict[int, torch.Tensor] = {}
+
+    def ends(self, model: nn.Module) -> None:
+        if self.rot is not None:
+            _rotate_ends(model, self.rot)
+
+    def block(self, i: int, block: nn.Module) -> None:
+        path = f"model.layers.{i}"
+        if self.values is not None:
+            self.values.rotate(block, path)
+        if self.rot is not None:
+            _, g = rotate_block(block, self.lay, self.rot, path, check=i == 0)
+            if any(_get(block, p) is not None for p in self.lay.expert_readers):
+                self._scales[i] = g
+
+    def experts(self, i: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        if self.rot is not None:
+            rotate_experts([gate_up], [down], self._scales[i], self.rot)
 
 
 # ------------------------------------------------------------------------------------------------
