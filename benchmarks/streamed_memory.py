@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,14 +49,18 @@ def compress(src: Path, run: Path, extra: list[str]) -> dict:
            "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "eval.speed=false",
            "tracker=none", f"hydra.run.dir={run}", *extra]
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run.mkdir(parents=True, exist_ok=True)
+    # os.wait4 gives this child's own peak RSS; RUSAGE_CHILDREN would be the maximum over every
+    # child so far, which lets the deeper run hide behind the shallower one.
+    with open(run / "stdout.log", "w") as out, open(run / "stderr.log", "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit((run / "stderr.log").read_text()[-3000:])
     m = json.loads((run / "result.json").read_text())["metrics"]
-    return {"peak_rss": max(peak_kib, before) * 1024, "wall_s": time.perf_counter() - t0, **m}
+    return {"peak_rss": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - t0, **m}
 
 
 def main() -> None:
