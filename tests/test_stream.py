@@ -53,7 +53,9 @@ def _digests(path: Path) -> dict[str, str]:
             for p in sorted(path.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-llama"])
+@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-deepseek-v2",
+                                  "tiny-random-deepseek-v2-qlora", "tiny-random-llama",
+                                  "tiny-random-qwen2"])
 def test_streamed_and_in_memory_runs_store_identical_bytes_and_perplexity(tmp_path, arch):
     model, src = _saved(tmp_path, arch)
     report = compress_streamed(str(src), tmp_path / "streamed", CALIB, recipe(),
@@ -329,3 +331,25 @@ def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
     assert any("rotate" in n for n in streamed.notes)
     with pytest.raises(Exception, match="rotate.online"):
         runner.run(compose([*quick, "compress.stream=true", "rotate=hadamard_online"]))
+
+
+def test_a_hub_id_streams_from_the_hf_cache_like_its_local_directory(tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the HF cache (offline in the suite) and streams to
+    the same shards as the directory itself."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    _, src = _saved(tmp_path, "tiny-random-deepseek-v3")
+    repo = tmp_path / "hub" / "models--acme--tiny-v3"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(src, repo / "snapshots" / "abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = CheckpointSource.open("acme/tiny-v3")
+    assert Path(source.dir) == repo / "snapshots" / "abc123"
+    compress_streamed("acme/tiny-v3", tmp_path / "hub_run", CALIB, recipe(), torch.device("cpu"),
+                      torch.float32, batch_size=2, progress=False)
+    compress_streamed(str(src), tmp_path / "dir_run", CALIB, recipe(), torch.device("cpu"),
+                      torch.float32, batch_size=2, progress=False)
+    assert _digests(tmp_path / "hub_run") == _digests(tmp_path / "dir_run")
