@@ -316,7 +316,7 @@ def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
     from ciuic_lab.config import compose
 
     tok = load_tokenizer("tiny-random-deepseek-v3")
-    model, src = _saved(tmp_path, "tiny-random-deepseek-v3", vocab=len(tok))
+    _, src = _saved(tmp_path, "tiny-random-deepseek-v3", vocab=len(tok))
     tok.save_pretrained(src)
     quick = ["model=hub", f"model.name_or_path={src}", "rotate=hadamard", "eval.max_windows=2",
              "eval.seqlen=64", "data.calib_samples=4", "data.calib_seqlen=32", "progress=false",

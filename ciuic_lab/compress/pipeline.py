@@ -239,7 +239,6 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     block inputs (depth × calibration tokens × hidden; on disk unless they fit a GPU, see
     `_depth_store`) and one block's autograd graph for all calibration batches.
     """
-    ad = provider.adapter
     inputs = capture(provider, windows, batch_size, activations)
     stored = [inputs.hidden]
     n = len(provider)
@@ -354,7 +353,6 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
     input and at the routing weights, with each expert's output gradients added to `fisher`:
     its down projection's is the routing weight times g on its tokens; its gate/up's follows
     through act(gate)·up and the down projection."""
-    ad = provider.adapter
     out = [(torch.zeros_like(h), torch.zeros_like(w)) for h, _, w, _ in calls]
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
         for j, e in enumerate(ids):
