@@ -329,7 +329,9 @@ def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
     assert streamed.metrics["ppl/wikitext2"] == pytest.approx(in_memory.metrics["ppl/wikitext2"],
                                                               rel=1e-5)
     assert any("rotate" in n for n in streamed.notes)
-    with pytest.raises(Exception, match="rotate.online"):
+    from ciuic_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rotate.online"):
         runner.run(compose([*quick, "compress.stream=true", "rotate=hadamard_online"]))
 
 

@@ -24,10 +24,10 @@ Three layers of this file:
    (needs two small pipeline changes before compression; see RotatedExperts).
 
 Wiring into the walk: transforms run on the loaded model before `compress_model` (they only
-edit weights or wrap modules), so every stage calibrates in the rotated basis. A streamed model
-(never whole in memory) gets the fused ones part by part as it loads: `StreamedRotation`. Routed experts
-with `RotatedExperts` need two changes there: `adapters.expert_intermediate(mod, e, x)` returns
-`mod.expert_intermediate(e, x)` when the module has it, and `pipeline._install` wraps each
+edit weights or wrap modules), so every stage calibrates in the rotated basis. A streamed
+model (never whole in memory) gets the fused ones part by part as it loads (`StreamedRotation`).
+Routed experts with `RotatedExperts` need two changes there: `adapters.expert_intermediate(mod,
+e, x)` returns `mod.expert_intermediate(e, x)` when the module has it, and `pipeline._install` wraps each
 compressed expert down projection as `RotatedLinear(orig.down_rotation, packed)` (and reads
 the activation from `orig._act`).
 
