@@ -255,6 +255,19 @@ def test_summarize_sweep(tmp_path, capsys):
     assert "failed" in out and paths["summary"].read_text().strip() == out.strip()
 
 
+def test_summary_table_shows_accuracy_when_measured(tmp_path):
+    from ciuic_lab.track.callback import summary_table
+
+    _fake_sweep(tmp_path)
+    df = load(tmp_path)
+    assert "acc/mean" not in summary_table(df, pareto(df, "size/bits_per_param", "ppl/wikitext2"))
+    df["acc/mean"] = [0.41, 0.30, 0.375, None]
+    df["acc/mean_dense"] = 0.42
+    lines = summary_table(df, pareto(df, "size/bits_per_param", "ppl/wikitext2")).splitlines()
+    assert lines[0].split()[-3:] == ["acc/mean", "acc", "dense"]
+    assert lines[4].split()[-2:] == ["0.375", "0.420"] and lines[5].split()[-2:] == ["-", "0.420"]
+
+
 def test_summarize_sweep_with_zero_ok_results(tmp_path, capsys):
     write_result(tmp_path / "0", config={"a": 1}, metrics={}, layers=[], status="failed",
                  error="boom")
@@ -314,6 +327,16 @@ def test_point_labels():
     assert point_labels(df, short=True) == ["sparsity=0.5,bits=4", "bits=8"]
     clash = pd.DataFrame({"overrides": ["prune.bits=3,quant.bits=4"]})
     assert point_labels(clash, short=True) == ["prune.bits=3,quant.bits=4"]
+    shared = pd.DataFrame({"overrides": [
+        "quant.bits=2,model=smollm2-135m,quant.candidate_groups=[32,64]",
+        "quant.bits=3,model=smollm2-135m,quant.candidate_groups=[32,64]",
+        "+experiment=frontier_ciuic,model=smollm2-135m,quant.candidate_groups=[32,128]"]})
+    assert point_labels(shared) == ["quant.bits=2,quant.candidate_groups=[32,64]",
+                                    "quant.bits=3,quant.candidate_groups=[32,64]",
+                                    "+experiment=frontier_ciuic,quant.candidate_groups=[32,128]"]
+    assert point_labels(shared.iloc[:1]) == [shared.loc[0, "overrides"]]
+    same = pd.DataFrame({"overrides": ["model=a", "model=a"]})
+    assert point_labels(same) == ["default", "default"]
     no_ov = df.assign(overrides=None)  # not run by Hydra: what varies across the runs
     assert point_labels(no_ov) == ["quant.bits=4", "quant.bits=8"]
     assert point_labels(no_ov, label_cols=["cfg.seed"]) == ["seed=0", "seed=0"]

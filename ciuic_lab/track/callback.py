@@ -23,6 +23,7 @@ from ciuic_lab.track.tracker import sweep_group
 
 log = logging.getLogger("ciuic_lab")
 X, Y = FRONTIER
+ACC = "acc/mean"
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -32,14 +33,20 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def summary_table(df: pd.DataFrame, front: pd.DataFrame) -> str:
-    """A fixed-width text table: one line per run, frontier runs starred."""
+    """A fixed-width text table: one line per run, frontier runs starred; the lm-eval mean
+    accuracy is a column when any run measured it."""
     headers = ["", "overrides", "status", "bits/param", "ratio", "ppl", "ppl dense"]
+    acc = ACC in df.columns and df[ACC].notna().any()
+    if acc:
+        headers += ["acc/mean", "acc dense"]
     labels = point_labels(df) if not df.empty else []
     rows = []
     for (idx, r), label in zip(df.iterrows(), labels):
         rows.append(["*" if idx in front.index else "", label or "default", r.get("status"),
                      _fmt(r.get(X), ".3f"), _fmt(r.get("size/ratio_vs_fp16"), ".2f"),
                      _fmt(r.get(Y), ".3f"), _fmt(r.get(f"{Y}_dense"), ".3f")])
+        if acc:
+            rows[-1] += [_fmt(r.get(ACC), ".3f"), _fmt(r.get(f"{ACC}_dense"), ".3f")]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [headers, ["-" * w for w in widths], *rows]]

@@ -28,14 +28,29 @@ def varying_config_columns(df: pd.DataFrame) -> list[str]:
 def point_labels(df: pd.DataFrame, label_cols: Sequence[str] | None = None,
                  short: bool = False) -> list[str]:
     """A label per row: its overrides if known, else the varying config values. `short` drops
-    the group prefix of each key (prune.sparsity -> sparsity) where that stays unambiguous."""
+    the group prefix of each key (prune.sparsity -> sparsity) where that stays unambiguous.
+    Overrides that every row shares (model=..., eval.max_windows=...) are left out: they tell
+    the rows of a sweep apart no better than the sweep directory does."""
     if label_cols is None and "overrides" in df.columns and df["overrides"].notna().all():
-        labels = [str(v) or "default" for v in df["overrides"]]
+        labels = _drop_shared_terms([str(v) for v in df["overrides"]])
+        labels = [lab or "default" for lab in labels]
     else:
         cols = varying_config_columns(df) if label_cols is None else list(label_cols)
         labels = [",".join(str(r[c]) if c == "overrides" else f"{c.removeprefix('cfg.')}="
                            f"{_short(r[c])}" for c in cols) for _, r in df.iterrows()]
     return _drop_prefixes(labels) if short else labels
+
+
+# An override list split at the commas that start a new key (a list value keeps its commas).
+_TERM_START = re.compile(r",(?=[+~]*[\w./-]+=)")
+
+
+def _drop_shared_terms(labels: list[str]) -> list[str]:
+    if len(labels) < 2:
+        return labels
+    terms = [_TERM_START.split(lab) if lab else [] for lab in labels]
+    shared = set(terms[0]).intersection(*terms[1:])
+    return [",".join(t for t in ts if t not in shared) for ts in terms]
 
 
 _KEY = re.compile(r"(?<![\w.])((?:[\w-]+\.)+)([\w-]+)=")
