@@ -192,6 +192,9 @@ def test_activations_spilled_to_host_or_disk_change_nothing(tmp_path, where):
 def test_activations_place_themselves():
     acts = blocks.Activations(torch.device("cpu"), "auto")
     assert acts.place(10**12) == "device"  # a CPU run keeps them in memory
+    # a set that grows with depth (the Fisher walk's block inputs) never goes to host memory
+    assert blocks.Activations(torch.device("cpu"), "auto", allow_host=False).place(1) == "disk"
+    assert blocks.Activations(torch.device("cpu"), "host", allow_host=False).place(1) == "host"
     with pytest.raises(ValueError, match="activations"):
         blocks.Activations(torch.device("cpu"), "floppy")
 

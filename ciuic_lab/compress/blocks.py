@@ -80,27 +80,30 @@ class Activations:
     where: "device" (fastest), "host" (pinned CPU memory when the device is a GPU), "disk" (a
     temporary file per batch), or "auto": the device if the whole set takes under half of the
     device's free memory, else the host if it takes under half of the host's available memory,
-    else disk. CPU runs keep them in memory.
+    else disk. CPU runs keep them in memory. allow_host=False: "auto" never picks host memory.
     """
 
-    def __init__(self, device: torch.device, where: str = "auto"):
+    def __init__(self, device: torch.device, where: str = "auto", allow_host: bool = True):
         if where not in ("auto", "device", "host", "disk"):
             raise ValueError(f"activations must be auto, device, host or disk, got {where!r}")
-        self.device, self.where = torch.device(device), where
+        self.device, self.where, self.allow_host = torch.device(device), where, allow_host
         self._items: list = []
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def place(self, total_bytes: int) -> str:
-        """Decide the storage for a set of `total_bytes` (called once, before filling)."""
+        """Decide the storage for a set of `total_bytes` (called once, before filling). Without
+        allow_host, "auto" never picks host memory (a CPU run's device is the host): for sets
+        that grow with depth, which host memory, bounded by one block, must not hold."""
         if self.where != "auto":
             return self.where
         if self.device.type == "cpu":
-            return "device"
+            return "device" if self.allow_host else "disk"
         if total_bytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]:
             return "device"
         import psutil
 
-        return "host" if total_bytes < 0.5 * psutil.virtual_memory().available else "disk"
+        host_ok = self.allow_host and total_bytes < 0.5 * psutil.virtual_memory().available
+        return "host" if host_ok else "disk"
 
     def fill(self, tensors: list[torch.Tensor]) -> Activations:
         where = self.place(sum(t.numel() * t.element_size() for t in tensors))

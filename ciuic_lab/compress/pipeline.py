@@ -236,13 +236,16 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     gradient there is pushed through the experts a chunk at a time (their input gradient, their
     routing weights' gradient, and each expert's own output gradients), and the block's backward
     finishes from the MoE layer's inputs. So it runs on streamed blocks too; memory: the stored
-    block inputs (depth × calibration tokens × hidden; on disk unless they fit a GPU, see
-    `_depth_store`) and one block's autograd graph for all calibration batches.
+    block inputs (depth × calibration tokens × hidden; on disk unless they fit a GPU:
+    `Activations(allow_host=False)`, as host memory is bounded by one block) and one block's
+    autograd graph for all calibration batches.
     """
     inputs = capture(provider, windows, batch_size, activations)
     stored = [inputs.hidden]
     n = len(provider)
-    depth_store = _depth_store(activations, provider.device, inputs.hidden.nbytes() * n)
+    # 61 blocks × calibration tokens × 7168 for DeepSeek-V3: placed once for the whole depth
+    depth_store = Activations(provider.device, activations, allow_host=False).place(
+        inputs.hidden.nbytes() * n)
     for i in tqdm(range(n), desc="fisher (forward)", unit="block", disable=not progress):
         block = provider.load(i)
         outs = dense_forward(block, i, provider, BlockInputs(stored[-1], inputs.kwargs),
@@ -271,18 +274,6 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
         stored[i + 1] = None
         provider.release(i, block)
     return fisher
-
-
-def _depth_store(where: str, device: torch.device, total_bytes: int) -> str:
-    """Where the backward walk keeps every block's input: a set that grows with depth (61
-    blocks × calibration tokens × 7168 for DeepSeek-V3), so under "auto" it stays on a GPU only
-    when it takes under half its free memory and otherwise goes to disk, never to host memory,
-    which is bounded by one block."""
-    if where != "auto":
-        return where
-    if device.type == "cuda" and total_bytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
-        return "device"
-    return "disk"
 
 
 class _LeafReplay(nn.Module):
