@@ -318,6 +318,18 @@ def test_sweep_group_names_the_sweep_dir():
     assert sweep_group("sweeps/abc") == "sweeps_abc" and sweep_group("solo") == "solo"
 
 
+def test_studies_name_each_row_of_a_joint_summary(tmp_path):
+    from ciuic_lab.track.plots import studies
+
+    df = pd.DataFrame({"overrides": ["quant.bits=2,+experiment=frontier_gptq",
+                                     "+experiment=frontier_ciuic,prune.sparsity=0.5", "seed=1"],
+                       "x": [2.1, 2.8, 3.0], "y": [150.0, 112.0, 120.0], "status": "ok"})
+    assert studies(df) == ["frontier_gptq", "frontier_ciuic", "other"]
+    assert studies(df.iloc[:1]) is None and studies(df.drop(columns="overrides")) is None
+    png = pareto_plot(df, pareto(df, x="x", y="y"), "x", "y", tmp_path / "joint.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_point_labels():
     from ciuic_lab.track.plots import point_labels
 

@@ -68,6 +68,21 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+_KEY_EXPERIMENT = re.compile(r"\+*experiment=[^,]*,?")
+
+
+def studies(df: pd.DataFrame) -> list[str] | None:
+    """The `+experiment=` study of each row, from its overrides, when the rows come from more than
+    one study (a joint summary of several sweep dirs, e.g. multirun/frontiers/<model>); else None."""
+    if "overrides" not in df.columns or df.empty:
+        return None
+    names = []
+    for v in df["overrides"]:
+        m = _KEY_EXPERIMENT.search(str(v)) if isinstance(v, str) else None
+        names.append(m.group(0).split("=", 1)[1].rstrip(",") if m else "other")
+    return names if len(set(names)) > 1 else None
+
+
 def pareto_plot(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, path: str | Path,
                 label_cols: Sequence[str] | None = None, title: str | None = None) -> Path:
     """Save a PNG of y against x for the ok rows of df, with `front` drawn as a staircase."""
@@ -92,16 +107,30 @@ def pareto_plot(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, path: str
         ax.text(0.5, 0.5, "no successful runs with finite values", ha="center", va="center",
                 transform=ax.transAxes)
     else:
-        ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7, label="runs", zorder=2)
-        for label, px, py in zip(point_labels(ok, label_cols, short=True), xs, ys):
-            ax.annotate(label, (px, py), xytext=(3, 3), textcoords="offset points", fontsize=6,
-                        alpha=0.8)
+        groups = studies(ok)
+        labels = point_labels(ok, label_cols, short=True)
+        if groups is None:
+            ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7, label="runs", zorder=2)
+        else:  # a joint summary of several studies: one colour each, labels without the study
+            labels = [_KEY_EXPERIMENT.sub("", lab).strip(",") or name
+                      for lab, name in zip(labels, groups)]
+            for k, name in enumerate(dict.fromkeys(groups)):
+                sel = [g == name for g in groups]
+                ax.scatter(xs[sel], ys[sel], s=18, color=f"C{k % 10}", alpha=0.8, label=name,
+                           zorder=2)
+        # past ~20 points every label overlaps: name only the frontier's
+        named = set(front.index) if len(ok) > 20 else set(ok.index)
+        for idx, label, px, py in zip(ok.index, labels, xs, ys):
+            if idx in named:
+                ax.annotate(label, (px, py), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6, alpha=0.8)
         if not front.empty:
             fx = pd.to_numeric(front[x]).to_numpy()
             fy = pd.to_numeric(front[y]).to_numpy()
-            ax.step(fx, fy, where="post", color="tab:red", lw=1.5, label="Pareto frontier",
+            # black, hollow markers: the colour underneath still says which study a point is from
+            ax.step(fx, fy, where="post", color="black", lw=1.2, label="Pareto frontier",
                     zorder=3)
-            ax.scatter(fx, fy, s=30, color="tab:red", zorder=4)
+            ax.scatter(fx, fy, s=42, facecolors="none", edgecolors="black", zorder=4)
         dense_col = f"{y}_dense"
         if dense_col in ok.columns:
             dense = pd.to_numeric(ok[dense_col], errors="coerce").dropna()
