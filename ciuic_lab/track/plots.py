@@ -68,7 +68,8 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-_KEY_EXPERIMENT = re.compile(r"\+*experiment=[^,]*,?")
+def _is_study(term: str) -> bool:
+    return term.lstrip("+~").startswith("experiment=")
 
 
 def studies(df: pd.DataFrame) -> list[str] | None:
@@ -78,8 +79,8 @@ def studies(df: pd.DataFrame) -> list[str] | None:
         return None
     names = []
     for v in df["overrides"]:
-        m = _KEY_EXPERIMENT.search(str(v)) if isinstance(v, str) else None
-        names.append(m.group(0).split("=", 1)[1].rstrip(",") if m else "other")
+        terms = _TERM_START.split(v) if isinstance(v, str) else []
+        names.append(next((t.split("=", 1)[1] for t in terms if _is_study(t)), "other"))
     return names if len(set(names)) > 1 else None
 
 
@@ -112,7 +113,7 @@ def pareto_plot(df: pd.DataFrame, front: pd.DataFrame, x: str, y: str, path: str
         if groups is None:
             ax.scatter(xs, ys, s=18, color="tab:blue", alpha=0.7, label="runs", zorder=2)
         else:  # a joint summary of several studies: one colour each, labels without the study
-            labels = [_KEY_EXPERIMENT.sub("", lab).strip(",") or name
+            labels = [",".join(t for t in _TERM_START.split(lab) if not _is_study(t)) or name
                       for lab, name in zip(labels, groups)]
             for k, name in enumerate(dict.fromkeys(groups)):
                 sel = [g == name for g in groups]
