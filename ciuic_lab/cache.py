@@ -15,9 +15,10 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from ciuic_lab.atomic import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -54,12 +55,6 @@ def cached(namespace: str, parts: list, compute: Callable[[], dict]) -> dict:
         pass  # absent, torn or foreign: recompute
     value = dict(compute())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"parts": [str(p) for p in parts], "value": value}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    record = {"parts": [str(p) for p in parts], "value": value}
+    write_atomic(path, lambda f: json.dump(record, f, indent=1))
     return value

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ciuic_lab.compress.blocks import (in_memory_experts, rebuild_non_persistent,
-                                       return_freed_memory)
+from ciuic_lab.atomic import write_text_atomic
+from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent, return_freed_memory
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
@@ -100,9 +99,7 @@ class CheckpointWriter:
 
     def finish(self, tokenizer=None, run_config: dict | None = None) -> Path:
         self.manifest["run_config"] = run_config
-        tmp = self.path / f".{MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, self.path / MANIFEST)
+        write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.path))
         return self.path

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ciuic_lab.atomic import write_atomic
 
 RESULT_NAME = "result.json"
 STATUSES = ("ok", "failed")
@@ -71,17 +72,12 @@ def write_result(run_dir: str | Path, *, config: dict, metrics: dict, layers: li
     nonfinite: dict[str, str] = {}
     safe = _json_safe(record, "", nonfinite)
     safe["nonfinite"] = nonfinite
-    path = run_dir / RESULT_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".result.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(safe, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    def write(f):
+        json.dump(safe, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+    return write_atomic(run_dir / RESULT_NAME, write)
 
 
 def _restore(v: Any, path: str, nonfinite: dict) -> Any:
