@@ -102,3 +102,32 @@ def test_mismatched_manifest_is_rejected(compressed, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a finished compressed checkpoint"):
         checkpoint.load(tmp_path)
+
+
+def _point_shard_at(ckpt, shard, name):
+    m = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    m["shards"][name] = m["shards"].pop(shard)
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(compressed, tmp_path, where):
+    ckpt, outside = tmp_path / "ckpt", tmp_path / "outside"
+    checkpoint.save(compressed, ckpt)
+    outside.mkdir()
+    (ckpt / checkpoint.REST).rename(outside / checkpoint.REST)  # same bytes, same sha256
+    name = ("../outside/" if where == "relative" else f"{outside}/") + checkpoint.REST
+    _point_shard_at(ckpt, checkpoint.REST, name)
+    for read in (checkpoint.load, checkpoint.stored_bytes):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=f"compressed.json: shard name '{name}' is not a file inside"):
+            read(ckpt)
+    assert checkpoint.shard_path(ckpt, "sub/../x.safetensors", "m") == ckpt / "sub/../x.safetensors"
+
+
+def test_stored_bytes_of_a_truncated_shard_names_the_file(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    w = tmp_path / checkpoint.block_shard(0)
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r"blocks-00000.safetensors is truncated"):
+        checkpoint.stored_bytes(tmp_path)

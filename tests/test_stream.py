@@ -138,6 +138,25 @@ def test_missing_or_truncated_shard_fails_naming_the_file_before_any_work(tmp_pa
         CheckpointSource.from_dir(src)
 
 
+def test_truncated_single_file_checkpoint_fails_naming_the_file(tmp_path):
+    _, src = _saved(tmp_path, "tiny-random-llama")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated: \d+ bytes"):
+        CheckpointSource.from_dir(src)
+
+
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path):
+    _, src = _saved(tmp_path, "tiny-random-llama")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (src / "model.safetensors").rename(outside / "model.safetensors")
+    index = {"weight_map": {"model.embed_tokens.weight": "../outside/model.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index.json: shard name '../outside/model"):
+        CheckpointSource.from_dir(src)
+
+
 def test_streaming_keeps_routed_experts_on_meta_and_reads_them_a_chunk_at_a_time(tmp_path,
                                                                                    monkeypatch):
     _, src = _saved(tmp_path, "tiny-random-deepseek-v3")

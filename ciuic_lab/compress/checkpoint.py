@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
+from ciuic_lab.models.source import check_complete
 
 FORMAT = "ciuic_lab.compressed/2"
 MANIFEST = "compressed.json"
@@ -47,6 +49,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shard_path(directory: str | Path, name: str, manifest: str | Path) -> Path:
+    """Where the file a manifest (or safetensors index) lists as `name` lives in `directory`.
+
+    A manifest is data that travels with downloaded checkpoints: a name that is absolute or
+    climbs out (`../../x`) would make the loader read, and hash, files anywhere, so it is refused.
+    The check is on the name, not the resolved path, so symlinked shards (the HF cache) still load.
+    """
+    first = Path(os.path.normpath(name)).parts[0]  # normpath("") is "."
+    if Path(name).is_absolute() or first in ("..", "."):
+        raise CheckpointError(f"{manifest}: shard name {name!r} is not a file inside {directory}")
+    return Path(directory) / name
 
 
 def block_shard(i: int) -> str:
@@ -160,7 +175,9 @@ def stored_bytes(path: str | Path) -> int:
     path = Path(path)
     total = 0
     for shard in read_manifest(path)["shards"]:
-        with safe_open(str(path / shard), "pt") as f:
+        file = shard_path(path, shard, path / MANIFEST)
+        check_complete(file)  # safetensors' own error would not name the file
+        with safe_open(str(file), "pt") as f:
             for k in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
                 sl = f.get_slice(k)
                 n = 1
@@ -178,7 +195,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def read_shard(path: Path, shard: str, manifest: dict) -> dict[str, torch.Tensor]:
     """A shard's tensors after checking its sha256 against the manifest."""
-    f = path / shard
+    f = shard_path(path, shard, path / MANIFEST)
     if not f.exists():
         raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
     if sha256_file(f) != manifest["shards"][shard]["sha256"]:

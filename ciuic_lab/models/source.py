@@ -4,9 +4,10 @@
     src.tensors("model.layers.7.", device="cuda")             # one block, dequantised on `device`
 
 A checkpoint is one `model.safetensors` or shards listed by `model.safetensors.index.json`
-(`weight_map`: tensor name -> shard file). Opening checks every shard before any work: each file
-exists, its safetensors header parses, and the file is as long as the header says (a truncated
-download fails here, naming the file, not an hour into the walk).
+(`weight_map`: tensor name -> shard file). Opening checks every shard before any work: its name
+stays inside the directory, the file exists, its safetensors header parses, and the file is as
+long as the header says (a truncated download fails here, naming the file, not an hour into the
+walk).
 
 FP8 sources (DeepSeek-V3/R1's official format: `quantization_config.quant_method == "fp8"`):
 weights are float8_e4m3fn with a float32 `<name>_scale_inv` per block of
@@ -45,6 +46,14 @@ def _header_end(path: Path) -> int:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     return 8 + n + max(ends, default=0)
+
+
+def check_complete(path: Path) -> None:
+    """Raise CheckpointError naming `path` unless it is a safetensors file as long as its header
+    says: safetensors' own error for a truncated file ("incomplete metadata") names no file."""
+    need, have = _header_end(path), os.path.getsize(path)
+    if have < need:
+        raise CheckpointError(f"{path} is truncated: {have} bytes, its header needs {need}")
 
 
 @dataclass
@@ -98,16 +107,21 @@ class CheckpointSource:
             if len(files) != 1:
                 raise CheckpointError(f"{d}: no {INDEX} and not exactly one .safetensors file "
                                       f"({len(files)} found)")
+            check_complete(files[0])  # before safe_open, whose error would not name the file
             with safe_open(str(files[0]), "pt") as f:
                 weight_map = dict.fromkeys(f.keys(), files[0].name)
+        source = cls(d, weight_map, _fp8_config(d))
         for shard in sorted(set(weight_map.values())):
-            path = d / shard
+            path = source._path(shard)
             if not path.exists():
                 raise CheckpointError(f"{path} is missing (listed in {INDEX})")
-            need, have = _header_end(path), os.path.getsize(path)
-            if have < need:
-                raise CheckpointError(f"{path} is truncated: {have} bytes, its header needs {need}")
-        return cls(d, weight_map, _fp8_config(d))
+            check_complete(path)
+        return source
+
+    def _path(self, shard: str) -> Path:
+        from ciuic_lab.compress.checkpoint import shard_path
+
+        return shard_path(self.dir, shard, self.dir / INDEX)
 
     # ---- reading -----------------------------------------------------------------------------
     def names(self, prefix: str) -> list[str]:
@@ -128,7 +142,7 @@ class CheckpointSource:
             by_shard.setdefault(self.weight_map[k], []).append(k)
         out = {}
         for shard, keys in by_shard.items():
-            with safe_open(str(self.dir / shard), "pt", device="cpu") as f:
+            with safe_open(str(self._path(shard)), "pt", device="cpu") as f:
                 for k in keys:
                     out[k[len(prefix):]] = self._load(f, k, device)
         return out
@@ -145,12 +159,12 @@ class CheckpointSource:
         return t
 
     def _scale(self, key: str, device) -> torch.Tensor:
-        with safe_open(str(self.dir / self.weight_map[key]), "pt", device="cpu") as f:
+        with safe_open(str(self._path(self.weight_map[key])), "pt", device="cpu") as f:
             return f.get_tensor(key).to(device)
 
     def nbytes(self) -> int:
         """Bytes of the checkpoint's weight files on disk."""
-        return sum(os.path.getsize(self.dir / s) for s in set(self.weight_map.values()))
+        return sum(os.path.getsize(self._path(s)) for s in set(self.weight_map.values()))
 
 
 def _fp8_config(d: Path) -> FP8 | None:
