@@ -19,6 +19,8 @@ from omegaconf import DictConfig
 
 from ciuic_lab.config import to_container, validate
 
+log = logging.getLogger("ciuic_lab")
+
 # Keys that do not change what a job computes: ignored when deciding whether to resume.
 _VOLATILE = ("tracker", "progress", "force")
 
@@ -30,7 +32,8 @@ def config_hash(config: dict) -> str:
 
 
 def completed(out_dir: Path, chash: str) -> dict | None:
-    """The metrics of a finished identical job in out_dir, if there is one."""
+    """The metrics of a finished identical job in out_dir, if there is one and the artefacts its
+    config asked for (the packed checkpoint) are still whole."""
     from ciuic_lab.track.result import read_result
 
     path = out_dir / "result.json"
@@ -40,8 +43,27 @@ def completed(out_dir: Path, chash: str) -> dict | None:
         res = read_result(path)
     except (ValueError, OSError):
         return None  # a torn or foreign file: recompute
-    if res.get("status") == "ok" and res.get("config_hash") == chash:
-        return res["metrics"]
+    if res.get("status") != "ok" or res.get("config_hash") != chash:
+        return None
+    broken = _broken_artefacts(out_dir, res.get("config") or {})
+    if broken:
+        log.warning("%s: rerunning a point whose result.json says ok: %s", out_dir, broken)
+        return None
+    return res["metrics"]
+
+
+def _broken_artefacts(out_dir: Path, config: dict) -> str | None:
+    """Why the checkpoint a finished job must have left is unusable, or None. A killed rerun or
+    a full disk can leave a result.json whose checkpoint is gone, and export would fail later."""
+    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.errors import CheckpointError
+
+    if not (config.get("save") or (config.get("compress") or {}).get("stream")):
+        return None
+    try:
+        checkpoint.verify(out_dir / "compressed")
+    except CheckpointError as e:
+        return str(e)
     return None
 
 

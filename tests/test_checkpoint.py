@@ -131,3 +131,42 @@ def test_stored_bytes_of_a_truncated_shard_names_the_file(compressed, tmp_path):
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(checkpoint.CheckpointError, match=r"blocks-00000.safetensors is truncated"):
         checkpoint.stored_bytes(tmp_path)
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+def test_a_rewrite_killed_half_way_keeps_the_finished_checkpoint(compressed, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(compressed, ckpt, run_config={"run": 1})
+    x = torch.randint(0, 256, (1, 8))
+    # a process killed outright: nothing runs after the first shard
+    w = checkpoint.CheckpointWriter(ckpt, compressed.config, torch.float32)
+    w.add(checkpoint.block_shard(0), compressed.model.layers[0], "model.layers.0")
+    assert checkpoint.read_manifest(ckpt)["run_config"] == {"run": 1}
+    # an exception half-way (a full disk): the temporary directory goes too
+    monkeypatch.setattr(checkpoint, "outside_blocks", lambda m: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save(compressed, ckpt, run_config={"run": 2})
+    monkeypatch.undo()
+    assert checkpoint.read_manifest(ckpt)["run_config"] == {"run": 1}
+    with torch.no_grad():
+        assert torch.equal(checkpoint.load(ckpt)(x).logits, compressed(x).logits)
+    assert _siblings(ckpt) == [w.tmp.name]  # only the killed writer's, removed by the next one
+    checkpoint.save(compressed, ckpt, run_config={"run": 3})
+    assert checkpoint.read_manifest(ckpt)["run_config"] == {"run": 3}
+    assert _siblings(ckpt) == [w.tmp.name]  # this process is alive: its leftover is kept
+
+
+def test_verify_rejects_a_missing_or_resized_shard(compressed, tmp_path):
+    checkpoint.save(compressed, tmp_path)
+    checkpoint.verify(tmp_path)
+    shard = tmp_path / checkpoint.block_shard(0)
+    with open(shard, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(checkpoint.CheckpointError, match=r"blocks-00000.safetensors has \d+ bytes"):
+        checkpoint.verify(tmp_path)
+    shard.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="blocks-00000.safetensors is missing"):
+        checkpoint.verify(tmp_path)

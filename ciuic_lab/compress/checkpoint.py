@@ -10,8 +10,9 @@
     DIR/tokenizer files            when a tokenizer is given
 
 A shard is written as soon as its block is compressed (`CheckpointWriter`), so a model larger
-than memory is written block by block; the manifest is written last, atomically: a directory
-without one is an unfinished checkpoint. Loading never unpickles: tensors come from safetensors,
+than memory is written block by block, into a temporary directory beside DIR; the manifest is
+written last and the directory then swapped in whole, so DIR is always a finished checkpoint (a
+killed rerun leaves the previous one). Loading never unpickles: tensors come from safetensors,
 structure from JSON; the model is rebuilt from its config, its layers swapped for shells of the
 stored formats and shapes, then filled with a strict load (a missing or extra tensor is an error).
 """
@@ -21,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Self
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ciuic_lab.atomic import write_text_atomic
+from ciuic_lab.atomic import swap_in_dir, temp_dir_beside, write_text_atomic
 from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent, return_freed_memory
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
@@ -83,15 +86,23 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 
 class CheckpointWriter:
-    """Writes a compressed checkpoint shard by shard; `finish` writes the manifest last."""
+    """Writes a compressed checkpoint shard by shard into a temporary directory beside `path`;
+    `finish` writes the manifest last and swaps the directory in whole, so a checkpoint already at
+    `path` (a rerun's) survives until the new one is complete. As a context manager it removes
+    the temporary directory of a write that failed."""
 
     def __init__(self, path: str | Path, model_config, dtype: torch.dtype):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)  # unfinished until finish() rewrites it
+        self.tmp = temp_dir_beside(self.path)
         self.manifest = {"format": FORMAT, "model_config": model_config.to_dict(),
                          "dtype": str(dtype).removeprefix("torch."), "layers": {}, "experts": {},
                          "aliases": {}, "shards": {}}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # gone already once finish() swapped it in
 
     def add(self, shard: str, module: nn.Module, prefix: str) -> None:
         """Write `module`'s state (names prefixed with `prefix.`) as one shard, recording the
@@ -107,17 +118,18 @@ class CheckpointWriter:
 
     def add_tensors(self, shard: str, state: dict[str, torch.Tensor]) -> None:
         tensors, aliases = _dedupe(state)
-        save_file(tensors, str(self.path / shard), metadata={"format": FORMAT})
+        f = self.tmp / shard
+        save_file(tensors, str(f), metadata={"format": FORMAT})
         self.manifest["aliases"].update(aliases)
-        self.manifest["shards"][shard] = {"sha256": sha256_file(self.path / shard),
+        self.manifest["shards"][shard] = {"sha256": sha256_file(f), "bytes": f.stat().st_size,
                                           "tensors": sorted(tensors)}
 
     def finish(self, tokenizer=None, run_config: dict | None = None) -> Path:
         self.manifest["run_config"] = run_config
-        write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(self.path))
-        return self.path
+            tokenizer.save_pretrained(str(self.tmp))
+        write_text_atomic(self.tmp / MANIFEST, json.dumps(self.manifest, indent=1))
+        return swap_in_dir(self.tmp, self.path)
 
 
 class _Cfg:
@@ -130,12 +142,11 @@ class _Cfg:
 def save(model: nn.Module, path: str | Path, tokenizer=None, run_config: dict | None = None) -> Path:
     """Write an in-memory compressed model: one shard per block, then the rest, then the manifest."""
     ad = adapter_for(model)
-    writer = CheckpointWriter(path, model.config, next(model.parameters()).dtype)
-    blocks = ad.blocks(model)
-    for i, block in enumerate(blocks):
-        writer.add(block_shard(i), block, ad.block_name(i))
-    writer.add_tensors(REST, outside_blocks(model))
-    return writer.finish(tokenizer, run_config)
+    with CheckpointWriter(path, model.config, next(model.parameters()).dtype) as writer:
+        for i, block in enumerate(ad.blocks(model)):
+            writer.add(block_shard(i), block, ad.block_name(i))
+        writer.add_tensors(REST, outside_blocks(model))
+        return writer.finish(tokenizer, run_config)
 
 
 def outside_blocks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -165,6 +176,22 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(entry, dict) or "sha256" not in entry:
             raise CheckpointError(f"{mpath}: shard {shard} has no sha256")
     return manifest
+
+
+def verify(path: str | Path) -> None:
+    """Raise CheckpointError unless `path` holds a finished checkpoint whose every listed shard is
+    present with the size the manifest recorded (or, for older manifests, the size its header
+    needs). Cheap, without hashing: for deciding whether a run's artefacts survived."""
+    path = Path(path)
+    for shard, entry in read_manifest(path)["shards"].items():
+        f = shard_path(path, shard, path / MANIFEST)
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
+        if "bytes" not in entry:
+            check_complete(f)
+        elif f.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, {MANIFEST} recorded "
+                                  f"{entry['bytes']}: truncated or replaced")
 
 
 def stored_bytes(path: str | Path) -> int:

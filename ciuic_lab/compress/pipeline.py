@@ -566,16 +566,16 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
     provider = Streamed(model, source, device, transform)
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
-    writer = CheckpointWriter(out_dir, model.config, dtype)
     ad = provider.adapter
+    with CheckpointWriter(out_dir, model.config, dtype) as writer:
 
-    def sink(i: int, block: nn.Module) -> None:
-        writer.add(block_shard(i), block, ad.block_name(i))
-        provider.release(i, block)
+        def sink(i: int, block: nn.Module) -> None:
+            writer.add(block_shard(i), block, ad.block_name(i))
+            provider.release(i, block)
 
-    compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                  min_expert_tokens, expert_chunk, progress, activations, sink)
-    writer.add_tensors(REST, outside_blocks(model))
-    writer.finish()
+        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                      min_expert_tokens, expert_chunk, progress, activations, sink)
+        writer.add_tensors(REST, outside_blocks(model))
+        writer.finish()
     report.seconds = time.perf_counter() - t0
     return report
