@@ -23,6 +23,10 @@ class CheckpointError(ValueError):
     """A checkpoint (ours, or a source checkpoint being streamed) that cannot be used as it is."""
 
 
+class JobLocked(RuntimeError):
+    """A job directory another live run is writing (named, with that run's pid when known)."""
+
+
 def check(cond: bool, key: str, msg: str) -> None:
     """Raise ConfigError('<key>: <msg>') unless `cond`."""
     if not cond:

@@ -7,9 +7,12 @@ silently; an out-of-memory failure is recorded with what to change.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ciuic_lab.config import to_container, validate
+from ciuic_lab.errors import JobLocked
 
 log = logging.getLogger("ciuic_lab")
 
@@ -72,6 +76,7 @@ OOM_HINT = ("out of memory: the model, its calibration activations or the evalua
             "smaller compress.batch_size / eval.batch_size, fewer data.calib_samples, or a shorter "
             "eval.seqlen.")
 HARNESS_LOG = "lm_eval.log"
+LOCK = ".lock"
 
 
 @contextmanager
@@ -92,19 +97,53 @@ def _harness_log(out_dir: Path):
         log.propagate, log.level = old
 
 
+@contextmanager
+def job_lock(out_dir: Path):
+    """Hold `out_dir` for this process while its point runs, so that a second run sent to the same
+    directory (two sweeps with one hydra.sweep.dir) fails at once instead of overwriting results.
+
+    flock, not a pid file: the kernel drops the lock when the process dies however it dies, so a
+    killed run never leaves a directory locked. The pid written inside is only for the message.
+    """
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (pid {holder})" if holder else ""
+        raise JobLocked(f"{out_dir} is being written by another run{by}; two runs in one job "
+                        "directory would overwrite each other's results: give this one its own "
+                        "hydra.run.dir / hydra.sweep.dir, or wait for the other") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)  # the pid of a finished run would mislead the next message
+        os.close(fd)  # releases the lock
+
+
 def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
             overrides: list[str] | None = None) -> dict:
-    """Run one configured job; returns the metrics. Writes out_dir/result.json in every case.
+    """Run one configured job; returns the metrics. Writes out_dir/result.json in every case,
+    except when another live run holds out_dir (JobLocked: its files are left alone).
 
     A job whose out_dir already holds an ok result.json for the identical resolved config is
     skipped (sweep resume); `+force=true` recomputes it.
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with job_lock(out_dir):
+        return _run_locked(cfg, out_dir, job_name, overrides)
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, job_name: str | None,
+                overrides: list[str] | None) -> dict:
     from omegaconf import OmegaConf
 
     from ciuic_lab.track.result import write_result
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         config = to_container(cfg)
     except Exception:  # an unresolvable interpolation: keep the raw config

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ciuic_lab.errors import ConfigError, ModelNotFound
+from ciuic_lab.errors import ConfigError, JobLocked, ModelNotFound
 from ciuic_lab.track import FRONTIER
 from ciuic_lab.track.tracker import sweep_group
 
@@ -49,6 +49,10 @@ def main(cfg: DictConfig) -> float | None:
         log.error("invalid config: %s", e)
         if not multirun:
             sys.exit(2)
+    except JobLocked as e:  # the other run's directory is left as it is: nothing to record
+        log.error("%s", e)
+        if not multirun:
+            sys.exit(3)
     except Exception as e:
         log.exception("job failed: %s", e)
         if not multirun:
