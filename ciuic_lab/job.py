@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ciuic_lab.config import to_container, validate
-from ciuic_lab.errors import JobLocked
+from ciuic_lab.errors import CheckpointError, JobLocked
 
 log = logging.getLogger("ciuic_lab")
 
@@ -60,7 +60,6 @@ def _broken_artefacts(out_dir: Path, config: dict) -> str | None:
     """Why the checkpoint a finished job must have left is unusable, or None. A killed rerun or
     a full disk can leave a result.json whose checkpoint is gone, and export would fail later."""
     from ciuic_lab.compress import checkpoint
-    from ciuic_lab.errors import CheckpointError
 
     if not (config.get("save") or (config.get("compress") or {}).get("stream")):
         return None
