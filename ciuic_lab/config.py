@@ -6,15 +6,11 @@ with a message naming its key.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
 from ciuic_lab.compress.base import Method
 from ciuic_lab.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STAGES = ("prune", "lowrank", "quant")
+from ciuic_lab.schema import CONF_DIR, STAGES, check_targets, tree
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -30,9 +26,11 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 def build_methods(cfg: DictConfig) -> list[Method]:
-    """Instantiate the enabled stages in `cfg.stages` order, checking every value."""
+    """Instantiate the enabled stages in `cfg.stages` order, checking every value (and first,
+    that the config names no callable the lab does not register)."""
     from hydra.utils import instantiate
 
+    check_targets(tree(cfg))
     order = list(cfg.stages)
     for s in order:
         if s not in STAGES:
@@ -57,8 +55,6 @@ def build_methods(cfg: DictConfig) -> list[Method]:
                 raise ConfigError(f"{s}.{key}: unknown key for {group._target_} (if the recipe "
                                   "set it, add recipe=none)") from None
             raise
-        if m.stage != s:
-            raise ConfigError(f"{s}: {group._target_} is a {m.stage} method, not a {s} method")
         methods.append(m)
     for m in methods:
         if m.alone and len(methods) > 1:

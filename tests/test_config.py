@@ -118,3 +118,22 @@ def test_bad_calibration_text_is_rejected_before_loading(tmp_path, content, why)
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=r"data.calib_source: .*" + why):
         validate(compose([f"data.calib_source={path}"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["quant=none", "+quant._target_=pathlib.Path.unlink", "+quant._args_=['{f}']"],
+     "quant._target_"),
+    (["quant._target_=os.remove", "+quant._args_=['{f}']"], "quant._target_"),
+    (["quant._target_=ciuic_lab.compress.prune.magnitude.Magnitude"], "quant"),
+    (["+prune.layers={{_target_: pathlib.Path.unlink, _args_: ['{f}']}}"], "prune.layers._target_"),
+    (["+eval.hook={{_target_: pathlib.Path.unlink, _args_: ['{f}']}}"], "eval.hook._target_"),
+    (["rotate._target_=pathlib.Path.unlink", "+rotate._args_=['{f}']", "rotate.residual=hadamard"],
+     "rotate._target_"),
+])
+def test_a_config_cannot_call_what_the_lab_does_not_register(tmp_path, overrides, key):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("still here")
+    cfg = compose([o.format(f=victim) for o in overrides])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(cfg)
+    assert victim.read_text() == "still here"
