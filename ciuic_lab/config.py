@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from ciuic_lab import schema
 from ciuic_lab.compress.base import Method
 from ciuic_lab.errors import ConfigError
-from ciuic_lab.schema import CONF_DIR, STAGES, check_targets, tree
+from ciuic_lab.schema import CONF_DIR, STAGES
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -27,10 +28,11 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 def build_methods(cfg: DictConfig) -> list[Method]:
     """Instantiate the enabled stages in `cfg.stages` order, checking every value (and first,
-    that the config names no callable the lab does not register)."""
+    that the config holds no key the schema does not know and names no callable the lab does
+    not register)."""
     from hydra.utils import instantiate
 
-    check_targets(tree(cfg))
+    schema.check(cfg)
     order = list(cfg.stages)
     for s in order:
         if s not in STAGES:
@@ -50,10 +52,6 @@ def build_methods(cfg: DictConfig) -> list[Method]:
                 cause = cause.__cause__
             if isinstance(cause, ConfigError):
                 raise cause from None
-            if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
-                key = str(cause).split("'")[-2] if "'" in str(cause) else "?"
-                raise ConfigError(f"{s}.{key}: unknown key for {group._target_} (if the recipe "
-                                  "set it, add recipe=none)") from None
             raise
         methods.append(m)
     for m in methods:

@@ -137,3 +137,38 @@ def test_a_config_cannot_call_what_the_lab_does_not_register(tmp_path, overrides
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(cfg)
     assert victim.read_text() == "still here"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+bogus=1"], "bogus: unknown key"),
+    (["+compress.strem=true"], "compress.strem: unknown key; did you mean 'stream'"),
+    (["+eval.lm_eval.limt=20"], "eval.lm_eval.limt: unknown key"),
+    (["+data.calib_sample=8"], "data.calib_sample: unknown key"),
+    (["+model.revison=main"], "model.revison: unknown key"),
+    (["+tracker.projct=x"], "tracker.projct: unknown key"),
+    (["+rotate.sed=1"], "rotate.sed: unknown key"),
+    (["+quant.bitz=3"], "quant.bitz: unknown key for ciuic_lab.compress.quant.gptq.GPTQ"),
+    (["quant=none", "+quant.bitz=3"], "quant.bitz: unknown key"),  # a stage left out, too
+    (["recipe=none", "+recipe.stages=[quant]"], "recipe.stages: unknown key"),
+])
+def test_unknown_keys_are_rejected_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+force=true", "+objectives=[ppl/wikitext2]"],  # read by job.py and run.py
+    ["+rotate.experts_down=true"],  # a rotation parameter no YAML sets
+    ["recipe=none", "prune=wanda", "lowrank=alternating", "quant=gptq"],
+])
+def test_keys_the_code_reads_are_not_typos(overrides):
+    validate(compose(overrides))
+
+
+def test_a_misspelt_key_in_a_study_is_rejected(tmp_path):
+    study = tmp_path / "experiment" / "typo.yaml"
+    study.parent.mkdir()
+    study.write_text("# @package _global_\ncompress:\n  strem: true\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "+experiment=typo"])
+    with pytest.raises(ConfigError, match=re.escape("compress.strem: unknown key")):
+        validate(cfg)
