@@ -6,15 +6,12 @@ with a message naming its key.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig, OmegaConf
 
+from ciuic_lab import schema
 from ciuic_lab.compress.base import Method
 from ciuic_lab.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STAGES = ("prune", "lowrank", "quant")
+from ciuic_lab.schema import CONF_DIR, STAGES
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -30,9 +27,12 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 def build_methods(cfg: DictConfig) -> list[Method]:
-    """Instantiate the enabled stages in `cfg.stages` order, checking every value."""
+    """Instantiate the enabled stages in `cfg.stages` order, checking every value (and first,
+    that the config holds no key the schema does not know and names no callable the lab does
+    not register)."""
     from hydra.utils import instantiate
 
+    schema.check(cfg)
     order = list(cfg.stages)
     for s in order:
         if s not in STAGES:
@@ -52,13 +52,7 @@ def build_methods(cfg: DictConfig) -> list[Method]:
                 cause = cause.__cause__
             if isinstance(cause, ConfigError):
                 raise cause from None
-            if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
-                key = str(cause).split("'")[-2] if "'" in str(cause) else "?"
-                raise ConfigError(f"{s}.{key}: unknown key for {group._target_} (if the recipe "
-                                  "set it, add recipe=none)") from None
             raise
-        if m.stage != s:
-            raise ConfigError(f"{s}: {group._target_} is a {m.stage} method, not a {s} method")
         methods.append(m)
     for m in methods:
         if m.alone and len(methods) > 1:

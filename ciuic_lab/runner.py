@@ -76,6 +76,12 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     stream = bool(cfg.compress.stream)
     offload = bool(cfg.compress.offload) and device.type != "cpu"
     notes: list[str] = []
+    # eval.stream=true on a model held in memory: walk it block by block all the same (as a model
+    # too large for the device would be), rather than ignore the setting.
+    walk_eval = evaluate and not stream and cfg.eval.stream is True
+    if walk_eval:
+        notes.append("eval.stream=true: the dense and compressed models were evaluated block by "
+                     "block from memory (Resident), not as whole models")
     m = cfg.model
     if m.get("gguf_file") and model is None:
         from omegaconf import OmegaConf
@@ -118,11 +124,11 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                              source, device)
             metrics.update(suite.run_streamed(dense, "dense", notes, "compress.stream=true"))
             del dense
-        elif offload:
+        elif offload or walk_eval:
             from ciuic_lab.compress.blocks import Resident
 
-            metrics.update(suite.run_streamed(Resident(model, device), "dense", notes,
-                                              "compress.offload=true"))
+            why = "eval.stream=true" if walk_eval else "compress.offload=true"
+            metrics.update(suite.run_streamed(Resident(model, device), "dense", notes, why))
         else:
             metrics.update(suite.run(model, "dense"))
 
@@ -187,7 +193,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                                                   "compressed", notes, why))
         weight_bytes = size
     else:
-        model.to(device)  # packed: fits where the dense model may not
+        if not walk_eval:  # its blocks visit the device one at a time
+            model.to(device)  # packed: fits where the dense model may not
         if cfg.save and out_dir is not None:
             from ciuic_lab.compress.checkpoint import save
 
@@ -196,7 +203,12 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         weight_bytes = stored_bytes(model)
 
     generations: list[dict] = []
-    if suite is not None and model is not None:
+    if suite is not None and walk_eval:
+        from ciuic_lab.compress.blocks import Resident
+
+        metrics.update(suite.run_streamed(Resident(model, device), "compressed", notes,
+                                          "eval.stream=true"))
+    elif suite is not None and model is not None:
         metrics.update(suite.run(model, "compressed"))
         generations = suite.generations()
         for row in report.layers:  # what each layer computes with once prepared

@@ -32,9 +32,24 @@ def _seed():
 _UNEXPECTED_SKIPS: list[str] = []
 
 
+def _no_skips() -> bool:
+    return os.environ.get("CIUIC_LAB_NO_SKIPS") == "1"
+
+
+def _reason(report) -> str:
+    return report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
 def pytest_runtest_logreport(report):
-    if report.skipped and os.environ.get("CIUIC_LAB_NO_SKIPS") == "1" and "gpu" not in report.keywords:
-        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}")
+    if report.skipped and _no_skips() and "gpu" not in report.keywords:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {_reason(report)}")
+
+
+def pytest_collectreport(report):
+    # A module-level importorskip skips the whole file while it is collected, where no test
+    # report sees it: a broken optional install would drop all its tests silently.
+    if report.skipped and _no_skips():
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {_reason(report)}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -118,3 +118,57 @@ def test_bad_calibration_text_is_rejected_before_loading(tmp_path, content, why)
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=r"data.calib_source: .*" + why):
         validate(compose([f"data.calib_source={path}"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["quant=none", "+quant._target_=pathlib.Path.unlink", "+quant._args_=['{f}']"],
+     "quant._target_"),
+    (["quant._target_=os.remove", "+quant._args_=['{f}']"], "quant._target_"),
+    (["quant._target_=ciuic_lab.compress.prune.magnitude.Magnitude"], "quant"),
+    (["+prune.layers={{_target_: pathlib.Path.unlink, _args_: ['{f}']}}"], "prune.layers._target_"),
+    (["+eval.hook={{_target_: pathlib.Path.unlink, _args_: ['{f}']}}"], "eval.hook._target_"),
+    (["rotate._target_=pathlib.Path.unlink", "+rotate._args_=['{f}']", "rotate.residual=hadamard"],
+     "rotate._target_"),
+])
+def test_a_config_cannot_call_what_the_lab_does_not_register(tmp_path, overrides, key):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("still here")
+    cfg = compose([o.format(f=victim) for o in overrides])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(cfg)
+    assert victim.read_text() == "still here"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+bogus=1"], "bogus: unknown key"),
+    (["+compress.strem=true"], "compress.strem: unknown key; did you mean 'stream'"),
+    (["+eval.lm_eval.limt=20"], "eval.lm_eval.limt: unknown key"),
+    (["+data.calib_sample=8"], "data.calib_sample: unknown key"),
+    (["+model.revison=main"], "model.revison: unknown key"),
+    (["+tracker.projct=x"], "tracker.projct: unknown key"),
+    (["+rotate.sed=1"], "rotate.sed: unknown key"),
+    (["+quant.bitz=3"], "quant.bitz: unknown key for ciuic_lab.compress.quant.gptq.GPTQ"),
+    (["quant=none", "+quant.bitz=3"], "quant.bitz: unknown key"),  # a stage left out, too
+    (["recipe=none", "+recipe.stages=[quant]"], "recipe.stages: unknown key"),
+])
+def test_unknown_keys_are_rejected_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+force=true", "+objectives=[ppl/wikitext2]"],  # read by job.py and run.py
+    ["+rotate.experts_down=true"],  # a rotation parameter no YAML sets
+    ["recipe=none", "prune=wanda", "lowrank=alternating", "quant=gptq"],
+])
+def test_keys_the_code_reads_are_not_typos(overrides):
+    validate(compose(overrides))
+
+
+def test_a_misspelt_key_in_a_study_is_rejected(tmp_path):
+    study = tmp_path / "experiment" / "typo.yaml"
+    study.parent.mkdir()
+    study.write_text("# @package _global_\ncompress:\n  strem: true\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "+experiment=typo"])
+    with pytest.raises(ConfigError, match=re.escape("compress.strem: unknown key")):
+        validate(cfg)

@@ -179,3 +179,21 @@ def test_tokens_per_second_positive_and_counts_tokens(llama, monkeypatch):
     tps = tokens_per_second(llama, windows, batch_size=2, max_windows=6)
     assert tps > 0
     assert calls == [1, 2, 2, 2]  # warm-up one window, then 6 windows in batches of 2
+
+
+@pytest.mark.parametrize("module", ["torch", "transformers"])
+def test_the_dense_cache_key_holds_torch_and_transformers_versions(monkeypatch, module):
+    """An upgrade of either can change the dense numbers, so it must not read the old entry."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from ciuic_lab import cache
+    from ciuic_lab.eval.suite import Suite
+
+    suite = Suite.__new__(Suite)  # the key needs only the config, not the test windows
+    suite.cfg = OmegaConf.create({"model": {"name_or_path": "tiny-random-llama", "revision": None},
+                                  "seed": 0})
+    before = cache.key(suite._key_of(torch.float32, "cpu", 4, "windows"))
+    monkeypatch.setattr(importlib.import_module(module), "__version__", "99.0.0")
+    assert cache.key(suite._key_of(torch.float32, "cpu", 4, "windows")) != before

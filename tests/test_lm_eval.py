@@ -214,6 +214,16 @@ def test_user_task_from_include_path(model, tok, tmp_path):
     assert out["acc/mean"] == pytest.approx((0.4 + 0.75) / 2)
 
 
+def test_task_loading_prints_no_datasets_bars(model, tok, tmp_path, capfd):
+    """datasets' "Generating ... split" / "Map" bars of each task are the harness's plumbing,
+    not the run's progress: with progress on they stay off the terminal all the same."""
+    _toy_task(tmp_path / "mine", "quiet_toy", [0, 1])  # a new file: its split is generated now
+    bridge.evaluate_tasks(model, tok, ["quiet_toy"], include_path=str(tmp_path), batch_size=2,
+                          progress=True)
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "Map" not in err, err[-2000:]
+
+
 class _DenseAgain(torch.nn.Module):
     """Stand-in for CompressedLinear: owns its storage, computes the same product."""
 

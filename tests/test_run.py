@@ -127,6 +127,22 @@ def test_out_of_memory_is_recorded_with_what_to_change(tmp_path, monkeypatch):
     assert "mem/weight_bytes_dense" in res["metrics"]  # what was measured before is kept
 
 
+def test_eval_stream_true_walks_a_model_held_in_memory():
+    """eval.stream=true without compress.stream evaluates both models block by block (what a
+    model larger than the device gets), to the resident numbers, and says so."""
+    from ciuic_lab.config import compose
+    from ciuic_lab.runner import run
+
+    quick = [*QUICK, "recipe=none", "prune=none", "lowrank=none", "tracker=none",
+             "eval.generate.enabled=false", "eval.speed=false"]
+    walked = run(compose([*quick, "eval.stream=true"]))
+    resident = run(compose(quick))
+    assert any(n.startswith("eval.stream=true") for n in walked.notes)
+    assert "eval/path/quality" not in walked.metrics  # set by the resident evaluation only
+    for key in ("ppl/wikitext2", "ppl/wikitext2_dense"):
+        assert walked.metrics[key] == pytest.approx(resident.metrics[key], rel=1e-4), key
+
+
 def test_python_api_honours_device_and_expert_fallback():
     import ciuic_lab
 

@@ -162,17 +162,36 @@ def _no_retie(model):
 
 @contextlib.contextmanager
 def _quiet(enabled: bool):
-    import datasets
-
     log = logging.getLogger("lm_eval")
-    level, bars = log.level, datasets.is_progress_bar_enabled()
+    level = log.level
     if enabled:
         log.setLevel(logging.ERROR)
-        datasets.disable_progress_bars()
     try:
         yield
     finally:
         log.setLevel(level)
+
+
+class _ToHarnessLog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("lm_eval").handle(record)
+
+
+@contextlib.contextmanager
+def _datasets_into_harness_log():
+    """Loading each task's data prints datasets' "Generating ... split" and "Map" bars and log
+    lines: the harness's plumbing, not the run's progress. The bars are off, whatever
+    `progress` says, and the lines go where lm-eval's own go (the run's lm_eval.log in a job)."""
+    import datasets
+
+    log = logging.getLogger("datasets")
+    saved = log.handlers[:], log.propagate, datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    log.handlers, log.propagate = [_ToHarnessLog()], False
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate, bars = saved
         if bars:
             datasets.enable_progress_bars()
 
@@ -209,7 +228,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 8,
     if not progress:
         _silence_bars(lm)
     try:
-        with _quiet(not progress), torch.no_grad():
+        with _quiet(not progress), _datasets_into_harness_log(), torch.no_grad():
             out = simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit,
                 task_manager=manager, log_samples=False,

@@ -8,7 +8,8 @@ What it measures (each switchable in `eval`): WikiText-2 perplexity with the pea
 time of that evaluation, prefill tokens/s, lm-eval task accuracy, greedy generations. The dense
 model's perplexity and accuracies are the same for every point of a sweep, so they are cached
 (`ciuic_lab.cache`) under keys that hold everything that changes them: the weights' fingerprint,
-dtype, device, batch size, windows, tasks and their files, and the code version.
+dtype, device, batch size, windows, tasks and their files, the torch and transformers
+versions, and the code version.
 """
 
 from __future__ import annotations
@@ -56,11 +57,16 @@ class Suite:
         return self._key_of(next(model.parameters()).dtype, model_device(model), *extra)
 
     def _key_of(self, dtype, device, *extra) -> list:
+        import transformers
+
         from ciuic_lab.models.loader import fingerprint
 
         m = self.cfg.model
+        # A torch or transformers upgrade can change kernels, attention or loading, and with them
+        # the dense numbers: a cached value is only reused under the versions that computed it.
         return [*fingerprint(m.name_or_path, m.revision), str(self.cfg.seed), str(dtype),
-                torch.device(device).type, *extra]
+                torch.device(device).type, f"torch {torch.__version__}",
+                f"transformers {transformers.__version__}", *extra]
 
     def run(self, model, which: str) -> dict:
         """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one.
