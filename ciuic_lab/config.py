@@ -61,6 +61,25 @@ def build_methods(cfg: DictConfig) -> list[Method]:
     return methods
 
 
+def build_tune(cfg: DictConfig):
+    """The tuning pass of `tune=<option>`, checked, or None (`tune=none`). Its `_target_` was
+    checked against conf/tune's own (schema.check, in build_methods) before this runs."""
+    from hydra.utils import instantiate
+
+    group = cfg.get("tune")
+    if group is None or "_target_" not in group:
+        return None
+    try:
+        return instantiate(group, _convert_="all")
+    except Exception as e:  # Hydra wraps the dataclass' own error; surface the key
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
 def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     """All cheap checks of a run config; returns the methods. Raises ConfigError / ModelNotFound.
 
@@ -71,6 +90,9 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     from ciuic_lab.models.loader import load_config, resolve
 
     methods = build_methods(cfg)
+    tune = build_tune(cfg)
+    if tune is not None and not methods:
+        raise ConfigError("tune: there is nothing to tune when every stage is none")
     gguf = cfg.model.get("gguf_file")
     if model_config is None:
         resolve(cfg.model.name_or_path, gguf)

@@ -27,7 +27,7 @@ from ciuic_lab.compress.pipeline import (
     dense_report,
     profile,
 )
-from ciuic_lab.config import rotations_on, to_container, validate
+from ciuic_lab.config import build_tune, rotations_on, to_container, validate
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import PeakMemory, stored_bytes
 
@@ -155,7 +155,7 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         knobs = {"batch_size": int(cfg.compress.batch_size), "progress": bool(cfg.progress),
                  "min_expert_tokens": int(cfg.compress.min_expert_tokens),
                  "expert_chunk": int(cfg.compress.expert_chunk),
-                 "activations": str(cfg.compress.activations)}
+                 "activations": str(cfg.compress.activations), "tune": build_tune(cfg)}
         t0 = time.perf_counter()
         with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
             if stream:
@@ -168,6 +168,9 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                 report = compress_model(model, calib, methods, device=device, **knobs)
         metrics["time/compress_s"] = time.perf_counter() - t0
         metrics["time/profile_s"] = report.profile_seconds
+        if knobs["tune"] is not None:
+            metrics["time/tune_s"] = report.tune_seconds
+            _tune_metrics(report, metrics)
         metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
         metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes
         metrics["calib/tokens"] = int(calib.numel())
@@ -217,6 +220,16 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     for note in notes:
         log.warning(note)
     return Outcome(model, tokenizer, report, metrics, generations, notes)
+
+
+def _tune_metrics(report: CompressionReport, metrics: dict) -> None:
+    """How much tuning lowered its own loss over the tuned blocks and routed experts: the mean
+    ratio after/before (< 1: it helped), and how many kept their tuned form."""
+    if report.tuned:
+        ratios = [u["loss_after"] / max(u["loss_before"], 1e-30) for u in report.tuned]
+        metrics["tune/loss_ratio"] = sum(ratios) / len(ratios)
+        metrics["tune/units_kept"] = sum(bool(u["kept"]) for u in report.tuned)
+        metrics["tune/units"] = len(report.tuned)
 
 
 def _stream_dir(out_dir) -> Path:

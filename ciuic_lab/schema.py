@@ -29,7 +29,7 @@ from ciuic_lab.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("prune", "lowrank", "quant")
-GROUPS = ("model", "data", "eval", "tracker", "rotate", *STAGES)  # each lands under its own name
+GROUPS = ("model", "data", "eval", "tracker", "rotate", "tune", *STAGES)  # each lands under its own name
 # Hydra's own node (launcher, sweeper, callbacks) is instantiated by Hydra before a job starts;
 # the job cannot guard it, and the lab's code never instantiates it.
 HYDRA = "hydra"
@@ -75,14 +75,14 @@ def check_targets(node: dict, path: str = "") -> None:
 def _check_target(owner: str, target) -> None:
     if owner in STAGES:
         method_class(owner, target)
-    elif owner == "rotate":
-        if target not in lab_targets("rotate"):
-            raise ConfigError(f"rotate._target_: {target!r} is not one of the lab's rotations "
-                              f"({', '.join(sorted(lab_targets('rotate')))})")
+    elif owner in ("rotate", "tune"):
+        if target not in lab_targets(owner):
+            raise ConfigError(f"{owner}._target_: {target!r} is not one of the lab's own "
+                              f"({', '.join(sorted(lab_targets(owner)))})")
     else:
         where = f"{owner}._target_" if owner else "_target_"
-        raise ConfigError(f"{where}: only a stage ({', '.join(STAGES)}) or rotate may name a "
-                          f"callable; refusing {target!r}")
+        raise ConfigError(f"{where}: only a stage ({', '.join(STAGES)}), rotate or tune may "
+                          f"name a callable; refusing {target!r}")
 
 
 def method_class(stage: str, target) -> type:

@@ -58,6 +58,8 @@ class CompressionReport:
     allocations: dict[str, dict] = field(default_factory=dict)  # stage -> {layer: budget}
     seconds: float = 0.0
     profile_seconds: float = 0.0
+    tune_seconds: float = 0.0  # part of `seconds`
+    tuned: list[dict] = field(default_factory=list)  # per tuned block / routed expert: losses
 
     def totals(self) -> dict:
         params = sum(r["params"] for r in self.layers)
@@ -397,9 +399,11 @@ class _Compressor:
     """One layer through the stages, packed, with its row of the per-layer table."""
 
     def __init__(self, methods: list[Method], allocations: dict, store_dtype: torch.dtype,
-                 device: torch.device, report: CompressionReport):
+                 device: torch.device, report: CompressionReport, keep_states: bool = False):
         self.methods, self.allocations = methods, allocations
         self.store_dtype, self.device, self.report = store_dtype, device, report
+        # tuning needs each layer's unpacked parts until its block is tuned: one block's worth
+        self.keep_states, self.states = keep_states, {}
 
     def __call__(self, full: str, kind: str, weight: torch.Tensor, bias, stats: LayerStats,
                  fallback: bool, own_tokens: int) -> nn.Module:
@@ -409,6 +413,8 @@ class _Compressor:
             if budget is not None:  # None: `<stage>.layers` leaves this layer out
                 method.apply(state, stats, budget)
         layer = _make_layer(self.methods, state, self.store_dtype).to(self.device)
+        if self.keep_states and isinstance(layer, CompressedLinear):
+            self.states[full] = state
         self.report.layers.append({
             "name": full, "kind": kind, "out": weight.shape[0], "in": weight.shape[1],
             "params": layer.params, "bytes": layer.nbytes(),
@@ -425,14 +431,20 @@ class _Compressor:
 def compress_walk(provider, windows: torch.Tensor, methods: list[Method], allocations: dict,
                   report: CompressionReport, batch_size: int = 1, min_expert_tokens: int = 16,
                   expert_chunk: int = 8, progress: bool = True, activations: str = "auto",
-                  sink: Callable[[int, nn.Module], None] | None = None) -> None:
+                  sink: Callable[[int, nn.Module], None] | None = None, tune=None) -> None:
     """Compress every block of `provider` in order; `sink(i, block)` takes each finished block
-    (default: the provider keeps it)."""
+    (default: the provider keeps it). `tune` (a `tune.block.BlockTune`): after each block's
+    stages, tune its packed layers against the dense block's output (which needs the dense
+    path's activations beside the compressed path's)."""
     ad = provider.adapter
     want_hessian = any("hessian" in m.needs for m in methods)
     compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
-                               provider.device, report)
+                               provider.device, report, keep_states=tune is not None)
     inputs = capture(provider, windows, batch_size, activations)
+    dense_path = None
+    if tune is not None:  # a second copy of the activations: the dense model's own
+        dense_path = Activations(provider.device, activations).fill(
+            [inputs.hidden[k] for k in range(len(inputs))])
     bar = tqdm(range(len(provider)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         t0, first_row = time.perf_counter(), len(report.layers)
@@ -440,6 +452,10 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
         prefix = ad.block_name(i)
         layers = ad.layers(block)
         order = {f"{prefix}.{x.name}": k for k, x in enumerate(layers)}  # the report's row order
+        targets = None
+        if tune is not None:  # what the dense block outputs on the dense path
+            targets = Activations(provider.device, activations).fill(dense_forward(
+                block, i, provider, BlockInputs(dense_path, inputs.kwargs), expert_chunk))
         dense = [x for x in layers if x.expert is None]
         stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
         with collect_stats(dense, stats), recording(block, ad) as rec:
@@ -449,11 +465,29 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             st = stats.pop(x.name)
             packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
                                               False, st.tokens))
+        tuned = {}
         for owner, mod in experts_modules(ad, block):
             packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
                                             compress_one, prefix, want_hessian,
-                                            min_expert_tokens, expert_chunk))
+                                            min_expert_tokens, expert_chunk, tune, tuned))
         ad.install(block, packed)
+        if tune is not None:
+            states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
+                      if f"{prefix}.{name}" in compress_one.states}
+            own = {n: p for n, p in packed.items() if p[0].expert is None}
+            info = tune.tune_block(block, own, states, inputs, targets, set_submodule,
+                                   compress_one.store_dtype)
+            packed.update(own)  # the tuned layers, where tuning was kept
+            report.tune_seconds += info["seconds"]
+            if "loss_before" in info:
+                report.tuned.append({"unit": prefix, **info})
+            for name in states:
+                if packed[name][0].expert is None:
+                    tuned[f"{prefix}.{name}"] = info
+            _tuned_rows(report.layers[first_row:], tuned, packed, prefix)
+            dense_path.replace([targets[k] for k in range(len(targets))])
+            compress_one.states.clear()
+            del targets, states
         del stats, rec, packed
         # Feed the next block with what the compressed block really outputs.
         inputs.hidden.replace(run_block(block, inputs))
@@ -466,11 +500,13 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
 
 def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[MoECall],
                       compress_one: _Compressor, prefix: str, hessian: bool,
-                      min_expert_tokens: int, chunk: int) -> dict:
+                      min_expert_tokens: int, chunk: int, tune=None,
+                      tuned: dict | None = None) -> dict:
     """Each routed expert of one MoE layer, calibrated on the tokens its router sent it: gate/up
     on those tokens, down on act(gate)·up of its own compressed gate/up. An expert with fewer
     than `min_expert_tokens` falls back to every token that entered the layer. Two Hessians
-    alive at a time; a chunk of experts' dense weights in memory."""
+    alive at a time; a chunk of experts' dense weights in memory. With `tune`, each expert is
+    then tuned on the same tokens against its dense output (`tuned` gets its losses)."""
     everyone = torch.cat([c.hidden for c in calls])
     packed = {}
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
@@ -483,9 +519,34 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
                                                          mod.act_fn)
             dn = compress_one(f"{prefix}.{names[1]}", "expert", down[j], None,
                               _stats_of(inter, hessian), fallback, own)
+            if tune is not None and f"{prefix}.{names[0]}" in compress_one.states:
+                full = [f"{prefix}.{n}" for n in names]
+                target = F.linear(provider.adapter.expert_intermediate(x, gate_up[j], mod.act_fn),
+                                  down[j].to(x.dtype))
+                gu, dn, info = tune.tune_expert(
+                    compress_one.states.pop(full[0]), compress_one.states.pop(full[1]), x,
+                    target, mod.act_fn, compress_one.store_dtype, (gu, dn))
+                compress_one.report.tune_seconds += info["seconds"]
+                if "loss_before" in info:
+                    compress_one.report.tuned.append({"unit": f"{prefix}.{owner}.{e}", **info})
+                tuned.update({n: info for n in full})
             packed[names[0]] = (Layer(names[0], "expert", mod, e, "gate_up_proj"), gu)
             packed[names[1]] = (Layer(names[1], "expert", mod, e, "down_proj"), dn)
     return packed
+
+
+def _tuned_rows(rows: list[dict], tuned: dict, packed: dict, prefix: str) -> None:
+    """Each tuned layer's row: the tuning loss before and after (its block's, or its routed
+    expert's), and its error and bytes as packed after tuning (unchanged bytes by design)."""
+    for row in rows:
+        info = tuned.get(row["name"])
+        if info is None or "loss_before" not in info:
+            continue
+        row["tune_loss_before"], row["tune_loss_after"] = info["loss_before"], info["loss_after"]
+        row["tune_kept"] = info["kept"]
+        mod = packed.get(row["name"][len(prefix) + 1:], (None, None))[1]
+        if mod is not None:
+            row["bytes"] = mod.nbytes()
 
 
 # ---------------------------------------------------------------- entry points
@@ -519,7 +580,7 @@ def plan(provider, windows: torch.Tensor, methods: list[Method], batch_size: int
 def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method],
                    batch_size: int = 1, progress: bool = True, min_expert_tokens: int = 16,
                    device: str | torch.device | None = None, expert_chunk: int = 8,
-                   activations: str = "auto") -> CompressionReport:
+                   activations: str = "auto", tune=None) -> CompressionReport:
     """Compress an in-memory `model` in place with `methods` (in order), calibrating on `windows`
     (n, seqlen). Layers become packed layers; fused routed experts become CompressedExperts.
 
@@ -536,7 +597,7 @@ def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
     compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                  min_expert_tokens, expert_chunk, progress, activations)
+                  min_expert_tokens, expert_chunk, progress, activations, tune=tune)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -547,7 +608,7 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
                       progress: bool = True, min_expert_tokens: int = 16, expert_chunk: int = 8,
                       activations: str = "auto", trust_remote_code: bool = False,
                       revision: str | None = None, source=None,
-                      transform=None) -> CompressionReport:
+                      transform=None, tune=None) -> CompressionReport:
     """Compress a checkpoint that never has to fit in memory: blocks are read from its shards
     (FP8 dequantised on `device`), compressed, written to `out_dir` as they finish, and dropped.
     `transform` edits the weights as they load (`rotate.StreamedRotation`; see `Streamed`).
@@ -574,7 +635,7 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
             provider.release(i, block)
 
         compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                      min_expert_tokens, expert_chunk, progress, activations, sink)
+                      min_expert_tokens, expert_chunk, progress, activations, sink, tune)
         writer.add_tensors(REST, outside_blocks(model))
         writer.finish()
     report.seconds = time.perf_counter() - t0

@@ -25,6 +25,11 @@ class QuantPart:
     bits: int
     group_size: int
     sym: bool
+    # What the codes rounded: round(origin / scale) + zero = codes before clamping. GPTQ's
+    # error feedback moves a column before rounding it, so its origin is not the weight; learned
+    # rounding (compress/tune) starts from it so that an untouched offset reproduces the codes.
+    # Working memory only, never packed (None: the codes rounded the base part itself).
+    origin: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return grid.dequantize(self.codes, self.scale, self.zero, self.group_size)

@@ -95,6 +95,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     # grid column of each processed column
     group_of = [0] * cols if group_size == -1 else (perm // group_size).tolist()
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    origin = torch.zeros(rows, cols, device=W.device)  # each column as the feedback left it
 
     i1 = 0
     while i1 < cols:
@@ -120,15 +121,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                 q = torch.where(keep[:, c] > 0, q, z)
             deq = (q - z) * s
             codes[:, c] = q.to(torch.int32)
+            origin[:, c] = col
             e = (col - deq) / d
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             err1[:, i] = e
         W[:, i2:] -= err1 @ u[i1:i2, i2:]
         i1 = i2
 
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    return QuantPart(out, scale, zero, bits, group_size, sym)
+    out, orig = torch.empty_like(codes), torch.empty_like(origin)
+    out[:, perm], orig[:, perm] = codes, origin
+    return QuantPart(out, scale, zero, bits, group_size, sym, orig)
 
 
 @dataclass

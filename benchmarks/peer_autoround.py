@@ -1,0 +1,140 @@
+"""The lab's `tune=block` beside AutoRound (arXiv 2309.05516, the `auto-round` package), side by
+side on one model, the same calibration windows and the same perplexity windows.
+
+    pip install auto-round==0.16.1     # the peer (not a dependency of the lab)
+    OMP_NUM_THREADS=2 nice python benchmarks/peer_autoround.py --model smollm2-135m --bits 4 3
+
+Per width (symmetric grid, groups of --group, so every row stores the same bits/param):
+    gptq                   the lab's one-shot GPTQ (tune=none)
+    gptq + tune=block      the lab's learned rounding on top (`--iters` steps, lr `--lr`)
+    autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
+                           lab's calibration windows as its dataset
+Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
+of `--seqlen`). AutoRound writes each block's quantise-dequantised weights into the model's own
+Linear layers as it goes; the row checks that every group of a quantised row really holds at
+most 2^bits values before scoring it, so an unquantised model cannot pass for a quantised one.
+
+SmolLM2's linear weights come from a Q4_1 GGUF (4-bit codes in groups of 32 with a minimum):
+an asymmetric 4-bit grid of group 32 holds them exactly, so compare at groups 64/128 and at 3
+bits; the 4-bit rows at g128 are still optimistic.
+
+Writes benchmarks/results/peer_autoround_<model>.md (the table) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ciuic_lab.api import compress
+from ciuic_lab.config import compose
+from ciuic_lab.data.calibration import calibration_windows
+from ciuic_lab.data.wikitext import test_windows
+from ciuic_lab.eval.perplexity import perplexity
+from ciuic_lab.models.loader import load
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def lab_row(model_name: str, bits: int, group: int, tune: bool, iters: int, lr: float,
+            calib: tuple[int, int]):
+    model, tok = load(model_name, device="cpu")
+    overrides = ["recipe=none", "prune=none", "lowrank=none", "quant=gptq", f"quant.bits={bits}",
+                 f"quant.group_size={group}", "quant.sym=true", f"model.name_or_path={model_name}",
+                 f"data.calib_samples={calib[0]}", f"data.calib_seqlen={calib[1]}"]
+    if tune:
+        overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}"]
+    t0 = time.perf_counter()
+    model, report = compress(model, tok, compose(overrides), progress=False)
+    return model, tok, report.totals()["bits_per_param"], time.perf_counter() - t0
+
+
+def autoround_row(model_name: str, bits: int, group: int, iters: int, lr: float,
+                  windows: torch.Tensor):
+    from auto_round import AutoRound
+
+    model, tok = load(model_name, device="cpu")
+    t0 = time.perf_counter()
+    ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, iters=iters, lr=lr,
+                   nsamples=windows.shape[0], seqlen=windows.shape[1], batch_size=8,
+                   dataset=[w[None] for w in windows], device_map="cpu",
+                   enable_torch_compile=False)
+    ar.quantize()
+    seconds = time.perf_counter() - t0
+    _check_quantised(model, bits, group)
+    # the same bits as the lab's symmetric rows: k-bit codes + one fp16 scale per group
+    return model, tok, bits + 16 / group, seconds
+
+
+def _check_quantised(model: torch.nn.Module, bits: int, group: int) -> None:
+    """Every block Linear's groups hold <= 2^bits distinct values (else the weights were not
+    written back, and the row would score the dense model)."""
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            w = mod.weight.detach().float()
+            g = w[:8, :group * (w.shape[1] // group)].reshape(8, -1, group)
+            distinct = max(len(torch.unique(g[r, k])) for r in range(8) for k in range(g.shape[1]))
+            if distinct > 2 ** bits:
+                raise RuntimeError(f"{name}: a group holds {distinct} values, more than a "
+                                   f"{bits}-bit grid: AutoRound did not write its weights back")
+            checked += 1
+    if not checked:
+        raise RuntimeError("no quantised Linear found in the model's blocks")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib", type=int, nargs=2, default=[32, 256], help="windows, seqlen")
+    ap.add_argument("--rows", nargs="+", default=["gptq", "gptq+tune", "autoround"])
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load(a.model, device="cpu")
+    windows = test_windows(tok, a.seqlen)[: a.windows]
+    cfg = compose([f"model.name_or_path={a.model}"])
+    calib = calibration_windows(tok, a.calib[0], a.calib[1], int(cfg.data.calib_seed),
+                                source=str(cfg.data.calib_source))
+    dense = perplexity(model, windows, batch_size=1, progress=False)
+    del model
+    head = (f"{a.model}: WikiText-2, {windows.shape[0]} windows x {a.seqlen}, dense ppl "
+            f"{dense:.2f}; calibration: the lab's {a.calib[0]} windows x {a.calib[1]} "
+            f"({cfg.data.calib_source}, seed {cfg.data.calib_seed}); symmetric grids, g{a.group}; "
+            f"{a.iters} steps, lr {a.lr}; fp32 on CPU")
+    lines = [head, "", "| method | bits | bits/param | ppl | Δppl vs dense | time s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    print(head, flush=True)
+    for bits in a.bits:
+        for name in a.rows:
+            if name == "autoround":
+                m, _, bpp, secs = autoround_row(a.model, bits, a.group, a.iters, a.lr, calib)
+            else:
+                m, _, bpp, secs = lab_row(a.model, bits, a.group, name == "gptq+tune", a.iters,
+                                          a.lr, tuple(a.calib))
+            ppl = perplexity(m, windows, batch_size=1, progress=False)
+            label = {"gptq": "lab gptq", "gptq+tune": "lab gptq + tune=block",
+                     "autoround": "AutoRound 0.16.1"}[name]
+            line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
+                    f" | {secs:.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+            del m
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"peer_autoround_{a.model}.md"
+    out.write_text("\n".join([f"Written by `python benchmarks/peer_autoround.py --model {a.model}"
+                              f" --bits {' '.join(map(str, a.bits))} --group {a.group} --iters "
+                              f"{a.iters} --lr {a.lr}`.", "", *lines, ""]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

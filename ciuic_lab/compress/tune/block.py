@@ -1,0 +1,198 @@
+"""`tune=block`: learned rounding, clipping and factors, block by block (SignRound, arXiv
+2309.05516; OmniQuant's learnable clipping, arXiv 2308.13137), inside the block walk.
+
+After a block's stages have chosen every layer's mask, width, group size and rank and packed it,
+the block is tuned so that the compressed block reproduces the dense one:
+
+    student input   the compressed path's hidden states entering the block (what the compressed
+                    model will really feed it: earlier blocks' errors included)
+    target          the dense block's output on the dense path's hidden states (the original
+                    model's activations), so each block may also undo some of its predecessors'
+                    error, as AutoRound does with its quantised inputs
+    loss            mean squared error over the calibration windows, `batch_size` windows a step
+    updates         V and α: signed gradient descent, step lr·(1 − t/iters) (SignRound);
+                    16-bit kept values and low-rank factors: Adam, step factor_lr × the tensor's
+                    RMS (scale-free), same linear decay
+
+Routed experts are tuned one at a time on the tokens their router sends them (the compressed
+path's), against the dense expert's output on those tokens; the block-level tuning then sees
+them frozen. At the end the tuned parts are packed in the stages' formats, and the block keeps
+them only if they lower the block's loss on all tuned windows (measured with the packed layers,
+fp16 scales included): tuning never increases the error it minimises.
+
+Memory on top of the walk's: the dense path's activations and the targets (each as large as the
+calibration activations, stored by the same `Activations` rule), and per tuned layer four float32
+(out, in) tensors (`rounding.TunableLinear`), one block (or one routed expert) at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.state import LayerState
+from ciuic_lab.compress.tune.rounding import TunableLinear
+from ciuic_lab.errors import check as _check
+
+
+@dataclass
+class BlockTune:
+    """Config of `tune=block` (see the module docstring); validated on construction."""
+
+    stage: ClassVar[str] = "tune"
+    iters: int = 200  # optimisation steps per block (and per routed expert)
+    lr: float | None = None  # signed step of V and α; null: 1/iters (SignRound's default)
+    factor_lr: float = 1e-3  # Adam step of 16-bit values and factors, relative to their RMS
+    batch_size: int = 8  # calibration windows per step
+    samples: int | None = None  # calibration windows tuned on (null: all of them)
+    expert_tokens: int = 1024  # routed-expert tokens per step
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("iters", "batch_size", "expert_tokens"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                   f"tune.{key}", f"must be a positive integer, got {value!r}")
+        _check(self.lr is None or (isinstance(self.lr, (int, float)) and 0 < self.lr < 1),
+               "tune.lr", f"must be in (0, 1) or null, got {self.lr!r}")
+        _check(isinstance(self.factor_lr, (int, float)) and 0 <= self.factor_lr < 1,
+               "tune.factor_lr", f"must be in [0, 1), got {self.factor_lr!r}")
+        _check(self.samples is None or (isinstance(self.samples, int) and self.samples > 0),
+               "tune.samples", f"must be a positive integer or null, got {self.samples!r}")
+
+    # ---- the optimisation, for any set of tunable layers -----------------------------------
+    def fit(self, layers: list[TunableLinear], loss_of: Callable[[int], torch.Tensor],
+            units: int, per_step: int) -> None:
+        """`iters` steps on the mean of `loss_of(k)` over `per_step` units drawn from
+        range(units) (a unit: one stored batch of windows, or one chunk of expert tokens)."""
+        signed = [p for t in layers for p in (*t.rounding, *t.clip)]
+        adam_groups = [{"params": [p], "lr": self.factor_lr * float(p.detach().pow(2).mean()
+                                                                    .sqrt().clamp(min=1e-8))}
+                       for t in layers for p in t.continuous]
+        adam = torch.optim.Adam(adam_groups) if adam_groups and self.factor_lr > 0 else None
+        base_lrs = [g["lr"] for g in adam.param_groups] if adam else []
+        lr = self.lr if self.lr is not None else 1.0 / self.iters
+        gen = torch.Generator().manual_seed(self.seed)
+        per_step = min(per_step, units)
+        for it in range(self.iters):
+            decay = 1.0 - it / self.iters
+            for t in layers:
+                t.zero_grad(set_to_none=True)
+            pick = torch.randperm(units, generator=gen)[:per_step].tolist()
+            with torch.enable_grad():
+                for k in pick:
+                    (loss_of(k) / len(pick)).backward()
+            with torch.no_grad():
+                for p in signed:
+                    if p.grad is not None:
+                        p.sub_(lr * decay * p.grad.sign())
+            if adam is not None:
+                for g, base in zip(adam.param_groups, base_lrs):
+                    g["lr"] = base * decay
+                adam.step()
+            for t in layers:
+                t.clamp_()
+
+    # ---- a block ---------------------------------------------------------------------------
+    def tune_block(self, block: nn.Module, packed: dict[str, tuple[object, nn.Module]],
+                   states: dict[str, LayerState], inputs, targets, set_submodule,
+                   store_dtype: torch.dtype) -> dict:
+        """Tune the block's non-expert packed layers (`packed`: name in the block -> (Layer,
+        packed module), their LayerStates in `states`) so that block(inputs) ≈ targets; swap
+        the tuned packed layers in when they lower the loss. Returns {loss_before, loss_after,
+        kept, seconds}."""
+        t0 = time.perf_counter()
+        names = [n for n in packed if n in states and _tunable(states[n])]
+        units = len(inputs) if self.samples is None else min(len(inputs),
+                                                             _units(inputs, self.samples))
+        if not names:
+            return {"seconds": 0.0}
+
+        def loss_of(k: int) -> torch.Tensor:
+            x, kw = inputs.hidden[k], inputs.kwargs[k]
+            out = block(x, **kw)
+            y = out[0] if isinstance(out, tuple) else out
+            return F.mse_loss(y.float(), targets[k].float())
+
+        before = _mean_loss(loss_of, units)
+        tunables = {n: TunableLinear(states[n]) for n in names}
+        for n, t in tunables.items():
+            set_submodule(block, n, t)
+        try:
+            self.fit(list(tunables.values()), loss_of, units,
+                     max(1, math.ceil(self.batch_size / _windows_per_unit(inputs))))
+            new = {n: CompressedLinear.pack(t.tuned_state(), store_dtype).to(_device(packed[n][1]))
+                   for n, t in tunables.items()}
+        finally:
+            for n in names:
+                set_submodule(block, n, packed[n][1])
+        for n, mod in new.items():
+            set_submodule(block, n, mod)
+        after = _mean_loss(loss_of, units)
+        kept = after < before
+        if kept:
+            for n, mod in new.items():
+                packed[n] = (packed[n][0], mod)
+        else:  # the stages' own result was better on the windows tuned on: keep it
+            for n in names:
+                set_submodule(block, n, packed[n][1])
+        return {"loss_before": before, "loss_after": after if kept else before, "kept": kept,
+                "seconds": time.perf_counter() - t0}
+
+    # ---- a routed expert -------------------------------------------------------------------
+    def tune_expert(self, gate_up: LayerState, down: LayerState, x: torch.Tensor,
+                    target: torch.Tensor, act_fn, store_dtype: torch.dtype,
+                    packed: tuple[nn.Module, nn.Module]) -> tuple[nn.Module, nn.Module, dict]:
+        """One routed expert, y = down(act(gate) ⊙ up), on its tokens x (t, H) against the dense
+        expert's output `target`; returns the packed (gate_up, down) to keep and the losses."""
+        t0 = time.perf_counter()
+        chunks = list(range(0, x.shape[0], self.expert_tokens))
+
+        def run(gu, dn, k):
+            xs = x[chunks[k]:chunks[k] + self.expert_tokens]
+            g, u = gu(xs).chunk(2, dim=-1)
+            return F.mse_loss(dn(act_fn(g) * u).float(),
+                              target[chunks[k]:chunks[k] + self.expert_tokens].float())
+
+        before = _mean_loss(lambda k: run(*packed, k), len(chunks))
+        if not (_tunable(gate_up) or _tunable(down)):
+            return packed[0], packed[1], {"seconds": 0.0}
+        tg, td = TunableLinear(gate_up), TunableLinear(down)
+        self.fit([tg, td], lambda k: run(tg, td, k), len(chunks), 1)
+        device = _device(packed[0])
+        new = tuple(CompressedLinear.pack(t.tuned_state(), store_dtype).to(device)
+                    for t in (tg, td))
+        after = _mean_loss(lambda k: run(*new, k), len(chunks))
+        kept = after < before
+        out = new if kept else packed
+        return out[0], out[1], {"loss_before": before, "loss_after": after if kept else before,
+                                "kept": kept, "seconds": time.perf_counter() - t0}
+
+
+def _tunable(state: LayerState) -> bool:
+    return state.base is not None or state.u is not None
+
+
+def _windows_per_unit(inputs) -> int:
+    return max(1, int(inputs.hidden[0].shape[0]))
+
+
+def _units(inputs, windows: int) -> int:
+    return max(1, math.ceil(windows / _windows_per_unit(inputs)))
+
+
+def _device(mod: nn.Module) -> torch.device:
+    return next(mod.buffers()).device
+
+
+@torch.no_grad()
+def _mean_loss(loss_of: Callable[[int], torch.Tensor], units: int) -> float:
+    return sum(float(loss_of(k)) for k in range(units)) / units
