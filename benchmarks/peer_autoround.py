@@ -130,9 +130,9 @@ def main() -> None:
             del m
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peer_autoround_{a.model}.md"
-    out.write_text("\n".join([f"Written by `python benchmarks/peer_autoround.py --model {a.model}"
-                              f" --bits {' '.join(map(str, a.bits))} --group {a.group} --iters "
-                              f"{a.iters} --lr {a.lr}`.", "", *lines, ""]))
+    command = (f"python benchmarks/peer_autoround.py --model {a.model} --bits "
+               f"{' '.join(map(str, a.bits))} --group {a.group} --iters {a.iters} --lr {a.lr}")
+    out.write_text("\n".join([f"Written by `{command}`.", "", *lines, ""]))
     print(f"wrote {out}")
 
 
