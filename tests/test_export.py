@@ -478,3 +478,16 @@ def test_expert_factors_of_one_projection_and_several_ranks(deepseek, tmp_path):
     keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert keys["base_model.model.model.layers.1.mlp.experts.lora_A.weight"].shape == (8 * 3, 32)
     _check_round_trip(model.eval(), out, 256)
+
+
+@needs_peft
+def test_recipe_run_checkpoint_exports_the_same_through_the_cli(recipe_v3, tmp_path):
+    model, tok, _ = recipe_v3
+    checkpoint.save(model, tmp_path / "run" / "compressed", tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", export.ExportWarning)
+        assert export.main([str(tmp_path / "run"), str(tmp_path / "cli")]) == 0
+        export.export_model(model, tok, tmp_path / "live")
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "cli" / f)), load_file(str(tmp_path / "live" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
