@@ -681,7 +681,9 @@ def exported_size(model: nn.Module, out_dir: str | Path) -> dict:
     quantised part.
     """
     out_dir = Path(out_dir)
-    plan = _plan(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)  # export_model has given them
+        plan = _plan(model)
     prefixes = tuple(n + "." for n in (*plan.linears, *plan.experts))
     params = sum(m.params for m in model.modules() if isinstance(m, CompressedLinear))
     weights = sum(n for f in sorted(out_dir.glob("model*.safetensors"))
