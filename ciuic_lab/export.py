@@ -1,16 +1,32 @@
 """Export a compressed model as a Hugging Face directory in compressed-tensors' `pack-quantized`
 format, which `AutoModelForCausalLM.from_pretrained(dir)` loads through transformers'
-compressed-tensors integration, and which vLLM is meant to read (untested here: see "vLLM").
+compressed-tensors integration (and vLLM is meant to read: untested here, see "vLLM"), with the
+residual low-rank factors as a PEFT LoRA adapter: the whole `ciuic` recipe (prune -> quant ->
+residual low-rank) leaves the lab.
 
     python -m ciuic_lab.export RUN_DIR --format compressed-tensors OUT
     export_model(model, tokenizer, out_dir)      # from a live model holding CompressedLinear
     export_run(run_dir, out)                     # from a run's packed checkpoint (save=true)
+    exported_size(model, out_dir)                # bytes and bits/param of what was written
 
 What is written (OUT/, which must be new or empty):
     config.json             the model's config + `quantization_config` (quant_method
                             "compressed-tensors", format "pack-quantized", status "compressed")
     model*.safetensors      (+ model.safetensors.index.json when over `shard_bytes`)
     tokenizer files, generation_config.json
+    adapter/                only when some quantised layer has a low-rank part:
+        adapter_config.json         peft_type LORA, per-target rank_pattern and alpha_pattern
+                                    (alpha = r: scaling 1), base_model_name_or_path OUT
+        adapter_model.safetensors   lora_A = V (r, in), lora_B = U (out, r) in the export dtype
+                                    (8-bit factors dequantised), under PEFT's key names
+
+Loading it (tested, tests/test_export.py; PEFT 0.21.2):
+    base = AutoModelForCausalLM.from_pretrained(OUT)
+    base.hf_quantizer.compressor.decompress_model(base)
+    model = PeftModel.from_pretrained(base, OUT + "/adapter")
+The middle line is needed: compressed-tensors builds the dense `weight` only on the first forward,
+and PEFT reads `weight` when it wraps a layer (plain from_pretrained + PeftModel fails with
+"'Linear' object has no attribute 'weight'"); a forward pass before PeftModel works too.
 
 How one quantised layer maps (our W = (q − z)·s with q, z in [0, 2^k − 1]):
     weight_packed  int32 (out, ceil(in·k/32)): each row's codes as one little-endian bit stream
@@ -29,21 +45,36 @@ How one quantised layer maps (our W = (q − z)·s with q, z in [0, 2^k − 1]):
 Pruned entries of quantised layers are written as their group's zero code, so they dequantise to
 exactly 0. A group as wide as the row or wider (g ≥ in) is the per-channel grid exactly.
 
-Config groups: group_0 targets the class "Linear" with the routed experts' scheme (else the
-most common one); every other scheme names its layers exactly. Layers without a quantised part
-(pruned only, or left 16-bit) are written dense (`weight`) and listed in `ignore`, with the head,
-the routers and any other linear left uncompressed.
+Config groups: one per (bits, group size, symmetry) present. group_0 targets the class "Linear"
+with the routed experts' scheme (else the most common one); every other scheme names its layers
+exactly. Layers without a quantised part (pruned only, or left 16-bit) are written dense
+(`weight`, any low-rank part merged into it) and listed in `ignore`, with the head, the routers
+and any other linear left uncompressed.
+
+Routed experts (DeepSeek-V3; transformers 5 fuses them into `gate_up_proj` (E, 2I, H) and
+`down_proj` (E, H, I)): written per expert, on one grid, since transformers decodes every routed
+expert with one config group. Experts on several symmetric grids (the recipe's sensitivity policy
+gives each its own width) are written exactly on the widest width and finest group among them
+(`regrid`), with an ExportWarning: the export then stores more than the run counted. Their low-rank
+parts go through PEFT's `target_parameters` (LoRA on the fused nn.Parameter: one rank per
+parameter, lower expert ranks zero-padded, exact).
+
+The adapter's low-rank targets: each quantised linear as a module (`target_modules`), except, in a
+MoE model, the dense and shared-expert MLP projections (gate_proj, up_proj, down_proj): PEFT 0.21
+on transformers 5 rewrites such module targets into the routed experts' fused parameters (as for
+an adapter trained on transformers 4; huggingface/peft#3711), so they are targeted as their
+`weight` parameter, which computes the same. PEFT 0.21 then warns that their rank_pattern keys
+"did not match any targeted module"; its check ignores parameter targets, and it applies them.
 
 Refused (ExportError, naming the layer and the setting that exports):
-    a low-rank part (U·V has no place in pack-quantized)        -> lowrank=none
     a group size leaving a narrower tail group: compressed-tensors' decompressor raises unless
     in % g == 0 (and vLLM's kernels need it too)                 -> quant.group_size dividing in
-    routed experts on different grids, asymmetric, or dense (transformers decodes every routed
-    expert with one config group, from weight_packed only, without zero points)
-                                               -> quant.layers={mlp.experts:K}, quant.sym=true
+    routed experts asymmetric, or dense (transformers decodes routed experts from weight_packed
+    only, without zero points)             -> quant.sym=true, no mlp.experts:null in quant.layers
     layers of another packed format (bitsandbytes baselines), or nothing quantised at all
 
-What loads (tested, tests/test_export.py: transformers 5.24 + compressed-tensors 0.20.1, CPU):
+What loads (tested, tests/test_export.py: transformers 5.24-5.25 + compressed-tensors 0.20.1, PEFT
+0.21.2 for the adapter, CPU):
     - symmetric, 2..8 bits, groups or per channel, mixed widths/groups in one model, pruned +
       quantised, dense ignored layers, Llama / Qwen2 / DeepSeek-V2 / DeepSeek-V3, tied
       embeddings, sharded: plain from_pretrained(dir); logits equal the packed model's.
@@ -52,6 +83,8 @@ What loads (tested, tests/test_export.py: transformers 5.24 + compressed-tensors
       load: transformers' DeepSeek (qwen2_moe) conversion collects `experts.{e}.{gate,up,down}
       _proj.weight_packed/_scale/_shape`, dequantises each expert and merges them into the fused
       `gate_up_proj` (E, 2I, H; gate rows first) and `down_proj` (E, H, I).
+    - the default recipe (pruned + quantised + residual low-rank, 8-bit factors) on the bundled
+      DeepSeek-V3 and on Llama / Qwen2 shapes: the three lines above; logits within 1e-3 (fp32).
     - from_pretrained(dir, quantization_config=CompressedTensorsConfig(dequantize=True))
       decodes every non-expert layer with one config group (transformers' get_dense_scheme):
       with mixed widths it fails or gives wrong weights. Use the default path.
@@ -87,6 +120,7 @@ from torch import nn
 from ciuic_lab.compress import packing
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.state import QuantPart
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
 
@@ -139,17 +173,12 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def layer_scheme(name: str, lin: CompressedLinear) -> Scheme | None:
-    """The scheme `lin` exports under, None if it has no quantised part (exported dense).
+    """The scheme `lin`'s base part exports under, None if it has no quantised part (exported
+    dense, low-rank part merged). A low-rank part of a quantised layer goes to the adapter.
 
     Raises ExportError for what pack-quantized cannot express.
     """
-    meta = lin.meta
-    if meta["lowrank"] is not None:
-        raise ExportError(
-            f"{name} has a low-rank part (U·V, rank {meta['lowrank']['rank']}), which the "
-            f"compressed-tensors pack-quantized format cannot hold; export a run compressed "
-            f"without it (lowrank=none, or lowrank.layers={{<pattern>:null}} for this layer)")
-    base = meta["base"]
+    base = lin.meta["base"]
     if base is None or base["quant"] is None:
         return None
     q = base["quant"]
@@ -166,10 +195,35 @@ def layer_scheme(name: str, lin: CompressedLinear) -> Scheme | None:
     return Scheme(q["bits"], g, q["sym"])
 
 
+def _group_cols(scheme: Scheme, cols: int) -> int:
+    return cols if scheme.group_size == -1 else scheme.group_size
+
+
+def regrid(qp: QuantPart, own: Scheme, to: Scheme, cols: int) -> QuantPart:
+    """The same dequantised values on a wider and/or finer symmetric grid, exactly.
+
+    A symmetric k-bit code q means (q − 2^(k−1))·s, so q + 2^(K−1) − 2^(k−1) is the same value
+    on the K-bit grid with the same scale; a group of g columns is g/g' groups of g' columns
+    sharing its scale. Used to put every routed expert on the one grid transformers decodes them
+    with; it costs the wider codes and the repeated scales, and loses nothing.
+    """
+    g_own, g_to = _group_cols(own, cols), _group_cols(to, cols)
+    if not (own.sym and to.sym and to.bits >= own.bits and g_own % g_to == 0):
+        raise ExportError(f"cannot put {_describe(own)} exactly on {_describe(to)}")  # a bug
+    codes = qp.codes + (2 ** (to.bits - 1) - 2 ** (own.bits - 1))
+    scale = qp.scale.repeat_interleave(g_own // g_to, dim=1)
+    zero = torch.full_like(scale, float(2 ** (to.bits - 1)))
+    return QuantPart(codes, scale, zero, to.bits, to.group_size, True)
+
+
 def quantised_tensors(lin: CompressedLinear, scheme: Scheme, dtype: torch.dtype,
                       rows: slice | None = None) -> dict[str, torch.Tensor]:
-    """pack-quantized tensors (local names) of `lin`, optionally only the output rows `rows`."""
+    """pack-quantized tensors (local names) of `lin` on `scheme` (its own, or a wider / finer
+    symmetric one it fits exactly), optionally only the output rows `rows`."""
     qp = lin.dense_codes()  # pruned entries at the zero code: they dequantise to exactly 0
+    own = layer_scheme("", lin)
+    if own != scheme:
+        qp = regrid(qp, own, scheme, lin.in_features)
     codes, scale, zero = qp.codes, qp.scale, qp.zero
     if rows is not None:
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
@@ -197,6 +251,21 @@ def _dense_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+@dataclass(frozen=True)
+class _Lora:
+    """One target of the adapter: a quantised linear, or a fused routed-experts parameter."""
+
+    name: str  # the linear, or the experts module (transformers' fused one)
+    param: str | None  # None: a module target; else a parameter target: "weight" of a linear,
+    # "gate_up_proj" / "down_proj" of an experts module
+    rank: int  # for a fused parameter, its largest expert rank (the others are zero-padded)
+    prefix: str  # where PEFT keeps its lora_A / lora_B in the adapter's state dict
+
+    @property
+    def key(self) -> str:
+        return self.name if self.param is None else f"{self.name}.{self.param}"
+
+
 @dataclass
 class _Plan:
     """What the export writes, decided (and every refusal raised) before anything is written."""
@@ -207,6 +276,7 @@ class _Plan:
     dense_keys: list[str]  # the rest of the state dict, tied aliases left out
     config_groups: dict
     ignore: list[str]
+    lora: list[_Lora]
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
@@ -226,6 +296,8 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, *,
     plan = _plan(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_weights(_tensors(model, plan, dtype), out_dir, shard_bytes)
+    if plan.lora:
+        write_adapter(model, plan.lora, out_dir, dtype)
     qconfig = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -292,7 +364,7 @@ def _plan(model: nn.Module) -> _Plan:
     dense = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     tied = _tied_keys(model, dense)
     return _Plan(linears, experts, expert_scheme, [k for k in dense if k not in tied],
-                 config_groups, ignore)
+                 config_groups, ignore, _lora_targets(linears, experts))
 
 
 def _tensors(model: nn.Module, plan: _Plan, dtype: torch.dtype):
@@ -374,20 +446,25 @@ def _warn_asymmetric(config_groups: dict) -> None:
 
 
 def _experts_scheme(experts: dict[str, CompressedExperts]) -> Scheme | None:
-    """The one scheme of every routed expert (None if there are none).
+    """The one scheme every routed expert is written on (None if there are none).
 
-    They must share one scheme and be quantised symmetrically: transformers 5.24 decodes all
-    routed experts of a compressed-tensors checkpoint with one config group, only from
-    `weight_packed` (dense experts go missing) and without zero points (asymmetric experts fail
-    an assertion).
+    transformers 5.24 decodes all routed experts of a compressed-tensors checkpoint with one
+    config group, only from `weight_packed` (dense experts go missing) and without zero points
+    (asymmetric experts fail an assertion). Symmetric experts on different grids (the recipe's
+    sensitivity policy gives each expert its own width) are written exactly on the widest width
+    and the finest group among them (`regrid`), with an ExportWarning for the bytes that costs.
     """
     seen: dict[Scheme | None, str] = {}
+    cols: dict[Scheme, set[int]] = {}
     for owner, mod in experts.items():
         for e in range(mod.num_experts):
             expert = getattr(mod, str(e))
             for proj in ("gate_up_proj", "down_proj"):
-                name = f"{owner}.{e}.{proj}"
-                seen.setdefault(layer_scheme(name, getattr(expert, proj)), name)
+                name, lin = f"{owner}.{e}.{proj}", getattr(expert, proj)
+                scheme = layer_scheme(name, lin)
+                seen.setdefault(scheme, name)
+                if scheme is not None:
+                    cols.setdefault(scheme, set()).add(lin.in_features)
     if not seen:
         return None
     if None in seen:
@@ -395,20 +472,27 @@ def _experts_scheme(experts: dict[str, CompressedExperts]) -> Scheme | None:
             f"routed expert {seen[None]} is not quantised: transformers loads the routed experts "
             f"of a compressed-tensors checkpoint only from packed codes. Export a run that "
             f"quantises every routed expert (no mlp.experts entry set to null in quant.layers)")
-    if len(seen) > 1:
-        (s1, n1), (s2, n2) = list(seen.items())[:2]
+    asym = [n for s, n in seen.items() if not s.sym]
+    if asym:
         raise ExportError(
-            f"routed experts are on different grids ({n1}: {_describe(s1)}; {n2}: "
-            f"{_describe(s2)}): transformers decodes every routed expert of a compressed-tensors "
-            f"checkpoint with one config group. Export a run with one grid for all routed "
-            f"experts: one width (e.g. quant.layers={{mlp.experts:4}}, or quant.policy=kind_map) "
-            f"and a quant.group_size that divides both expert input dims, or -1")
-    scheme, name = next(iter(seen.items()))
-    if not scheme.sym:
-        raise ExportError(
-            f"routed experts are quantised asymmetrically ({name}): transformers decodes routed "
+            f"routed experts are quantised asymmetrically ({asym[0]}): transformers decodes routed "
             f"experts without their zero points. Export a run with quant.sym=true")
-    return scheme
+    if len(seen) == 1:
+        return next(iter(seen))
+    bits = max(s.bits for s in seen)
+    if all(s.group_size == -1 for s in seen):
+        group = -1
+    else:
+        group = math.gcd(*(_group_cols(s, c) for s in seen for c in cols[s]))
+    to = Scheme(bits, group, True)
+    others = sorted({_describe(s) for s in seen if s != to})
+    warnings.warn(
+        f"routed experts are on {len(seen)} grids ({'; '.join(others)}); transformers decodes "
+        f"them with one config group, so they are written exactly on {_describe(to)}, which "
+        f"stores more bytes than the run counted. To export them as quantised, quantise every "
+        f"routed expert on one grid (e.g. quant.layers={{mlp.experts:4}})",
+        ExportWarning, stacklevel=4)
+    return to
 
 
 def _describe(s: Scheme | None) -> str:
@@ -480,6 +564,144 @@ def _ct_version() -> str | None:
         return version("compressed-tensors")
     except ImportError:  # PackageNotFoundError: not installed; the file is valid, unlabelled
         return None
+
+
+# ---- the low-rank part as a PEFT LoRA adapter --------------------------------------------------
+
+ADAPTER_DIR = "adapter"
+_PEFT_PREFIX = "base_model.model."  # PeftModel's path to the base model's modules
+_PEFT_MOE_REWRITES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def _lora_targets(linears: dict[str, tuple[CompressedLinear, Scheme | None]],
+                  experts: dict[str, CompressedExperts]) -> list[_Lora]:
+    """The adapter's targets: every quantised linear with a low-rank part (a dense layer carries
+    its U·V merged into its weight), and each fused routed-experts parameter some expert of which
+    has one (PEFT's `target_parameters`: LoRA on an nn.Parameter, one rank for all experts)."""
+    out = []
+    for name, (lin, scheme) in linears.items():
+        if scheme is None or lin.meta["lowrank"] is None:
+            continue
+        # PEFT 0.21 on transformers 5 rewrites every target_modules entry ending in
+        # gate_proj / up_proj / down_proj of a MoE model (DeepSeek, Qwen2-MoE, Mixtral) into the
+        # fused experts' parameters, as if the adapter came from transformers 4, so the dense and
+        # shared-expert MLPs would lose their factors (huggingface/peft#3711). Targeting their
+        # `weight` as a parameter is not rewritten and computes the same W·x + U·V·x.
+        param = "weight" if experts and name.rpartition(".")[2] in _PEFT_MOE_REWRITES else None
+        out.append(_Lora(name, param, lin.meta["lowrank"]["rank"], _PEFT_PREFIX + name))
+    for owner, mod in experts.items():
+        ranks = {}
+        for proj in ("gate_up_proj", "down_proj"):
+            parts = [getattr(getattr(mod, str(e)), proj).meta["lowrank"]
+                     for e in range(mod.num_experts)]
+            ranks[proj] = max((lr["rank"] for lr in parts if lr is not None), default=0)
+        targeted = [p for p in ("gate_up_proj", "down_proj") if ranks[p]]
+        for i, proj in enumerate(targeted):
+            # PEFT wraps the parameters of one module one inside the other, in the module's
+            # declaration order (gate_up_proj, then down_proj): every later one adds a level.
+            nest = ".base_layer" * (len(targeted) - 1 - i)
+            out.append(_Lora(owner, proj, ranks[proj], _PEFT_PREFIX + owner + nest))
+    return out
+
+
+def _lora_factors(model: nn.Module, t: _Lora, dtype: torch.dtype) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of one target, with scaling 1: A = V (r, in), B = U (out, r).
+
+    For a fused parameter of E experts PEFT reads A (E·r, in) as E blocks of r rows and
+    B (out, r·E) as (out, r, E): expert e's factors are A[e·r:(e+1)·r] and B[:, :, e]. Experts
+    of a lower rank (or none) are zero-padded to r, which leaves their product unchanged.
+    """
+    mod = model.get_submodule(t.name)
+    if isinstance(mod, CompressedLinear):
+        u, v = mod.lowrank_factors()
+        return v.to(dtype).contiguous(), u.to(dtype).contiguous()
+    first = getattr(getattr(mod, "0"), t.param)
+    n, r = mod.num_experts, t.rank
+    a = torch.zeros(n, r, first.in_features)
+    b = torch.zeros(first.out_features, r, n)
+    for e in range(n):
+        factors = getattr(getattr(mod, str(e)), t.param).lowrank_factors()
+        if factors is not None:
+            u, v = factors
+            a[e, :v.shape[0]] = v
+            b[:, :u.shape[1], e] = u
+    return a.reshape(n * r, -1).to(dtype), b.reshape(b.shape[0], -1).to(dtype)
+
+
+def write_adapter(model: nn.Module, targets: list[_Lora], out_dir: Path, dtype: torch.dtype) -> Path:
+    """Write the low-rank parts as a PEFT LoRA adapter in `out_dir/adapter`, so that
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir), out_dir/adapter)`
+    computes base(x) + U·(V·x) for every target, as the lab's model does.
+
+    The residual factors are those of LQER / SVD-LLM (arXiv 2402.02446, 2403.07378), fitted to
+    what pruning and quantisation left; LoRA (arXiv 2106.09685) adds B·A·x·alpha/r, so alpha = r
+    per target (`alpha_pattern`) makes it U·V exactly. 8-bit factors are dequantised to `dtype`.
+    The state dict is built whole (PEFT reads one adapter_model.safetensors): about the low-rank
+    parameters times the dtype's bytes.
+    """
+    adir = out_dir / ADAPTER_DIR
+    adir.mkdir()
+    tensors = {}
+    for t in targets:
+        a, b = _lora_factors(model, t, dtype)
+        tensors[f"{t.prefix}.lora_A.weight"] = a
+        tensors[f"{t.prefix}.lora_B.weight"] = b
+    save_file(tensors, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    ranks = [t.rank for t in targets]
+    r = max(set(ranks), key=ranks.count)
+    # Every target by its exact name. PEFT 0.21 warns that the keys of parameter targets "did
+    # not match any targeted module and were ignored": its check looks at module targets only,
+    # and it does apply them (the round-trip tests compare logits).
+    pattern = {t.key: t.rank for t in targets}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(out_dir.resolve()),
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": [t.name for t in targets if t.param is None] or None,
+        "target_parameters": [t.key for t in targets if t.param is not None] or None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (adir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return adir
+
+
+# ---- size --------------------------------------------------------------------------------------
+
+
+def exported_size(model: nn.Module, out_dir: str | Path) -> dict:
+    """Bytes an export stores for the compressed layers of `model` (packed codes, scales, zero
+    points, shapes, biases, dense-written layers, and the whole adapter), and bits per parameter
+    over those layers' dense parameters: the run's `size/bits_per_param`, counted on the files.
+
+    Pruned entries are codes like any other here (the format has no mask), and routed experts
+    widened to one grid count their wider codes, so this is at least the run's figure for the
+    quantised part.
+    """
+    out_dir = Path(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)  # export_model has given them
+        plan = _plan(model)
+    prefixes = tuple(n + "." for n in (*plan.linears, *plan.experts))
+    params = sum(m.params for m in model.modules() if isinstance(m, CompressedLinear))
+    weights = sum(n for f in sorted(out_dir.glob("model*.safetensors"))
+                  for k, n in _tensor_bytes(f).items() if k.startswith(prefixes))
+    adapter_file = out_dir / ADAPTER_DIR / "adapter_model.safetensors"
+    adapter = sum(_tensor_bytes(adapter_file).values()) if adapter_file.exists() else 0
+    total = weights + adapter
+    return {"params": params, "bytes": total, "adapter_bytes": adapter,
+            "bits_per_param": 8 * total / params}
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Each tensor's stored bytes, from a safetensors header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0]
+            for k, v in header.items() if k != "__metadata__"}
 
 
 # ---- runs and the command line --------------------------------------------------------------

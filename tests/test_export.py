@@ -11,16 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ciuic_lab
 from ciuic_lab import export
 from ciuic_lab.compress import checkpoint
 from ciuic_lab.compress.base import rtn_quantize
 from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.models import adapters, tiny
-from ciuic_lab.models.loader import load_tokenizer
+from ciuic_lab.models.loader import load, load_tokenizer
 
 ct = pytest.importorskip("compressed_tensors", reason="export checks need compressed-tensors")
 from compressed_tensors.compressors.pack_quantized.base import (
@@ -137,10 +139,19 @@ def test_group_wider_than_the_row_is_per_channel_and_tail_groups_are_refused():
         export.layer_scheme("model.x", _packed(torch.randn(8, 64), 4, 48, True))
 
 
-def test_low_rank_part_is_refused_naming_the_setting():
+def test_low_rank_part_leaves_the_base_scheme_to_the_adapter():
     lin = _packed(torch.randn(8, 64), 4, 32, True, lowrank=(torch.randn(8, 2), torch.randn(2, 64)))
-    with pytest.raises(export.ExportError, match=r"model\.y has a low-rank.*lowrank=none"):
-        export.layer_scheme("model.y", lin)
+    assert export.layer_scheme("model.y", lin) == export.Scheme(4, 32, True)
+
+
+@pytest.mark.parametrize("own,to", [((2, 32), (4, 32)), ((3, -1), (5, 16)), ((4, 64), (4, 32))])
+def test_regrid_is_exact(own, to):
+    lin = _packed(torch.randn(8, 64), own[0], own[1], True, torch.rand(8, 64) > 0.5)
+    to = export.Scheme(to[0], to[1], True)
+    t = export.quantised_tensors(lin, to, torch.float32)
+    ct_scheme = QuantizationScheme.model_validate({"targets": ["Linear"], "weights": to.weights_args()})
+    w = PackedQuantizationCompressor.decompress(t, ct_scheme)["weight"]
+    assert torch.equal(w, lin.dequantized_weight())
 
 
 # ---- round trips through transformers ---------------------------------------------------------
@@ -308,15 +319,12 @@ def _expert(name):
 
 
 @pytest.mark.parametrize("variant,match", [
-    ("one expert on another width", r"different grids.*quant\.layers=\{mlp\.experts:4\}"),
     ("asymmetric experts", r"asymmetrically.*quant\.sym=true"),
     ("dense expert", r"not quantised.*quant\.layers"),
 ])
 def test_routed_experts_transformers_cannot_load_are_refused(deepseek, tmp_path, variant, match):
     model = copy.deepcopy(deepseek)
-    if variant == "one expert on another width":
-        _requant(model, lambda n: n == "model.layers.2.mlp.experts.3.down_proj", 3)
-    elif variant == "asymmetric experts":
+    if variant == "asymmetric experts":
         _requant(model, _expert, 4, sym=False)
     else:
         name = "model.layers.1.mlp.experts.0.down_proj"
@@ -327,3 +335,159 @@ def test_routed_experts_transformers_cannot_load_are_refused(deepseek, tmp_path,
         warnings.simplefilter("ignore", export.ExportWarning)
         with pytest.raises(export.ExportError, match=match):
             export.export_model(model, None, tmp_path / "out")
+
+
+def test_routed_experts_on_several_grids_are_written_exactly_on_the_widest(deepseek, tmp_path):
+    # The recipe's sensitivity policy gives experts their own widths; transformers decodes all
+    # routed experts with one config group, so they are widened (and split into finer groups).
+    model = copy.deepcopy(deepseek)
+    _requant(model, lambda n: n == "model.layers.2.mlp.experts.3.down_proj", 3)
+    _requant(model, lambda n: n == "model.layers.1.mlp.experts.5.gate_up_proj", 6, g=-1)
+    with pytest.warns(export.ExportWarning, match=r"3 grids.*6 bits, group 32.*mlp\.experts:4"):
+        out = export.export_model(model, None, tmp_path / "out")
+    g0 = _qconfig(out)["config_groups"]["group_0"]
+    assert g0["targets"] == ["Linear"] and (g0["weights"]["num_bits"], g0["weights"]["group_size"]) == (6, 32)
+    assert _max_rel(_logits(model), _logits(_load(out))) <= 1e-3
+
+
+# ---- the low-rank part as a PEFT adapter ------------------------------------------------------
+
+try:
+    from peft import PeftModel, get_peft_model_state_dict
+except ImportError:  # the export itself does not need peft; loading its adapter does
+    PeftModel = None
+needs_peft = pytest.mark.skipif(PeftModel is None, reason="adapter round trips need peft")
+
+
+def _load_with_adapter(out):
+    """What the README says: load the export, decompress it (PEFT wraps dense weights, which
+    compressed-tensors builds only on the first forward), add the adapter."""
+    base = _load(out)
+    base.hf_quantizer.compressor.decompress_model(base)
+    with warnings.catch_warnings():
+        # PEFT 0.21 warns that parameter targets' rank_pattern keys matched no module; it applies them
+        warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys", RuntimeWarning)
+        return PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+
+
+def _recipe(name):
+    """The default `ciuic` recipe as a run does it (SparseGPT 50 % with OWL, GPTQ g128 with
+    sensitivity-allocated widths, SVD-LLM residual factors in 8 bits), calibrated cheaply."""
+    model, tok = load(name, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    model, report = ciuic_lab.compress(
+        model, tok, ["data.calib_samples=4", "data.calib_seqlen=32", "device=cpu"], progress=False)
+    return model.eval(), tok, report
+
+
+@pytest.fixture(scope="module")
+def recipe_v3():
+    return _recipe("deepseek-v3-tiny")
+
+
+def _check_round_trip(model, out, vocab):
+    x = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    peft_model = _load_with_adapter(out)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    # PEFT's own state dict of what it built from our config has exactly our keys and shapes
+    built = get_peft_model_state_dict(peft_model)
+    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in adapter.items()}
+    with torch.no_grad():
+        ours = model(x).logits
+        assert (ours - peft_model(x).logits).abs().max() <= 1e-3
+        with peft_model.disable_adapter():  # the factors matter: without them it is another model
+            assert (ours - peft_model(x).logits).abs().max() > 1e-2
+    return peft_model
+
+
+@needs_peft
+def test_default_recipe_on_bundled_deepseek_v3_exports_and_reloads_through_peft(recipe_v3, tmp_path):
+    model, tok, report = recipe_v3
+    with pytest.warns(export.ExportWarning, match="routed experts are on"):
+        out = export.export_model(model, tok, tmp_path / "out")
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(out.resolve())
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"]  # scaling alpha / r = 1 everywhere
+    # routed experts through target_parameters (their fused 3-D parameters), as are the dense
+    # and shared-expert MLPs (PEFT 0.21 would rewrite them as module targets: peft#3711)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in cfg["target_parameters"]
+    assert "model.layers.1.self_attn.q_a_proj" in cfg["target_modules"]
+    widths = {g["weights"]["num_bits"] for g in _qconfig(out)["config_groups"].values()}
+    assert len(widths) > 1  # one config group per grid
+
+    peft_model = _check_round_trip(model, out, model.config.vocab_size)
+    # pruned entries are exact zeros of the quantised base (their group's zero code)
+    name = "model.layers.1.self_attn.o_proj"
+    ours = model.get_submodule(name)
+    w = peft_model.base_model.model.get_submodule(name).base_layer.weight
+    assert torch.equal(w, ours.base_weight()) and bool((w[~ours.kept_mask()] == 0).all())
+
+    size = export.exported_size(model, out)
+    assert size["params"] == report.totals()["params"]
+    assert size["bits_per_param"] > report.totals()["bits_per_param"]  # pruned entries cost codes
+
+
+@needs_peft
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-qwen2"])
+def test_default_recipe_llama_and_qwen2_round_trip(arch, tmp_path):
+    model, tok, _ = _recipe(arch)
+    out = export.export_model(model, tok, tmp_path / "out")
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] is None  # no routed experts: every target a module
+    assert "model.layers.0.mlp.down_proj" in cfg["target_modules"]
+    _check_round_trip(model, out, model.config.vocab_size)
+
+
+@needs_peft
+def test_pruned_only_layer_with_factors_is_written_dense_with_them_merged(tmp_path):
+    torch.manual_seed(0)
+    model = tiny.build("tiny-random-llama", vocab=256)
+    name = "model.layers.1.self_attn.o_proj"
+    compress_model(model, torch.randint(0, 256, (2, 16)),
+                   [Magnitude(0.5), RTN(4, 32, layers={"layers.1.self_attn.o_proj": None}),
+                    SVD(rank=4, rule="rank")], progress=False)
+    out = export.export_model(model, None, tmp_path / "out")
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert name in _qconfig(out)["ignore"] and name not in cfg["target_modules"]
+    w = load_file(str(out / "model.safetensors"))[f"{name}.weight"]
+    assert torch.equal(w, model.get_submodule(name).dequantized_weight())
+    _check_round_trip(model.eval(), out, 256)
+
+
+@needs_peft
+def test_expert_factors_of_one_projection_and_several_ranks(deepseek, tmp_path):
+    # Only down_proj has factors, with a rank per expert (0 for expert 2): one ParamWrapper per
+    # experts module (no base_layer level), lower ranks zero-padded to the largest.
+    model = copy.deepcopy(deepseek)
+    g = torch.Generator().manual_seed(3)
+    for name, lin in list(model.named_modules()):
+        if name.endswith("down_proj") and ".experts." in name:
+            e = int(name.split(".")[-2])
+            if e == 2:
+                continue
+            r = 1 + e % 3
+            w = lin.dequantized_weight()
+            new = _packed(w, 4, 32, True, lowrank=(torch.randn(w.shape[0], r, generator=g) / 4,
+                                                   torch.randn(r, w.shape[1], generator=g) / 4))
+            model.get_submodule(name.rpartition(".")[0]).down_proj = new
+    out = export.export_model(model, None, tmp_path / "out")
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == [f"model.layers.{i}.mlp.experts.down_proj" for i in (1, 2)]
+    assert cfg["rank_pattern"]["model.layers.1.mlp.experts.down_proj"] == 3
+    keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert keys["base_model.model.model.layers.1.mlp.experts.lora_A.weight"].shape == (8 * 3, 32)
+    _check_round_trip(model.eval(), out, 256)
+
+
+@needs_peft
+def test_recipe_run_checkpoint_exports_the_same_through_the_cli(recipe_v3, tmp_path):
+    model, tok, _ = recipe_v3
+    checkpoint.save(model, tmp_path / "run" / "compressed", tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", export.ExportWarning)
+        assert export.main([str(tmp_path / "run"), str(tmp_path / "cli")]) == 0
+        export.export_model(model, tok, tmp_path / "live")
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "cli" / f)), load_file(str(tmp_path / "live" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
