@@ -200,14 +200,45 @@ def test_non_power_of_two_hidden_size():
         assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def test_tied_embeddings_are_refused():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_tied_embeddings_are_untied_counted_and_survive_a_checkpoint(tmp_path, kind):
+    """SmolLM2's layout: the head shares the embedding. Rotating unties it (E Q at the input,
+    E diag(g_final) Q at the head), the function is kept, the copy's bytes are counted once in
+    `stored_bytes`, and save -> load keeps the two apart."""
+    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.eval.memory import stored_bytes
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    m = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(RotationUnsupported, match="tied"):
-        rotate_model(m)
+    m = scrambled("tiny-random-llama", tied=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref, _ = logits_and_routes(m, ids)
+    before = stored_bytes(m)
+    info = apply_rotations(m, kind, value_path=True, seed=5)
+    out, _ = logits_and_routes(m, ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    head, embed = m.lm_head.weight, m.model.embed_tokens.weight
+    assert head.data_ptr() != embed.data_ptr() and not torch.allclose(head, embed)
+    assert info["untied_head_bytes"] == 256 * 64 * 4 == head.numel() * head.element_size()
+    assert stored_bytes(m) == before + info["untied_head_bytes"]
+    assert m.config.tie_word_embeddings is False
+    m.tie_weights()  # transformers' re-tying (from_pretrained, resize) must leave them apart
+    assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
+    checkpoint.save(m, tmp_path / "ckpt")
+    assert checkpoint.stored_bytes(tmp_path / "ckpt") == stored_bytes(m)
+    back = checkpoint.load(tmp_path / "ckpt")
+    assert back.lm_head.weight.data_ptr() != back.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(back.lm_head.weight, head) and torch.equal(back.model.embed_tokens.weight,
+                                                                  embed)
+    assert torch.equal(logits_and_routes(back, ids)[0], out)
+
+
+def test_an_untied_model_gets_no_extra_head():
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled("tiny-random-llama")
+    before = stored_bytes(m)
+    assert apply_rotations(m, "hadamard", seed=0)["untied_head_bytes"] == 0
+    assert stored_bytes(m) == before
 
 
 def test_unknown_block_parameters_are_refused():
