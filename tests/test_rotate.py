@@ -445,7 +445,6 @@ def test_recipe_runs_in_the_rotated_basis():
 @pytest.mark.parametrize("override, key", [
     (["rotate=hadamard", "rotate.residual=spin"], "rotate.residual"),
     (["rotate=hadamard", "rotate.online=[q_proj]"], "rotate.online"),
-    (["rotate=hadamard", "model=tiny-random-llama"], None),
     (["rotate=hadamard_online", "save=true"], "rotate.online"),
 ])
 def test_rotate_config_errors_come_before_any_work(override, key):
@@ -453,16 +452,27 @@ def test_rotate_config_errors_come_before_any_work(override, key):
     from ciuic_lab.errors import ConfigError
 
     cfg = compose([*RUN_QUICK, *override])
-    if key is None:  # tied embeddings: read from the model's config
-        from ciuic_lab.models import tiny
-
-        model_config = tiny.build("tiny-random-llama", vocab=256).config
-        model_config.tie_word_embeddings = True
-        with pytest.raises(ConfigError, match="ties its input and output embeddings"):
-            validate(cfg, model_config)
-        return
     with pytest.raises(ConfigError, match=key):
         validate(cfg)
+
+
+def test_a_tied_model_rotates_in_a_run_and_its_head_is_counted():
+    """Once refused in the config check; now the run unties the head, keeps the function (every
+    stage off: compressed perplexity = dense) and counts the head in mem/weight_bytes."""
+    from ciuic_lab.config import compose, validate
+    from ciuic_lab.models.loader import load_tokenizer
+    from ciuic_lab.runner import run
+
+    tok = load_tokenizer("tiny-random-llama")
+    m = tiny.build("tiny-random-llama", vocab=len(tok), tied=True)
+    cfg = compose([*RUN_QUICK, "model=tiny-random-llama", "rotate=hadamard", "recipe=none",
+                   "prune=none", "quant=none", "lowrank=none"])
+    validate(cfg, m.config)
+    out = run(cfg, model=m, tokenizer=tok).metrics
+    assert out["ppl/wikitext2"] == pytest.approx(out["ppl/wikitext2_dense"], rel=1e-4)
+    head = out["rotate/untied_head_bytes"]
+    assert head == len(tok) * 64 * 4
+    assert out["mem/weight_bytes"] == out["mem/weight_bytes_dense"] + head
 
 
 def test_alternating_refine_as_a_config_keeps_the_budget():
