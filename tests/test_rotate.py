@@ -403,8 +403,9 @@ def test_all_transforms_together(name):
     with torch.no_grad():
         assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
     assert stored_bytes(m) == before + info["runtime_bytes"]
-    assert set(info) == {"runtime_bytes", "value_path", "residual", "online"} | (
-        {"experts_down"} if moe else set())
+    assert set(info) == {"runtime_bytes", "untied_head_bytes", "value_path", "residual",
+                         "online"} | ({"experts_down"} if moe else set())
+    assert info["untied_head_bytes"] == 0  # these layouts have a head of their own
 
 
 # ---- wired into a run: `rotate=...` and `lowrank=alternating` ---------------------------------
