@@ -155,10 +155,6 @@ def _check_rotate(cfg: DictConfig, model_config) -> None:
     if model_config.model_type not in RESIDUAL:
         raise ConfigError(f"rotate: no rotation layout for model_type {model_config.model_type!r} "
                           f"(compress/rotate.py RESIDUAL knows {sorted(RESIDUAL)})")
-    if r.residual and getattr(model_config, "tie_word_embeddings", False):
-        raise ConfigError("rotate.residual: this model ties its input and output embeddings, and "
-                          "one shared matrix cannot hold both E·Q and the rotated head; use "
-                          "rotate.residual=null (value_path and online rotations still apply)")
     # A streamed run applies the fused rotations to each block as it loads and always writes a
     # checkpoint, which has no place for run-time rotation modules (below).
     if cfg.compress.stream and r.online:

@@ -147,6 +147,7 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         t0 = time.perf_counter()
         info = instantiate(cfg.rotate)(model)
         metrics["rotate/runtime_bytes"] = int(info["runtime_bytes"])
+        metrics["rotate/untied_head_bytes"] = int(info["untied_head_bytes"])
         metrics["time/rotate_s"] = time.perf_counter() - t0
 
     compressed_dir = None
@@ -184,6 +185,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         from ciuic_lab.compress import checkpoint
 
         size = checkpoint.stored_bytes(compressed_dir)
+        if transform is not None:  # known once the walk has loaded (and untied) the ends
+            metrics["rotate/untied_head_bytes"] = transform.untied_head_bytes
         resident = _fits(size, device) if cfg.eval.stream == "auto" else not cfg.eval.stream
         if resident:
             model = checkpoint.load(compressed_dir, device)

@@ -200,14 +200,45 @@ def test_non_power_of_two_hidden_size():
         assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def test_tied_embeddings_are_refused():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_tied_embeddings_are_untied_counted_and_survive_a_checkpoint(tmp_path, kind):
+    """SmolLM2's layout: the head shares the embedding. Rotating unties it (E Q at the input,
+    E diag(g_final) Q at the head), the function is kept, the copy's bytes are counted once in
+    `stored_bytes`, and save -> load keeps the two apart."""
+    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.eval.memory import stored_bytes
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    m = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(RotationUnsupported, match="tied"):
-        rotate_model(m)
+    m = scrambled("tiny-random-llama", tied=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref, _ = logits_and_routes(m, ids)
+    before = stored_bytes(m)
+    info = apply_rotations(m, kind, value_path=True, seed=5)
+    out, _ = logits_and_routes(m, ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    head, embed = m.lm_head.weight, m.model.embed_tokens.weight
+    assert head.data_ptr() != embed.data_ptr() and not torch.allclose(head, embed)
+    assert info["untied_head_bytes"] == 256 * 64 * 4 == head.numel() * head.element_size()
+    assert stored_bytes(m) == before + info["untied_head_bytes"]
+    assert m.config.tie_word_embeddings is False
+    m.tie_weights()  # transformers' re-tying (from_pretrained, resize) must leave them apart
+    assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
+    checkpoint.save(m, tmp_path / "ckpt")
+    assert checkpoint.stored_bytes(tmp_path / "ckpt") == stored_bytes(m)
+    back = checkpoint.load(tmp_path / "ckpt")
+    assert back.lm_head.weight.data_ptr() != back.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(back.lm_head.weight, head) and torch.equal(back.model.embed_tokens.weight,
+                                                                  embed)
+    assert torch.equal(logits_and_routes(back, ids)[0], out)
+
+
+def test_an_untied_model_gets_no_extra_head():
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled("tiny-random-llama")
+    before = stored_bytes(m)
+    assert apply_rotations(m, "hadamard", seed=0)["untied_head_bytes"] == 0
+    assert stored_bytes(m) == before
 
 
 def test_unknown_block_parameters_are_refused():
@@ -372,8 +403,9 @@ def test_all_transforms_together(name):
     with torch.no_grad():
         assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
     assert stored_bytes(m) == before + info["runtime_bytes"]
-    assert set(info) == {"runtime_bytes", "value_path", "residual", "online"} | (
-        {"experts_down"} if moe else set())
+    assert set(info) == {"runtime_bytes", "untied_head_bytes", "value_path", "residual",
+                         "online"} | ({"experts_down"} if moe else set())
+    assert info["untied_head_bytes"] == 0  # these layouts have a head of their own
 
 
 # ---- wired into a run: `rotate=...` and `lowrank=alternating` ---------------------------------
@@ -414,7 +446,6 @@ def test_recipe_runs_in_the_rotated_basis():
 @pytest.mark.parametrize("override, key", [
     (["rotate=hadamard", "rotate.residual=spin"], "rotate.residual"),
     (["rotate=hadamard", "rotate.online=[q_proj]"], "rotate.online"),
-    (["rotate=hadamard", "model=tiny-random-llama"], None),
     (["rotate=hadamard_online", "save=true"], "rotate.online"),
 ])
 def test_rotate_config_errors_come_before_any_work(override, key):
@@ -422,16 +453,27 @@ def test_rotate_config_errors_come_before_any_work(override, key):
     from ciuic_lab.errors import ConfigError
 
     cfg = compose([*RUN_QUICK, *override])
-    if key is None:  # tied embeddings: read from the model's config
-        from ciuic_lab.models import tiny
-
-        model_config = tiny.build("tiny-random-llama", vocab=256).config
-        model_config.tie_word_embeddings = True
-        with pytest.raises(ConfigError, match="ties its input and output embeddings"):
-            validate(cfg, model_config)
-        return
     with pytest.raises(ConfigError, match=key):
         validate(cfg)
+
+
+def test_a_tied_model_rotates_in_a_run_and_its_head_is_counted():
+    """Once refused in the config check; now the run unties the head, keeps the function (every
+    stage off: compressed perplexity = dense) and counts the head in mem/weight_bytes."""
+    from ciuic_lab.config import compose, validate
+    from ciuic_lab.models.loader import load_tokenizer
+    from ciuic_lab.runner import run
+
+    tok = load_tokenizer("tiny-random-llama")
+    m = tiny.build("tiny-random-llama", vocab=len(tok), tied=True)
+    cfg = compose([*RUN_QUICK, "model=tiny-random-llama", "rotate=hadamard", "recipe=none",
+                   "prune=none", "quant=none", "lowrank=none"])
+    validate(cfg, m.config)
+    out = run(cfg, model=m, tokenizer=tok).metrics
+    assert out["ppl/wikitext2"] == pytest.approx(out["ppl/wikitext2_dense"], rel=1e-4)
+    head = out["rotate/untied_head_bytes"]
+    assert head == len(tok) * 64 * 4
+    assert out["mem/weight_bytes"] == out["mem/weight_bytes_dense"] + head
 
 
 def test_alternating_refine_as_a_config_keeps_the_budget():

@@ -41,9 +41,9 @@ def recipe():
             SVDLLM(ratio=0.05, factor_bits=8)]
 
 
-def _saved(tmp_path, arch, vocab=256) -> tuple[torch.nn.Module, Path]:
+def _saved(tmp_path, arch, vocab=256, tied=False) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
-    model = tiny.build(arch, vocab=vocab)
+    model = tiny.build(arch, vocab=vocab, tied=tied)
     model.save_pretrained(tmp_path / "src")
     return model, tmp_path / "src"
 
@@ -296,16 +296,21 @@ def test_cli_streamed_run_measures_the_dense_baseline_and_compression_costs(tmp_
     assert (tmp_path / "run" / "compressed" / "compressed.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-llama"])
-def test_streamed_rotated_run_stores_what_the_in_memory_rotated_run_stores(tmp_path, arch):
+@pytest.mark.parametrize("arch, tied", [("tiny-random-deepseek-v3", False),
+                                        ("tiny-random-llama", False), ("tiny-random-llama", True)])
+def test_streamed_rotated_run_stores_what_the_in_memory_rotated_run_stores(tmp_path, arch, tied):
     from ciuic_lab.compress.rotate import StreamedRotation, apply_rotations
 
-    model, src = _saved(tmp_path, arch)
+    model, src = _saved(tmp_path, arch, tied=tied)
     rotation = StreamedRotation(model.config, "hadamard", value_path=True, seed=3)
     compress_streamed(str(src), tmp_path / "streamed", CALIB, recipe(), torch.device("cpu"),
                       torch.float32, batch_size=2, progress=False, transform=rotation)
     in_memory = copy.deepcopy(model)
-    apply_rotations(in_memory, "hadamard", value_path=True, seed=3)
+    info = apply_rotations(in_memory, "hadamard", value_path=True, seed=3)
+    # a tied head is untied alike in both: stored on its own, counted, and the config says so
+    assert rotation.untied_head_bytes == info["untied_head_bytes"] == (256 * 64 * 4 if tied else 0)
+    manifest = checkpoint.read_manifest(tmp_path / "streamed")
+    assert manifest["model_config"]["tie_word_embeddings"] is False and not manifest["aliases"]
     compress_model(in_memory, CALIB, recipe(), batch_size=2, progress=False)
     checkpoint.save(in_memory, tmp_path / "memory")
     assert _digests(tmp_path / "streamed") == _digests(tmp_path / "memory")
@@ -333,12 +338,14 @@ def test_streamed_rotation_reads_experts_rotated_and_keeps_the_dense_function(tm
     assert got == pytest.approx(want, rel=1e-4)
 
 
-def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
+@pytest.mark.parametrize("arch, tied", [("tiny-random-deepseek-v3", False),
+                                        ("tiny-random-llama", True)])
+def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path, arch, tied):
     from ciuic_lab import runner
     from ciuic_lab.config import compose
 
-    tok = load_tokenizer("tiny-random-deepseek-v3")
-    _, src = _saved(tmp_path, "tiny-random-deepseek-v3", vocab=len(tok))
+    tok = load_tokenizer(arch)
+    _, src = _saved(tmp_path, arch, vocab=len(tok), tied=tied)
     tok.save_pretrained(src)
     quick = ["model=hub", f"model.name_or_path={src}", "rotate=hadamard", "eval.max_windows=2",
              "eval.seqlen=64", "data.calib_samples=4", "data.calib_seqlen=32", "progress=false",
@@ -351,6 +358,10 @@ def test_run_streams_a_rotated_model_like_the_in_memory_run(tmp_path):
     assert streamed.metrics["ppl/wikitext2"] == pytest.approx(in_memory.metrics["ppl/wikitext2"],
                                                               rel=1e-5)
     assert any("rotate" in n for n in streamed.notes)
+    head = streamed.metrics["rotate/untied_head_bytes"]
+    assert head == in_memory.metrics["rotate/untied_head_bytes"]
+    assert head == (len(tok) * 64 * 4 if tied else 0)
+    assert streamed.metrics["mem/weight_bytes"] == in_memory.metrics["mem/weight_bytes"]
     from ciuic_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rotate.online"):

@@ -429,23 +429,26 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
          down_proj, shared and routed experts' down) W ← Qᵀ W (and bias ← Qᵀ b); head W ← W Q.
 
     The model then computes the same logits (fp32: to rounding), router logits included, so
-    routing is unchanged; the router is rotated, never compressed. `model.config` is untouched
-    (same shapes). Tied input/output embeddings are refused: E Q for the input and
-    E diag(g) Q for the head differ unless the final norm's scale is all ones.
+    routing is unchanged; the router is rotated, never compressed. Shapes are unchanged.
+    Tied input/output embeddings are untied first (`untie_embeddings`): E Q for the input and
+    E diag(g) Q for the head differ unless the final norm's scale is all ones, so the head gets
+    its own copy and `model.config.tie_word_embeddings` becomes False (the only config change).
 
     kind: "hadamard" (HadamardRotation) or "random" (dense Haar-random). Returns an info dict:
-    kind, seed, hidden, construction, folded norms, rotated module paths, runtime_bytes (0).
+    kind, seed, hidden, construction, folded norms, rotated module paths, runtime_bytes (0),
+    untied_head_bytes (the head's new stored bytes, 0 when it was already separate).
     A streamed model gets the same transform block by block: `StreamedRotation`.
     """
     lay, rot = _residual_setup(model.config, seed, kind)
-    _rotate_ends(model, rot)
+    head_bytes = _rotate_ends(model, rot)
     rotated: list[str] = []
     for i, block in enumerate(model.model.layers):
         names, _ = rotate_block(block, lay, rot, f"model.layers.{i}", check=i == 0)
         rotated += [f"model.layers.{i}.{n}" for n in names]
     return {"kind": kind, "seed": seed, "hidden": rot.n, "construction": rot.describe(),
             "folded_norms": 2 * len(model.model.layers) + 1,
-            "rotated": ["embed", *rotated, "lm_head"], "runtime_bytes": 0}
+            "rotated": ["embed", *rotated, "lm_head"], "runtime_bytes": 0,
+            "untied_head_bytes": head_bytes}
 
 
 def _residual_setup(config, seed: int, kind: str) -> tuple[ResidualLayout, Rotation]:
@@ -456,20 +459,43 @@ def _residual_setup(config, seed: int, kind: str) -> tuple[ResidualLayout, Rotat
     return RESIDUAL[mt], make_rotation(int(config.hidden_size), seed, kind)
 
 
-def _rotate_ends(model: nn.Module, rot: Rotation) -> None:
-    """Embeddings E ← E Q; the final norm's scale folded into the head, head W ← W Q."""
+def untie_embeddings(model: nn.Module) -> int:
+    """Give a head that shares the input embedding's tensor its own copy; returns its bytes.
+
+    A residual rotation needs E Q at the input but E diag(g_final) Q at the head (QuaRot,
+    arXiv 2404.00456 §4.1, rotates untied models only), and no single tensor is both. The copy is
+    a second vocab × hidden matrix at the embedding's dtype, which is real storage: it is a new
+    parameter, so `stored_bytes` and checkpoints count it. The config is set untied so that
+    nothing re-ties it (transformers' `tie_weights`, the checkpoint's skeleton on reload).
+    """
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or embed is None:
-        raise RotationUnsupported("rotate_model needs input embeddings and an LM head")
+        raise RotationUnsupported("rotating the residual stream needs input embeddings and an "
+                                  "LM head")
+    added = 0
     if head.weight.data_ptr() == embed.weight.data_ptr():
-        raise RotationUnsupported(
-            "tied input/output embeddings: the head would need E·diag(g_final)·Q and the input "
-            "E·Q from one shared tensor; untie them first (which stores a second vocab×hidden "
-            "matrix) or use a model with separate embeddings")
+        w = embed.weight
+        head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        added = head.weight.numel() * head.weight.element_size()
+    # Also when the tensors were already separate but the config still said tied: a reload
+    # would otherwise tie them again and drop one of the two rotated matrices.
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5 re-ties from this map
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return added
+
+
+def _rotate_ends(model: nn.Module, rot: Rotation) -> int:
+    """Embeddings E ← E Q; the final norm's scale folded into the head, head W ← W Q. A tied
+    head is untied first; returns the bytes that added."""
     _check_norm(model.model.norm, rot.n, rot)
+    added = untie_embeddings(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     fold_norm(model.model.norm, [head.weight])
     _with(head.weight, rot.apply)
     _with(embed.weight, rot.apply)
+    return added
 
 
 @torch.no_grad()
@@ -594,6 +620,9 @@ class StreamedRotation:
 
     Memory: one (hidden,) float64 MLP-norm scale per block that has routed experts (folded into
     their gate_up as they are read, after the block's own norm is already set to ones).
+    Tied embeddings are untied in `ends` (as `rotate_model` does), which also sets the skeleton's
+    config untied, so a checkpoint writer built on it stores the head separately;
+    `untied_head_bytes` then says what that added.
     """
 
     def __init__(self, config, residual: str | None = "hadamard", value_path: bool = False,
@@ -604,10 +633,11 @@ class StreamedRotation:
                               else (None, None))
         self.values = ValuePath.of(config, seed) if value_path else None
         self._scales: dict[int, torch.Tensor] = {}
+        self.untied_head_bytes = 0
 
     def ends(self, model: nn.Module) -> None:
         if self.rot is not None:
-            _rotate_ends(model, self.rot)
+            self.untied_head_bytes = _rotate_ends(model, self.rot)
 
     def block(self, i: int, block: nn.Module) -> None:
         path = f"model.layers.{i}"
@@ -837,13 +867,15 @@ def apply_rotations(model: nn.Module, residual: str | None = "hadamard", value_p
     (ONLINE_SITES keys), then routed experts' down inputs.
 
     The model computes the same function afterwards (to fp32 rounding). Returns each
-    transform's info and `runtime_bytes`, the stored bytes kept for run-time rotations.
+    transform's info, `runtime_bytes`, the stored bytes kept for run-time rotations, and
+    `untied_head_bytes`, the head a residual rotation had to untie from the embeddings.
     """
-    info: dict = {"runtime_bytes": 0}
+    info: dict = {"runtime_bytes": 0, "untied_head_bytes": 0}
     if value_path:
         info["value_path"] = rotate_value_path(model, seed)
     if residual is not None:
         info["residual"] = rotate_model(model, seed, residual)
+        info["untied_head_bytes"] = info["residual"]["untied_head_bytes"]
     if online:
         info["online"] = add_online_rotations(model, seed, tuple(online))
         info["runtime_bytes"] += info["online"]["runtime_bytes"]

@@ -55,10 +55,13 @@ CONFIGS = {"tiny-random-deepseek-v3": _deepseek_v3, "tiny-random-deepseek-v2": _
            "tiny-random-qwen2": _qwen2}
 
 
-def build(name: str, vocab: int, seed: int = 0, num_layers: int | None = None):
-    """A seeded random model of one of CONFIGS (fp32, eval mode)."""
+def build(name: str, vocab: int, seed: int = 0, num_layers: int | None = None,
+          tied: bool = False):
+    """A seeded random model of one of CONFIGS (fp32, eval mode). `tied`: the head shares the
+    input embedding's tensor, as in SmolLM2 (which the untied reference layouts do not cover)."""
     kwargs = {} if num_layers is None else {"layers": num_layers}
     config = CONFIGS[name](vocab, **kwargs)
+    config.tie_word_embeddings = tied
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
