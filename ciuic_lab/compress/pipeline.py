@@ -475,7 +475,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
                       if f"{prefix}.{name}" in compress_one.states}
             own = {n: p for n, p in packed.items() if p[0].expert is None}
-            info = tune.tune_block(block, own, states, inputs, targets, set_submodule,
+            info = tune.tune_block(block, own, states, inputs, targets,
                                    compress_one.store_dtype)
             packed.update(own)  # the tuned layers, where tuning was kept
             report.tune_seconds += info["seconds"]

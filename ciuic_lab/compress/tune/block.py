@@ -41,6 +41,7 @@ from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.tune.rounding import TunableLinear
 from ciuic_lab.errors import check as _check
+from ciuic_lab.models.adapters import set_submodule
 
 
 @dataclass
@@ -103,7 +104,7 @@ class BlockTune:
 
     # ---- a block ---------------------------------------------------------------------------
     def tune_block(self, block: nn.Module, packed: dict[str, tuple[object, nn.Module]],
-                   states: dict[str, LayerState], inputs, targets, set_submodule,
+                   states: dict[str, LayerState], inputs, targets,
                    store_dtype: torch.dtype) -> dict:
         """Tune the block's non-expert packed layers (`packed`: name in the block -> (Layer,
         packed module), their LayerStates in `states`) so that block(inputs) ≈ targets; swap
