@@ -82,7 +82,7 @@ def _quantise_all(model, bits=4, g=32):
     ad = adapters.adapter_for(model)
     for block in ad.blocks(model):
         ad.install(block, {x.name: (x, _packed(x.weight.detach(), bits, g, True, bias=x.bias))
-                           for x in ad.layers(block)})
+                           for x in ad.layers(block)}, CompressedExperts)
     return model
 
 

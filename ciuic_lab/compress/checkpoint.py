@@ -245,7 +245,7 @@ def install_shells(block: nn.Module, prefix: str, manifest: dict,
                 raise CheckpointError(f"{MANIFEST} has no entry for compressed layer {full}")
             continue  # a layer the run left dense
         packed[layer.name] = (layer, _shell(full, spec, tensors))
-    ad.install(block, packed)
+    ad.install(block, packed, CompressedExperts)
 
 
 def _shell(name: str, spec: dict, tensors: dict) -> nn.Module:
