@@ -122,13 +122,6 @@ class DecoderAdapter:
         gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
         return act_fn(gate) * up
 
-    @staticmethod
-    def experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden_states, top_k_index, top_k_weights) of a call to a fused experts module."""
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = list(args) + [kwargs[n] for n in names[len(args):]]
-        return vals[0], vals[1], vals[2]
-
     def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    act_fn) -> torch.Tensor:
         """One routed expert applied to its tokens."""
