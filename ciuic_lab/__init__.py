@@ -1,11 +1,10 @@
 """ciuic_lab: compress DeepSeek language models (pruning, low-rank, quantisation), measured.
 
     import ciuic_lab
+    from ciuic_lab.api import compress
     model, tok = ciuic_lab.load("tiny-random-deepseek-v3")
-    model, report = ciuic_lab.compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4"])
+    model, report = compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4"])
 """
-
-from ciuic_lab import compress  # noqa: F401  (callable: see ciuic_lab/compress/__init__.py)
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
 """Python API: the same run the CLI does (ciuic_lab.runner.run), for scripts and notebooks.
 
+    from ciuic_lab.api import compress
     model, tok = ciuic_lab.load("tiny-random-deepseek-v3")
-    model, report = ciuic_lab.compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4"])
+    model, report = compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4"])
     report.totals()  # {'bits_per_param': ..., 'ratio_vs_fp16': ..., ...}
 """
 

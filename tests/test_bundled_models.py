@@ -53,13 +53,13 @@ def test_llm_card_perplexity_is_reproduced_within_1_percent():
 @pytest.mark.slow
 def test_bench_sanity_on_v3():
     """8-bit RTN is nearly free, 2-bit per channel is severe, 50% magnitude pruning is measurable."""
-    import ciuic_lab
+    from ciuic_lab.api import compress
 
     def ppl(overrides):
         model, tok = load("deepseek-v3-tiny", device="cpu", dtype="float32")
         if overrides:
             plain = ["recipe=none", "prune=none", "lowrank=none", "quant=none"]
-            model, _ = ciuic_lab.compress(model, tok, plain + overrides, progress=False)
+            model, _ = compress(model, tok, plain + overrides, progress=False)
         return perplexity(model, wikitext_windows(tok, 512)[:16], batch_size=8, progress=False)
 
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ def test_a_pruning_method_is_a_class_and_a_yaml(contrib, tmp_path):
     conf.mkdir(parents=True)
     (conf / "rowmax.yaml").write_text("defaults:\n  - _common\n_target_: contrib.rowmax.RowMax\n")
     # the stage's shared knobs come from the lab's own conf/prune/_common.yaml
-    import ciuic_lab
+    from ciuic_lab.api import compress
     from ciuic_lab.config import compose
 
     cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "recipe=none",
@@ -53,7 +53,7 @@ def test_a_pruning_method_is_a_class_and_a_yaml(contrib, tmp_path):
                    "data.calib_samples=2", "data.calib_seqlen=16", "device=cpu"])
     tok = _tok()
     model = tiny.build("tiny-random-llama", vocab=len(tok))
-    model, report = ciuic_lab.compress(model, tok, cfg, progress=False)
+    model, report = compress(model, tok, cfg, progress=False)
     assert {round(r["sparsity"], 2) for r in report.layers} == {0.25}
     assert type(model).__name__ == "LlamaForCausalLM"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ciuic_lab
 from ciuic_lab import export
+from ciuic_lab.api import compress
 from ciuic_lab.compress import checkpoint
 from ciuic_lab.compress.base import rtn_quantize
 from ciuic_lab.compress.experts import CompressedExperts
@@ -82,7 +82,7 @@ def _quantise_all(model, bits=4, g=32):
     ad = adapters.adapter_for(model)
     for block in ad.blocks(model):
         ad.install(block, {x.name: (x, _packed(x.weight.detach(), bits, g, True, bias=x.bias))
-                           for x in ad.layers(block)})
+                           for x in ad.layers(block)}, CompressedExperts)
     return model
 
 
@@ -375,7 +375,7 @@ def _recipe(name):
     sensitivity-allocated widths, SVD-LLM residual factors in 8 bits), calibrated cheaply."""
     model, tok = load(name, device="cpu", dtype="float32")
     torch.manual_seed(0)
-    model, report = ciuic_lab.compress(
+    model, report = compress(
         model, tok, ["data.calib_samples=4", "data.calib_seqlen=32", "device=cpu"], progress=False)
     return model.eval(), tok, report
 

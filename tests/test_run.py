@@ -145,27 +145,27 @@ def test_eval_stream_true_walks_a_model_held_in_memory():
 
 def test_python_api_honours_device_and_expert_fallback():
     import ciuic_lab
+    from ciuic_lab.api import compress
 
     model, tok = ciuic_lab.load("tiny-random-deepseek-v3", device="cpu")
-    _, report = ciuic_lab.compress(model, tok, ["recipe=none", "prune=none", "lowrank=none",
-                                                "quant=rtn", "data.calib_samples=1",
-                                                "data.calib_seqlen=8", "device=cpu",
-                                                "compress.min_expert_tokens=1000000"],
-                                   progress=False)
+    _, report = compress(model, tok, ["recipe=none", "prune=none", "lowrank=none", "quant=rtn",
+                                      "data.calib_samples=1", "data.calib_seqlen=8", "device=cpu",
+                                      "compress.min_expert_tokens=1000000"], progress=False)
     experts = [r for r in report.layers if r["kind"] == "expert"]
     assert experts and all(r["fallback"] for r in experts)
 
 
 def test_python_api_compresses_and_reports():
     import ciuic_lab
+    from ciuic_lab.api import compress
     from ciuic_lab.compress.linear import CompressedLinear
 
     model, tok = ciuic_lab.load("tiny-random-llama", device="cpu")
     x = torch.randint(0, 100, (1, 16))
     before = model(x).logits
-    model, report = ciuic_lab.compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4",
-                                                    "lowrank=none", "data.calib_samples=2",
-                                                    "data.calib_seqlen=32"], progress=False)
+    model, report = compress(model, tok, ["prune.sparsity=0.5", "quant.bits=4", "lowrank=none",
+                                          "data.calib_samples=2", "data.calib_seqlen=32"],
+                             progress=False)
     assert any(isinstance(m, CompressedLinear) for m in model.modules())
     assert report.totals()["ratio_vs_fp16"] > 4.5
     after = model(x).logits

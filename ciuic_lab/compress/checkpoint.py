@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,7 +37,7 @@ from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
-from ciuic_lab.models.source import check_complete
+from ciuic_lab.models.source import check_complete, shard_path
 
 FORMAT = "ciuic_lab.compressed/2"
 MANIFEST = "compressed.json"
@@ -52,19 +51,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def shard_path(directory: str | Path, name: str, manifest: str | Path) -> Path:
-    """Where the file a manifest (or safetensors index) lists as `name` lives in `directory`.
-
-    A manifest is data that travels with downloaded checkpoints: a name that is absolute or
-    climbs out (`../../x`) would make the loader read, and hash, files anywhere, so it is refused.
-    The check is on the name, not the resolved path, so symlinked shards (the HF cache) still load.
-    """
-    first = Path(os.path.normpath(name)).parts[0]  # normpath("") is "."
-    if Path(name).is_absolute() or first in ("..", "."):
-        raise CheckpointError(f"{manifest}: shard name {name!r} is not a file inside {directory}")
-    return Path(directory) / name
 
 
 def block_shard(i: int) -> str:
@@ -259,7 +245,7 @@ def install_shells(block: nn.Module, prefix: str, manifest: dict,
                 raise CheckpointError(f"{MANIFEST} has no entry for compressed layer {full}")
             continue  # a layer the run left dense
         packed[layer.name] = (layer, _shell(full, spec, tensors))
-    ad.install(block, packed)
+    ad.install(block, packed, CompressedExperts)
 
 
 def _shell(name: str, spec: dict, tensors: dict) -> nn.Module:

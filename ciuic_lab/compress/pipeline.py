@@ -45,6 +45,7 @@ from ciuic_lab.compress.blocks import (
     routed_outputs,
     run_block,
 )
+from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.state import LayerState
@@ -470,7 +471,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
                                             compress_one, prefix, want_hessian,
                                             min_expert_tokens, expert_chunk, tune, tuned))
-        ad.install(block, packed)
+        ad.install(block, packed, CompressedExperts)
         if tune is not None:
             states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
                       if f"{prefix}.{name}" in compress_one.states}

@@ -10,7 +10,10 @@ model's adapter:
     layers(block)            every compressible weight of a block (a Layer): each nn.Linear except
                              routers, and each projection of each routed expert of a fused experts
                              module, as an (out, in) slice
-    install(block, packed)   swap packed layers in (fused experts become CompressedExperts)
+    install(block, packed, make_experts)
+                             swap packed layers in; a fused experts module becomes what
+                             make_experts builds from its packed projections (the caller's
+                             CompressedExperts: models/ knows layouts, not packed formats)
     expert_intermediate      the input of a routed expert's down projection
     checkpoint_tensors       how a block's checkpoint tensors (per-expert, official layout) map
                              onto the module's parameters (fused experts)
@@ -26,6 +29,7 @@ Norms, the router's correction bias, embeddings and the head are never compresse
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.errors import UnsupportedModel
 
 
@@ -119,22 +122,18 @@ class DecoderAdapter:
         gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
         return act_fn(gate) * up
 
-    @staticmethod
-    def experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden_states, top_k_index, top_k_weights) of a call to a fused experts module."""
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = list(args) + [kwargs[n] for n in names[len(args):]]
-        return vals[0], vals[1], vals[2]
-
     def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    act_fn) -> torch.Tensor:
         """One routed expert applied to its tokens."""
         return F.linear(self.expert_intermediate(x, gate_up, act_fn), down.to(x.dtype))
 
     # ---- installing packed layers ------------------------------------------------------------
-    def install(self, block: nn.Module, packed: dict[str, tuple[Layer, nn.Module]]) -> None:
+    def install(self, block: nn.Module, packed: dict[str, tuple[Layer, nn.Module]],
+                make_experts: Callable[[list[nn.Module], list[nn.Module], Callable], nn.Module],
+                ) -> None:
         """Swap each packed layer into the block; a fused experts module whose experts are all
-        packed becomes a CompressedExperts."""
+        packed becomes `make_experts(gate_up, down, act_fn)`, the packed projections listed by
+        expert."""
         experts: dict[str, tuple[nn.Module, dict]] = {}
         for name, (layer, mod) in packed.items():
             if layer.expert is None:
@@ -144,7 +143,7 @@ class DecoderAdapter:
                 experts.setdefault(owner, (layer.module, {}))[1][(layer.expert, layer.proj)] = mod
         for owner, (orig, parts) in experts.items():
             n = getattr(orig, self.expert_projs[0]).shape[0]
-            set_submodule(block, owner, CompressedExperts(
+            set_submodule(block, owner, make_experts(
                 [parts[(e, "gate_up_proj")] for e in range(n)],
                 [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
 

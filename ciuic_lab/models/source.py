@@ -56,6 +56,19 @@ def check_complete(path: Path) -> None:
         raise CheckpointError(f"{path} is truncated: {have} bytes, its header needs {need}")
 
 
+def shard_path(directory: str | Path, name: str, manifest: str | Path) -> Path:
+    """Where the file a manifest (or safetensors index) lists as `name` lives in `directory`.
+
+    A manifest is data that travels with downloaded checkpoints: a name that is absolute or
+    climbs out (`../../x`) would make the loader read, and hash, files anywhere, so it is refused.
+    The check is on the name, not the resolved path, so symlinked shards (the HF cache) still load.
+    """
+    first = Path(os.path.normpath(name)).parts[0]  # normpath("") is "."
+    if Path(name).is_absolute() or first in ("..", "."):
+        raise CheckpointError(f"{manifest}: shard name {name!r} is not a file inside {directory}")
+    return Path(directory) / name
+
+
 @dataclass
 class FP8:
     block: tuple[int, int]  # (rows, cols) of one scale block
@@ -119,8 +132,6 @@ class CheckpointSource:
         return source
 
     def _path(self, shard: str) -> Path:
-        from ciuic_lab.compress.checkpoint import shard_path
-
         return shard_path(self.dir, shard, self.dir / INDEX)
 
     # ---- reading -----------------------------------------------------------------------------
