@@ -171,6 +171,9 @@ class E2ETune:
             with torch.no_grad():
                 for _, t in trainables:
                     t.write_back()
+        except BaseException:  # an interrupted fit leaves half-trained norms and buffers
+            _restore(saved)
+            raise
         finally:
             for name, mod in packed:
                 set_submodule(model, name, mod)
