@@ -27,6 +27,7 @@ from ciuic_lab.compress.pipeline import (
     dense_report,
     profile,
 )
+from ciuic_lab.compress.tune.e2e import split_tune
 from ciuic_lab.config import build_tune, rotations_on, to_container, validate
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import PeakMemory, stored_bytes
@@ -153,12 +154,19 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     compressed_dir = None
     if methods:
         calib = calibration(tokenizer, cfg)
+        # the walk runs the block part; the e2e part distils the compressed model afterwards
+        # against the dense model's distributions, taken before the walk replaces its weights
+        block_tune, e2e = split_tune(build_tune(cfg))
         knobs = {"batch_size": int(cfg.compress.batch_size), "progress": bool(cfg.progress),
                  "min_expert_tokens": int(cfg.compress.min_expert_tokens),
                  "expert_chunk": int(cfg.compress.expert_chunk),
-                 "activations": str(cfg.compress.activations), "tune": build_tune(cfg)}
+                 "activations": str(cfg.compress.activations), "tune": block_tune}
         t0 = time.perf_counter()
         with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
+            if e2e is not None:
+                t_teacher = time.perf_counter()
+                teacher = e2e.teacher(model, calib)
+                e2e_s = time.perf_counter() - t_teacher
             if stream:
                 compressed_dir = _stream_dir(out_dir)
                 report = compress_streamed(m.name_or_path, compressed_dir, calib, methods, device,
@@ -167,10 +175,17 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                                            transform=transform, **knobs)
             else:
                 report = compress_model(model, calib, methods, device=device, **knobs)
+            if e2e is not None:
+                info = e2e.run(model, teacher, progress=bool(cfg.progress))
+                del teacher
+                e2e_s += info["seconds"]
+                metrics["tune/e2e_kl_before"] = info["kl_before"]
+                metrics["tune/e2e_kl_after"] = info["kl_after"]
+                metrics["tune/e2e_kept"] = int(info["kept"])
         metrics["time/compress_s"] = time.perf_counter() - t0
         metrics["time/profile_s"] = report.profile_seconds
-        if knobs["tune"] is not None:
-            metrics["time/tune_s"] = report.tune_seconds
+        if block_tune is not None or e2e is not None:
+            metrics["time/tune_s"] = report.tune_seconds + (e2e_s if e2e is not None else 0.0)
             _tune_metrics(report, metrics)
         metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
         metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes

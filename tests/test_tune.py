@@ -16,6 +16,7 @@ from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.compress.tune.block import BlockTune
+from ciuic_lab.compress.tune.e2e import E2ETune, FullTune, split_tune
 from ciuic_lab.compress.tune.rounding import TunableLinear
 from ciuic_lab.config import build_tune, compose, validate
 from ciuic_lab.errors import ConfigError
@@ -148,3 +149,130 @@ def test_tune_config_is_checked_before_any_model_loads():
     with pytest.raises(ConfigError, match="nothing to tune"):
         validate(compose(["tune=block", "recipe=none", "prune=none", "lowrank=none",
                           "quant=none", "model=tiny-random-llama"]))
+
+
+# ---- tune=e2e: end-to-end distillation of the continuous parameters -------------------------
+def _distilled(arch, methods, e2e):
+    """(teacher from the dense model, the model compressed by `methods`) — never both models."""
+    model = _tiny(arch)
+    teacher = e2e.teacher(model, CALIB)
+    _tuned(model, methods, None)
+    return teacher, model
+
+
+def _may_change(name: str) -> bool:
+    """What e2e trains: base scales, low-rank factors (re-quantised in their format), norms."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("scale", "u", "v", "u_codes", "u_scale", "u_zero", "v_codes", "v_scale",
+                "v_zero"):
+        return True
+    return "norm" in name and leaf == "weight"
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-deepseek-v3"])
+def test_e2e_lowers_the_kl_it_minimises(arch):
+    e2e = E2ETune(iters=8, batch_size=4, topk=16, lr=1e-2)
+    teacher, model = _distilled(arch, [GPTQ(3, 32), SVDLLM(ratio=0.05, factor_bits=8)], e2e)
+    info = e2e.run(model, teacher)
+    assert info["kept"] and info["kl_after"] < info["kl_before"]
+    # measured on the packed model (fp16 scales, re-quantised factors), not the trained copy
+    assert e2e.kl(model, teacher) == pytest.approx(info["kl_after"], rel=1e-6)
+    assert torch.isfinite(torch.tensor(perplexity(model, EVAL, 2, False)))
+
+
+@pytest.mark.parametrize("factor_bits", [8, 16], ids=["factors8", "factors16"])
+def test_e2e_changes_scales_factors_and_norms_only(factor_bits):
+    """Codes, masks, zero points, kept 16-bit values, biases, embeddings, head: bit-identical;
+    the packed bytes and every buffer's dtype and shape unchanged."""
+    e2e = E2ETune(iters=4, batch_size=4, topk=16, lr=1e-2)
+    methods = [SparseGPT(0.5), GPTQ(3, 32), SVDLLM(ratio=0.05, factor_bits=factor_bits)]
+    teacher, model = _distilled("tiny-random-llama", methods, e2e)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = stored_bytes(model)
+    assert e2e.run(model, teacher)["kept"]
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert stored_bytes(model) == nbytes
+    changed = set()
+    for k, v in before.items():
+        assert (after[k].dtype, after[k].shape) == (v.dtype, v.shape), k
+        if not torch.equal(after[k], v):
+            changed.add(k)
+    assert not {k for k in changed if not _may_change(k)}
+    # and it did train each kind of tensor it may
+    for leaf in ("scale", "u_scale" if factor_bits == 8 else "u", "norm.weight"):
+        assert any(k.endswith(leaf) for k in changed), leaf
+    assert not any(k.endswith((".codes", ".zero", ".mask_code")) for k in changed)
+
+
+def test_e2e_that_hurts_is_undone(monkeypatch):
+    """When the trained values raise the KL, the walk's packed model is kept bit for bit."""
+    def scramble(self, model, teacher, trainables, norms, progress):
+        with torch.no_grad():
+            for t in trainables:
+                for p in t.parameters():
+                    p.mul_(-3)
+            for p in norms:
+                p.mul_(-1)
+
+    monkeypatch.setattr(E2ETune, "_fit", scramble)
+    e2e = E2ETune(iters=1, topk=16)
+    teacher, model = _distilled("tiny-random-llama", _recipe(), e2e)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = e2e.run(model, teacher)
+    assert not info["kept"] and info["kl_after"] == info["kl_before"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_teacher_is_the_dense_distribution_coarsened(tmp_path):
+    """Top-k plus the bucket is a distribution; the dense model is at KL 0 from its own teacher;
+    the cache round-trips through its file."""
+    model = _tiny("tiny-random-llama")
+    e2e = E2ETune(topk=16, samples=6, batch_size=4)
+    teacher = e2e.teacher(model, CALIB)
+    assert teacher.logp.shape == (6, 32, 16) and teacher.rest.shape == (6, 32)
+    mass = torch.cat([teacher.logp, teacher.rest[..., None]], -1).logsumexp(-1)
+    torch.testing.assert_close(mass, torch.zeros_like(mass), atol=1e-5, rtol=0)
+    assert (teacher.logp[..., :-1] >= teacher.logp[..., 1:]).all()
+    assert abs(e2e.kl(model, teacher)) < 1e-6
+    teacher.save(tmp_path / "teacher.safetensors")
+    again = type(teacher).load(tmp_path / "teacher.safetensors")
+    assert all(torch.equal(getattr(teacher, k), getattr(again, k))
+               for k in ("windows", "logp", "index", "rest"))
+
+
+def test_e2e_config_is_checked_before_any_model_loads():
+    e2e = build_tune(compose(["tune=e2e", "tune.topk=8"]))
+    assert isinstance(e2e, E2ETune) and e2e.topk == 8
+    full = build_tune(compose(["tune=full", "tune.block.iters=3", "tune.e2e.iters=5"]))
+    assert isinstance(full, FullTune)
+    assert split_tune(full) == (full.block, full.e2e)
+    assert (full.block.iters, full.e2e.iters) == (3, 5)
+    assert split_tune(e2e) == (None, e2e)
+    for override, key in (("tune.topk=0", "tune.topk"), ("tune.lr=1.5", "tune.lr"),
+                          ("tune.samples=-1", "tune.samples"), ("tune.iters=0", "tune.iters")):
+        with pytest.raises(ConfigError, match=key):
+            build_tune(compose(["tune=e2e", override]))
+    for override, key in (("tune.block.iters=0", "tune.block.iters"),
+                          ("tune.e2e.batch_size=0", "tune.e2e.batch_size"),
+                          ("+tune.e2e.itres=3", "tune.e2e.itres")):
+        with pytest.raises(ConfigError, match=key):
+            validate(compose(["tune=full", override, "model=tiny-random-llama"]))
+    for tune in ("e2e", "full"):
+        for mode in ("stream", "offload"):
+            with pytest.raises(ConfigError, match=f"compress.{mode}.*resident"):
+                validate(compose([f"tune={tune}", f"compress.{mode}=true",
+                                  "model=tiny-random-llama"]))
+
+
+def test_a_run_with_tune_full_records_both_parts():
+    from ciuic_lab.runner import run
+
+    out = run(compose(["model=tiny-random-llama", "tune=full", "tune.block.iters=2",
+                       "tune.e2e.iters=3", "tune.e2e.topk=8", "data.calib_samples=4",
+                       "data.calib_seqlen=32", "progress=false", "tracker=none",
+                       "device=cpu"]), evaluate=False)
+    m = out.metrics
+    assert m["tune/e2e_kl_after"] <= m["tune/e2e_kl_before"]
+    assert m["time/tune_s"] > out.report.tune_seconds > 0
+    assert out.report.tuned  # the block part ran inside the walk
