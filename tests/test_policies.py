@@ -27,7 +27,7 @@ def _wmean(profiles, alloc):
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_depth_linear_meets_mean_and_ramps(target):
     ps = _profiles()
-    alloc = get_policy("prune", "depth_linear").allocate(ps, target, ramp=0.2)
+    alloc = get_policy("prune", "depth_linear", ramp=0.2).allocate(ps, target)
     assert _wmean(ps, alloc) == pytest.approx(target, abs=1e-6)
     assert alloc["l5.0"] > alloc["l0.0"]
     assert alloc["l5.0"] - alloc["l0.0"] == pytest.approx(0.2, abs=1e-6)
@@ -45,20 +45,18 @@ def _with_stats(ps, outlier_block, policy):
             x[:, :3] *= 40  # a few outlier features, as in LLM activations
         st.add_batch(x)
         weights[p.name] = w
-        if hasattr(policy, "summarize"):
-            policy.summarize(p.facts.setdefault(policy.stage, {}), w, st)
-    if hasattr(policy, "summarize_block"):
-        for b in {p.block for p in ps}:
-            block = [p for p in ps if p.block == b]
-            policy.summarize_block({p.name: p.facts[policy.stage] for p in block},
-                                   lambda block=block: ((p.name, weights[p.name]) for p in block))
+        policy.summarize(p.facts.setdefault(policy.stage, {}), w, st)
+    for b in {p.block for p in ps}:
+        block = [p for p in ps if p.block == b]
+        policy.summarize_block({p.name: p.facts[policy.stage] for p in block},
+                               lambda block=block: ((p.name, weights[p.name]) for p in block))
     return ps
 
 
 def test_owl_meets_mean_and_spares_the_outlier_block():
-    owl = get_policy("prune", "owl")
+    owl = get_policy("prune", "owl", owl_lambda=0.08, owl_m=5.0)
     ps = _with_stats(_profiles(), outlier_block=2, policy=owl)
-    alloc = owl.allocate(ps, 0.7, owl_lambda=0.08, owl_m=5.0)
+    alloc = owl.allocate(ps, 0.7)
     assert _wmean(ps, alloc) == pytest.approx(0.7, abs=1e-6)
     assert alloc["l2.0"] == min(alloc.values())
     assert all(0.7 - 0.08 - 1e-9 <= v <= 0.7 + 0.08 + 1e-9 for v in alloc.values())
@@ -99,7 +97,7 @@ def test_global_rank_policy_meets_parameter_budget():
 
 def test_kind_map():
     ps = _profiles(n_blocks=1)
-    alloc = get_policy("quant", "kind_map").allocate(ps, 4.0, kind_bits={"attn": 6}, bits=3)
+    alloc = get_policy("quant", "kind_map", kind_bits={"attn": 6}, bits=3).allocate(ps, 4.0)
     assert alloc == {"l0.0": 6, "l0.1": 3, "l0.2": 3}
 
 
@@ -107,15 +105,14 @@ def test_kind_map():
 def test_sensitivity_meets_mean_bits_and_beats_uniform(target):
     ps = _profiles(n_blocks=4)
     torch.manual_seed(1)
-    pol = get_policy("quant", "sensitivity")
+    pol = get_policy("quant", "sensitivity", group_size=32, sym=True, sensitivity="local")
     layers = {}
     for p in ps:
         st = LayerStats(p.shape[1], hessian=True)
         st.add_batch(torch.randn(128, p.shape[1]) * (10 if p.block == 1 else 1))
         layers[p.name] = (torch.randn(p.shape), st)
-        pol.summarize(p.facts.setdefault("quant", {}), *layers[p.name], group_size=32, sym=True,
-                      sensitivity="local")
-    alloc = pol.allocate(ps, target, group_size=32)
+        pol.summarize(p.facts.setdefault("quant", {}), *layers[p.name])
+    alloc = pol.allocate(ps, target)
     assert abs(_wmean(ps, alloc) - target) <= 0.05
     errs = [layer_errors(layers[p.name][0], layers[p.name][1].hessian, None, [2, 3, 4, 5, 6, 8],
                          32, True) for p in ps]
