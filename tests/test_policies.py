@@ -1,14 +1,21 @@
 """Policies turn a model-wide target into per-layer budgets and meet it."""
 
 import itertools
+import re
+from dataclasses import MISSING, fields
 
 import pytest
 import torch
+import yaml
 
-from ciuic_lab.compress.policies import LayerProfile, get_policy
+from ciuic_lab.compress.base import LowRankMethod, PruneMethod, QuantMethod
+from ciuic_lab.compress.policies import LayerProfile, get_policy, policy_classes
+from ciuic_lab.compress.policies.owl import OWL
 from ciuic_lab.compress.policies.rank import greedy_ranks
-from ciuic_lab.compress.policies.sensitivity import allocate_bits, layer_errors
+from ciuic_lab.compress.policies.sensitivity import Sensitivity, allocate_bits, layer_errors
 from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.config import CONF_DIR, build_methods, compose
+from ciuic_lab.errors import ConfigError
 
 
 def _profiles(n_blocks=6, shapes=((64, 64), (128, 64), (64, 128))):
@@ -136,3 +143,60 @@ def test_uniform_bits_meets_a_fractional_mean():
     assert set(alloc.values()) == {3, 4}
     assert abs(_wmean(ps, alloc) - 3.5) <= 0.05
     assert set(get_policy("quant", "uniform").allocate(ps, 4.0).values()) == {4}
+
+
+# ---- policies own their knobs -------------------------------------------------------------------
+STAGE_METHODS = {"prune": PruneMethod, "lowrank": LowRankMethod, "quant": QuantMethod}
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["prune.owl_m=-1"], "prune.owl_m"),
+    (["prune.owl_lambda=1.5"], "prune.owl_lambda"),
+    (["prune.policy=depth_linear", "prune.ramp=3"], "prune.ramp"),
+    (["quant.budget=bogus"], "quant.budget"),
+    (["quant.sensitivity=hessian"], "quant.sensitivity"),
+    (["quant.candidate_bits=[1,4]"], "quant.candidate_bits"),
+    (["quant.candidate_groups=[0]"], "quant.candidate_groups"),
+    (["quant.policy=kind_map", "quant.kind_bits={attn:9}"], "quant.kind_bits"),
+    # A knob of a policy not in use is checked all the same (recipe=none: uniform everywhere),
+    # so a typo fails now rather than on the day the policy is switched on.
+    (["recipe=none", "quant.budget=bogus"], "quant.budget"),
+    (["recipe=none", "prune.owl_m=0"], "prune.owl_m"),
+])
+def test_a_bad_policy_knob_fails_naming_its_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
+        build_methods(compose(overrides))
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+@pytest.mark.parametrize("stage", list(STAGE_METHODS))
+def test_a_policy_knob_default_is_written_once(stage):
+    """The policy's dataclass holds each default. The stage's Method declares the key with
+    `knob` (taking that default), and conf/<stage>/_common.yaml must list the key for
+    `<stage>.<knob>=v` to override it without a `+`: it has to say the same value."""
+    common = yaml.safe_load((CONF_DIR / stage / "_common.yaml").read_text())
+    method_fields = {f.name: f for f in fields(STAGE_METHODS[stage])}
+    for name, cls in policy_classes(stage).items():
+        if not cls.__module__.startswith("ciuic_lab."):
+            continue  # registered by some other test or script
+        for f in fields(cls):
+            assert f.name in method_fields, f"{stage}.{f.name} ({name}) is no Method field"
+            if f.default is MISSING and f.default_factory is MISSING:
+                continue  # the Method's own knob, its default the Method's
+            want = _default(f)
+            assert _default(method_fields[f.name]) == want, f"{stage}.{f.name}: Method default"
+            assert f.name in common, f"{stage}.{f.name} missing from conf/{stage}/_common.yaml"
+            assert common[f.name] == want, (f"{stage}.{f.name}: _common.yaml says "
+                                            f"{common[f.name]!r}, {cls.__name__} {want!r}")
+
+
+def test_the_method_builds_its_policy_from_its_own_keys():
+    cfg = compose(["prune.owl_m=3", "prune.owl_lambda=0.05", "quant.budget=stored",
+                   "quant.group_size=64"])
+    prune, quant, _ = build_methods(cfg)
+    assert prune.bound_policy == OWL(owl_lambda=0.05, owl_m=3.0)
+    assert quant.bound_policy == Sensitivity(group_size=64, sym=True, budget="stored")
+    assert get_policy("prune", "owl") == OWL(owl_m=5.0)  # the one default
