@@ -13,13 +13,14 @@ ordering reversed, and uniform except the most sensitive block (measured above) 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
 from ciuic_lab.api import compress
 from ciuic_lab.compress.blocks import Resident
 from ciuic_lab.compress.pipeline import profile, profile_walk
-from ciuic_lab.compress.policies import owl, register
+from ciuic_lab.compress.policies import PolicyBase, owl, register
 from ciuic_lab.compress.policies._mean import meet_mean
 from ciuic_lab.config import build_methods, compose
 from ciuic_lab.data.wikitext import test_windows
@@ -32,18 +33,20 @@ _PICK: dict = {"block": None, "delta": 0.0}
 
 
 @register("prune", "only_block")
-class OnlyBlock:
+@dataclass(kw_only=True)
+class OnlyBlock(PolicyBase):
     """Probe: the target sparsity on one block, the others left dense (sparsity 0)."""
 
-    def allocate(self, profiles, target, **_):
+    def allocate(self, profiles, target):
         return {p.name: (target if p.block == _PICK["block"] else 0.0) for p in profiles}
 
 
 @register("prune", "protect_block")
-class ProtectBlock:
+@dataclass(kw_only=True)
+class ProtectBlock(PolicyBase):
     """Uniform, but one block at target - delta; the rest shift to keep the weighted mean."""
 
-    def allocate(self, profiles, target, **_):
+    def allocate(self, profiles, target):
         d = _PICK["delta"]
         raw = torch.tensor([target - d if p.block == _PICK["block"] else target for p in profiles])
         w = torch.tensor([float(p.params) for p in profiles])
@@ -52,11 +55,12 @@ class ProtectBlock:
 
 
 @register("prune", "owl_reversed")
+@dataclass(kw_only=True)
 class OWLReversed(owl.OWL):
     """OWL's rule with the outlier ratios negated: blocks with more outliers pruned more."""
 
-    def summarize_block(self, facts_by_layer, weights, **kw):
-        super().summarize_block(facts_by_layer, weights, **kw)
+    def summarize_block(self, facts_by_layer, weights):
+        super().summarize_block(facts_by_layer, weights)
         for facts in facts_by_layer.values():
             facts["block_outlier_ratio"] = -facts["block_outlier_ratio"]
 

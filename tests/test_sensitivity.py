@@ -152,7 +152,7 @@ def test_formats_meet_the_stored_budget_and_pay_for_their_grids():
 @pytest.mark.parametrize("target", [3.0, 3.5])
 def test_the_policy_is_never_predicted_worse_than_uniform(target):
     torch.manual_seed(0)
-    pol = get_policy("quant", "sensitivity")
+    pol = get_policy("quant", "sensitivity", candidate_bits=[2, 3, 4], group_size=32, sym=True)
     ps = [LayerProfile(f"l{i}", "mlp", (32, 64), i) for i in range(6)]
     from ciuic_lab.compress.stats import LayerStats
 
@@ -160,9 +160,8 @@ def test_the_policy_is_never_predicted_worse_than_uniform(target):
         st = LayerStats(64, hessian=True)
         st.add_batch(torch.randn(64, 64))
         p.facts["quant"] = {"output_fisher": torch.rand(32)}
-        pol.summarize(p.facts["quant"], torch.randn(32, 64), st, candidate_bits=[2, 3, 4],
-                      group_size=32)
-    alloc = pol.allocate(ps, target, candidate_bits=[2, 3, 4], group_size=32)
+        pol.summarize(p.facts["quant"], torch.randn(32, 64), st)
+    alloc = pol.allocate(ps, target)
     uniform = get_policy("quant", "uniform").allocate(ps, target)
     err = lambda a: sum(p.facts["quant"]["errors"][(a[p.name], 32)] for p in ps)  # noqa: E731
     assert err(alloc) <= err(uniform) + 1e-9

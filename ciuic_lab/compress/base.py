@@ -6,17 +6,26 @@ its maths lives in pure functions beside it. A stage = method + policy + model-w
 
 Adding a method is one file (a subclass) plus one YAML in conf/<stage>/ whose `_target_` names it.
 Configs are checked in __post_init__, before any model is loaded.
+
+A stage's policy knobs (prune.owl_m, quant.budget, ...) are fields here too, so that Hydra and the
+config schema see them under the stage's keys; each takes its default from the policy that owns
+it (`knob`), and the method hands them to that policy when it builds it (`bound_policy`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import ClassVar
 
 from torch import nn
 
-from ciuic_lab.compress.policies import LayerProfile, get_policy
+from ciuic_lab.compress.policies import LayerProfile, Policy, knob, policy_class, policy_classes
+from ciuic_lab.compress.policies.depth_linear import DepthLinear
+from ciuic_lab.compress.policies.kind_map import KindMap
+from ciuic_lab.compress.policies.owl import OWL
+from ciuic_lab.compress.policies.sensitivity import Sensitivity
 from ciuic_lab.compress.prune.masks import mask_from_scores
 from ciuic_lab.compress.state import LayerState, QuantPart, rtn_quantize
 from ciuic_lab.compress.stats import LayerStats
@@ -47,35 +56,46 @@ class Method:
         """The model-wide goal the policy spreads over layers (mean sparsity, rank rule, bits)."""
         raise NotImplementedError
 
-    def _policy(self):
-        return get_policy(self.stage, self.policy)
+    # ---- the stage's policy -----------------------------------------------------------------
+    @cached_property
+    def bound_policy(self) -> Policy:
+        """The policy `<stage>.policy` names, built from this method's knobs (and so checked).
+        Every other policy of the stage whose knobs this method holds is built too, only to
+        check them: a bad value fails now, not on the day someone switches policy."""
+        chosen = policy_class(self.stage, self.policy)
+        for cls in policy_classes(self.stage).values():
+            if cls is not chosen and self._holds_knobs(cls):
+                self._build_policy(cls)
+        return self._build_policy(chosen)
+
+    def _holds_knobs(self, cls: type) -> bool:
+        return all(hasattr(self, f.name) for f in fields(cls))
+
+    def _build_policy(self, cls: type) -> Policy:
+        # A policy's fields are `<stage>.<field>` config keys, so the method holds them by name.
+        missing = [f.name for f in fields(cls) if not hasattr(self, f.name)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} has no field for {cls.__name__}'s knobs "
+                            f"{', '.join(missing)} (declare them with `knob`)")
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
     def policy_needs(self) -> frozenset[str]:
         """What the policy reads in the profile walk: "weight", "act_norm", "hessian",
         "output_grad" (the calibration loss's gradient at each layer's output)."""
-        policy = self._policy()
-        if hasattr(policy, "needs_for"):  # needs that depend on the method's knobs
-            return frozenset(policy.needs_for(**asdict(self)))
-        return getattr(policy, "needs", frozenset())
+        return frozenset(self.bound_policy.needs())
 
     def summarize(self, profile: LayerProfile, weight, stats: LayerStats | None) -> None:
         """Let the policy keep its small fact about one layer (profile walk)."""
-        policy = self._policy()
-        if hasattr(policy, "summarize"):
-            # Policies take the knobs they know by keyword (owl_m, candidate_bits, ...).
-            policy.summarize(profile.facts.setdefault(self.stage, {}), weight, stats, **asdict(self))
+        self.bound_policy.summarize(profile.facts.setdefault(self.stage, {}), weight, stats)
 
     def summarize_block(self, profiles: list[LayerProfile], prefix: str, weights) -> None:
         """Let the policy compare one block's layers; `weights()` yields (name in the block,
         weight) for each of them, as many times as it is called."""
-        policy = self._policy()
-        if hasattr(policy, "summarize_block"):
-            facts = {p.name[len(prefix) + 1:]: p.facts.setdefault(self.stage, {}) for p in profiles}
-            policy.summarize_block(facts, weights, **asdict(self))
+        facts = {p.name[len(prefix) + 1:]: p.facts.setdefault(self.stage, {}) for p in profiles}
+        self.bound_policy.summarize_block(facts, weights)
 
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
-        alloc = self._policy().allocate(profiles, self.goal(), **asdict(self))
-        return self.pin(alloc)
+        return self.pin(self.bound_policy.allocate(profiles, self.goal()))
 
     # ---- per-layer overrides by name (`<stage>.layers`) -------------------------------------
     # {name pattern: budget}: the first pattern that matches a layer sets its budget after the
@@ -142,16 +162,16 @@ class PruneMethod(Method):
     sparsity: float = 0.5
     pattern: str = "unstructured"
     policy: str = "uniform"  # uniform | depth_linear | owl
-    ramp: float = 0.2  # depth_linear: sparsity difference between last and first block
-    owl_lambda: float = 0.08  # owl: layer sparsities within goal ± lambda
-    owl_m: float = 5.0  # owl: outlier = score above M × block mean
+    ramp: float = knob(DepthLinear, "ramp")
+    owl_lambda: float = knob(OWL, "owl_lambda")
+    owl_m: float = knob(OWL, "owl_m")
     layers: dict | None = None  # {name pattern: sparsity or null (not pruned)}
 
     def __post_init__(self):
         _check(isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
                "prune.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
         self.nm = parse_pattern(self.pattern)
-        get_policy("prune", self.policy)
+        self.bound_policy  # noqa: B018 (built now: its knobs are checked before any model loads)
         self._check_layers()
 
     def _check_budget(self, key: str, budget) -> None:
@@ -223,7 +243,7 @@ class LowRankMethod(Method):
                f"rule=rank needs a positive integer rank, got {self.rank!r}")
         _check(self.factor_bits == 16 or 2 <= self.factor_bits <= 8, "lowrank.factor_bits",
                f"must be 16 or in 2..8, got {self.factor_bits}")
-        get_policy("lowrank", self.policy)
+        self.bound_policy  # noqa: B018 (built now: its knobs are checked before any model loads)
         self._check_layers()
 
     def _check_budget(self, key: str, budget) -> None:
@@ -262,12 +282,13 @@ class QuantMethod(Method):
     group_size: int = 128
     sym: bool = True
     policy: str = "uniform"  # uniform | kind_map | sensitivity
-    avg_bits: float | None = None  # sensitivity: mean bits goal (null = `bits`)
-    kind_bits: dict | None = None  # kind_map: {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
-    candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
-    candidate_groups: list | None = None  # sensitivity: group sizes a layer may get (null: group_size)
-    sensitivity: str = "fisher"  # sensitivity: fisher (end-to-end) | local (layer output error)
-    budget: str = "codes"  # sensitivity: avg_bits counts code bits (codes) or everything (stored)
+    avg_bits: float | None = None  # mean bits goal of uniform and sensitivity (null = `bits`)
+    # `knob` returns a dataclasses.field (a fresh list per instance), which RUF009 cannot see.
+    kind_bits: dict | None = knob(KindMap, "kind_bits")  # noqa: RUF009
+    candidate_bits: list = knob(Sensitivity, "candidate_bits")  # noqa: RUF009
+    candidate_groups: list | None = knob(Sensitivity, "candidate_groups")  # noqa: RUF009
+    sensitivity: str = knob(Sensitivity, "sensitivity")
+    budget: str = knob(Sensitivity, "budget")
     layers: dict | None = None  # {name pattern: bits or null (kept at the store dtype)}
 
     def __post_init__(self):
@@ -275,17 +296,10 @@ class QuantMethod(Method):
                f"must be an integer in 2..8, got {self.bits!r}")
         _check(self.avg_bits is None or 2 <= float(self.avg_bits) <= 8, "quant.avg_bits",
                f"must be in [2, 8] or null, got {self.avg_bits!r}")
-        for b in list(self.candidate_bits) + list((self.kind_bits or {}).values()):
-            _check(isinstance(b, int) and 2 <= b <= 8, "quant.candidate_bits/kind_bits",
-                   f"every width must be an integer in 2..8, got {b!r}")
-        for g in [self.group_size, *(self.candidate_groups or [])]:
-            _check(isinstance(g, int) and (g == -1 or g > 0), "quant.group_size/candidate_groups",
-                   f"must be -1 (per channel) or a positive integer, got {g!r}")
-        _check(self.sensitivity in ("fisher", "local"), "quant.sensitivity",
-               f"must be fisher or local, got {self.sensitivity!r}")
-        _check(self.budget in ("codes", "stored"), "quant.budget",
-               f"must be codes or stored, got {self.budget!r}")
-        get_policy("quant", self.policy)
+        _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
+               "quant.group_size",
+               f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        self.bound_policy  # noqa: B018 (built now: its knobs are checked before any model loads)
         self._check_layers()
 
     def _check_budget(self, key: str, budget) -> None:

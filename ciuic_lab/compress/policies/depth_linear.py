@@ -5,15 +5,26 @@ Motivated by the observation that deeper LLM layers are more redundant (e.g. Gro
 d_i = block / (L − 1), shifted so that the parameter-weighted mean is exactly S.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.policies import LayerProfile, PolicyBase, is_number, register
 from ciuic_lab.compress.policies._mean import meet_mean
 
 
 @register("prune", "depth_linear")
-class DepthLinear:
-    def allocate(self, profiles: list[LayerProfile], target: float, ramp: float = 0.2, **_) -> dict:
+@dataclass(kw_only=True)
+class DepthLinear(PolicyBase):
+    ramp: float = 0.2  # last block's sparsity minus the first's (negative: earlier pruned more)
+
+    def __post_init__(self):
+        # Sparsities live in [0, 1): a wider ramp would only be clipped away.
+        self.check(is_number(self.ramp) and -1.0 <= self.ramp <= 1.0, "ramp",
+                   f"must be a number in [-1, 1], got {self.ramp!r}")
+
+    def allocate(self, profiles: list[LayerProfile], target: float) -> dict:
+        ramp = self.ramp
         last = max(p.block for p in profiles) or 1
         depth = torch.tensor([p.block / last for p in profiles])
         w = torch.tensor([float(p.params) for p in profiles])

@@ -4,13 +4,25 @@ Kinds not in the map get `quant.bits`. The map is the simplest mixed-precision p
 bits it lands on are reported, not forced.
 """
 
-from ciuic_lab.compress.policies import LayerProfile, register
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ciuic_lab.compress.policies import LayerProfile, PolicyBase, register
 
 
 @register("quant", "kind_map")
-class KindMap:
-    def allocate(self, profiles: list[LayerProfile], target: float, kind_bits=None, bits=None,
-                 **_) -> dict:
-        kind_bits = dict(kind_bits or {})
-        default = int(bits if bits is not None else round(target))
-        return {p.name: int(kind_bits.get(p.kind, default)) for p in profiles}
+@dataclass(kw_only=True)
+class KindMap(PolicyBase):
+    bits: int  # quant.bits (the method's, checked there): kinds the map leaves out
+    kind_bits: dict | None = None  # {attn: 4, mlp: 3, shared_expert: 4, expert: 3}
+
+    def __post_init__(self):
+        self.check(self.kind_bits is None or isinstance(self.kind_bits, Mapping), "kind_bits",
+                   f"must be a mapping {{kind: bits}} or null, got {self.kind_bits!r}")
+        for kind, b in (self.kind_bits or {}).items():
+            self.check(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8,
+                       "kind_bits", f"{kind}: every width must be an integer in 2..8, got {b!r}")
+
+    def allocate(self, profiles: list[LayerProfile], target: float) -> dict:
+        kind_bits = dict(self.kind_bits or {})
+        return {p.name: int(kind_bits.get(p.kind, self.bits)) for p in profiles}

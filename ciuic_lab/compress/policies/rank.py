@@ -6,9 +6,11 @@ factorised, known only when the layer is compressed, so `rank_for` runs inside t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.policies import LayerProfile, PolicyBase, register
 
 
 def rank_for(shape: tuple[int, int], singular_values: torch.Tensor, rule: dict) -> int:
@@ -36,8 +38,9 @@ def rank_for(shape: tuple[int, int], singular_values: torch.Tensor, rule: dict) 
 
 
 @register("lowrank", "rank")
-class PerLayerRule:
-    def allocate(self, profiles: list[LayerProfile], target: dict, **_) -> dict[str, dict]:
+@dataclass(kw_only=True)
+class PerLayerRule(PolicyBase):
+    def allocate(self, profiles: list[LayerProfile], target: dict) -> dict[str, dict]:
         return {p.name: dict(target) for p in profiles}
 
 
@@ -65,16 +68,18 @@ def greedy_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], bud
 
 
 @register("lowrank", "global")
-class GlobalBudget:
+@dataclass(kw_only=True)
+class GlobalBudget(PolicyBase):
     """One parameter budget for the whole model (`lowrank.ratio` of all compressible parameters),
     spread over layers by singular-value gain of their dense weights (see greedy_ranks)."""
 
-    needs = frozenset({"weight"})
+    def needs(self) -> frozenset[str]:
+        return frozenset({"weight"})
 
-    def summarize(self, facts: dict, weight, stats, **_) -> None:
+    def summarize(self, facts: dict, weight, stats) -> None:
         facts["spectrum"] = torch.linalg.svdvals(weight.double().cpu())
 
-    def allocate(self, profiles: list[LayerProfile], target: dict, **_) -> dict[str, dict]:
+    def allocate(self, profiles: list[LayerProfile], target: dict) -> dict[str, dict]:
         spectra = [p.facts[self.stage]["spectrum"] for p in profiles]
         budget = int(target["ratio"] * sum(p.params for p in profiles))
         ranks = greedy_ranks(spectra, [p.shape for p in profiles], budget)

@@ -32,9 +32,12 @@ uniform.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import torch
 
-from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.policies import LayerProfile, PolicyBase, register
 from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.errors import ConfigError
 
@@ -125,40 +128,61 @@ def allocate_formats(errors: list[dict[tuple, float]], costs: list[dict[tuple, f
 
 
 @register("quant", "sensitivity")
-class Sensitivity:
-    needs = frozenset({"hessian"})
+@dataclass(kw_only=True)
+class Sensitivity(PolicyBase):
+    group_size: int  # quant.group_size and quant.sym: the method's, checked there
+    sym: bool
+    candidate_bits: list = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])  # widths to choose
+    candidate_groups: list | None = None  # group sizes a layer may get (null: group_size)
+    sensitivity: str = "fisher"  # fisher (end-to-end) | local (the layer's own output error)
+    budget: str = "codes"  # avg_bits counts code bits (codes) or every stored bit (stored)
 
-    def needs_for(self, sensitivity: str = "fisher", **_) -> frozenset[str]:
-        return self.needs | ({"output_grad"} if sensitivity == "fisher" else set())
+    def __post_init__(self):
+        bits = self.candidate_bits
+        self.check(isinstance(bits, Sequence) and not isinstance(bits, str) and len(bits) > 0,
+                   "candidate_bits",
+                   f"must be a non-empty list of widths, got {bits!r}")
+        for b in bits:
+            self.check(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8,
+                       "candidate_bits", f"every width must be an integer in 2..8, got {b!r}")
+        for g in self.candidate_groups or []:
+            self.check(isinstance(g, int) and not isinstance(g, bool) and (g == -1 or g > 0),
+                       "candidate_groups",
+                       f"must be -1 (per channel) or a positive integer, got {g!r}")
+        self.check(self.sensitivity in ("fisher", "local"), "sensitivity",
+                   f"must be fisher or local, got {self.sensitivity!r}")
+        self.check(self.budget in ("codes", "stored"), "budget",
+                   f"must be codes or stored, got {self.budget!r}")
 
-    def summarize(self, facts: dict, weight, stats, candidate_bits=(2, 3, 4, 5, 6, 8),
-                  candidate_groups=None, group_size: int = 128, sym: bool = True,
-                  sensitivity: str = "fisher", **_) -> None:
-        fisher = facts.get("output_fisher") if sensitivity == "fisher" else None
-        if sensitivity == "fisher" and fisher is None:
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"} | ({"output_grad"} if self.sensitivity == "fisher" else set()))
+
+    def summarize(self, facts: dict, weight, stats) -> None:
+        fisher = facts.get("output_fisher") if self.sensitivity == "fisher" else None
+        if self.sensitivity == "fisher" and fisher is None:
             raise ValueError("quant.sensitivity=fisher: no output gradients were collected for "
                              "this layer (the profile walk runs output_fisher_walk first)")
-        cands = sorted(int(b) for b in candidate_bits)
-        groups = list(candidate_groups or [group_size])
+        cands = sorted(int(b) for b in self.candidate_bits)
+        groups = list(self.candidate_groups or [self.group_size])
         errors, costs = {}, {}
         for g in groups:
-            for b, e in layer_errors(weight, stats.hessian, stats.sq_norm, cands, g, sym,
+            for b, e in layer_errors(weight, stats.hessian, stats.sq_norm, cands, g, self.sym,
                                      fisher).items():
                 errors[(b, g)] = e
-                costs[(b, g)] = b + grid_bits(g, weight.shape[1], sym)
+                costs[(b, g)] = b + grid_bits(g, weight.shape[1], self.sym)
         facts["errors"], facts["costs"] = errors, costs
 
-    def allocate(self, profiles: list[LayerProfile], target: float,
-                 candidate_bits=(2, 3, 4, 5, 6, 8), group_size: int = 128, sym: bool = True,
-                 budget: str = "codes", **_) -> dict:
-        cands = sorted(int(b) for b in candidate_bits)
+    def allocate(self, profiles: list[LayerProfile], target: float) -> dict:
+        group_size, sym = self.group_size, self.sym
+        cands = sorted(int(b) for b in self.candidate_bits)
         if not cands[0] <= target <= cands[-1]:
             raise ConfigError(f"quant.avg_bits: {target} is outside the candidate widths {cands}")
         facts = [p.facts[self.stage] for p in profiles]
         params = [p.params for p in profiles]
         # `codes`: avg_bits counts code bits at the configured group size; `stored`: avg_bits is
         # the stored bits per weight, grids included. Either way formats pay for their grids.
-        total = [target + (grid_bits(group_size, p.shape[1], sym) if budget == "codes" else 0.0)
+        total = [target + (grid_bits(group_size, p.shape[1], sym) if self.budget == "codes"
+                           else 0.0)
                  for p in profiles]
         mean_total = sum(t * n for t, n in zip(total, params)) / sum(params)
         chosen = allocate_formats([f["errors"] for f in facts], [f["costs"] for f in facts],

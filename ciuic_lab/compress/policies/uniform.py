@@ -1,24 +1,27 @@
 """Uniform allocation: every layer gets the model-wide target (sparsity or bits)."""
 
 import math
+from dataclasses import dataclass
 
-from ciuic_lab.compress.policies import LayerProfile, register
+from ciuic_lab.compress.policies import LayerProfile, PolicyBase, register
 
 
 @register("prune", "uniform")
-class Uniform:
-    def allocate(self, profiles: list[LayerProfile], target: float, **_) -> dict[str, float]:
+@dataclass(kw_only=True)
+class Uniform(PolicyBase):
+    def allocate(self, profiles: list[LayerProfile], target: float) -> dict[str, float]:
         return {p.name: target for p in profiles}
 
 
 @register("quant", "uniform")
-class UniformBits:
+@dataclass(kw_only=True)
+class UniformBits(PolicyBase):
     """Every layer at `target` bits; a fractional mean (quant.avg_bits=3.5) is met blind to
     sensitivity: layers in walk order take the higher width until the parameter-weighted mean
     would pass the target, the rest the lower one. The baseline that sensitivity allocation must
     beat at equal mean bits."""
 
-    def allocate(self, profiles: list[LayerProfile], target: float, **_) -> dict[str, int]:
+    def allocate(self, profiles: list[LayerProfile], target: float) -> dict[str, int]:
         lo, hi = math.floor(target), math.ceil(target)
         if lo == hi:
             return {p.name: int(lo) for p in profiles}
