@@ -30,8 +30,6 @@ def build_methods(cfg: DictConfig) -> list[Method]:
     """Instantiate the enabled stages in `cfg.stages` order, checking every value (and first,
     that the config holds no key the schema does not know and names no callable the lab does
     not register)."""
-    from hydra.utils import instantiate
-
     schema.check(cfg)
     order = list(cfg.stages)
     for s in order:
@@ -44,16 +42,7 @@ def build_methods(cfg: DictConfig) -> list[Method]:
         group = cfg.get(s)
         if group is None or "_target_" not in group:
             continue  # `<stage>=none`
-        try:
-            m = instantiate(group, _convert_="all")
-        except Exception as e:  # Hydra wraps the dataclass' own error; surface the key
-            cause = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            if isinstance(cause, ConfigError):
-                raise cause from None
-            raise
-        methods.append(m)
+        methods.append(_instantiate(group))
     for m in methods:
         if m.alone and len(methods) > 1:
             others = " ".join(f"{x.stage}=none" for x in methods if x is not m)
@@ -64,14 +53,20 @@ def build_methods(cfg: DictConfig) -> list[Method]:
 def build_tune(cfg: DictConfig):
     """The tuning pass of `tune=<option>`, checked, or None (`tune=none`). Its `_target_` was
     checked against conf/tune's own (schema.check, in build_methods) before this runs."""
-    from hydra.utils import instantiate
-
     group = cfg.get("tune")
     if group is None or "_target_" not in group:
         return None
+    return _instantiate(group)
+
+
+def _instantiate(group: DictConfig):
+    """Build a config group's `_target_` (already checked by schema.check), surfacing the
+    dataclass' own ConfigError that Hydra wraps, so the message still names the key."""
+    from hydra.utils import instantiate
+
     try:
         return instantiate(group, _convert_="all")
-    except Exception as e:  # Hydra wraps the dataclass' own error; surface the key
+    except Exception as e:
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
