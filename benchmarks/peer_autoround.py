@@ -6,7 +6,9 @@ side on one model, the same calibration windows and the same perplexity windows.
 
 Per width (symmetric grid, groups of --group, so every row stores the same bits/param):
     gptq                   the lab's one-shot GPTQ (tune=none)
-    gptq + tune=block      the lab's learned rounding on top (`--iters` steps, lr `--lr`)
+    gptq + tune=block      the lab's learned rounding on top (`--iters` steps, lr `--lr`),
+                           starting from GPTQ's codes
+    rtn + tune=block       the same, starting from round-to-nearest (as AutoRound does)
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -40,9 +42,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def lab_row(model_name: str, bits: int, group: int, tune: bool, iters: int, lr: float,
-            calib: tuple[int, int]):
+            calib: tuple[int, int], quant: str = "gptq"):
     model, tok = load(model_name, device="cpu")
-    overrides = ["recipe=none", "prune=none", "lowrank=none", "quant=gptq", f"quant.bits={bits}",
+    overrides = ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}", f"quant.bits={bits}",
                  f"quant.group_size={group}", "quant.sym=true", f"model.name_or_path={model_name}",
                  f"data.calib_samples={calib[0]}", f"data.calib_seqlen={calib[1]}"]
     if tune:
@@ -96,7 +98,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--calib", type=int, nargs=2, default=[32, 256], help="windows, seqlen")
-    ap.add_argument("--rows", nargs="+", default=["gptq", "gptq+tune", "autoround"])
+    ap.add_argument("--rows", nargs="+", default=["gptq", "gptq+tune", "rtn+tune", "autoround"])
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load(a.model, device="cpu")
@@ -118,11 +120,12 @@ def main() -> None:
             if name == "autoround":
                 m, _, bpp, secs = autoround_row(a.model, bits, a.group, a.iters, a.lr, calib)
             else:
-                m, _, bpp, secs = lab_row(a.model, bits, a.group, name == "gptq+tune", a.iters,
-                                          a.lr, tuple(a.calib))
+                quant, _, tune = name.partition("+")
+                m, _, bpp, secs = lab_row(a.model, bits, a.group, tune == "tune", a.iters,
+                                          a.lr, tuple(a.calib), quant)
             ppl = perplexity(m, windows, batch_size=1, progress=False)
             label = {"gptq": "lab gptq", "gptq+tune": "lab gptq + tune=block",
-                     "autoround": "AutoRound 0.16.1"}[name]
+                     "rtn+tune": "lab rtn + tune=block", "autoround": "AutoRound 0.16.1"}[name]
             line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
                     f" | {secs:.0f} |")
             lines.append(line)
