@@ -99,6 +99,8 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
         raise ConfigError(f"eval.seqlen: must be >= 2 or null, got {ev.seqlen}")
     if ev.max_windows is not None and int(ev.max_windows) < 1:
         raise ConfigError(f"eval.max_windows: must be >= 1 or null, got {ev.max_windows}")
+    if ev.serve_memory and int(ev.serve_windows) < 1:
+        raise ConfigError(f"eval.serve_windows: must be >= 1, got {ev.serve_windows}")
     for key in ("calib_samples", "calib_seqlen"):
         if int(cfg.data[key]) < 1:
             raise ConfigError(f"data.{key}: must be >= 1, got {cfg.data[key]}")

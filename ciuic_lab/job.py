@@ -200,6 +200,10 @@ def _print_summary(m: dict) -> None:
         ("peak memory during eval", f"{m['mem/peak_bytes'] / 2**20:.1f} MiB ({m['mem/peak_kind']})"),
         ("compress / eval time", f"{m['time/compress_s']:.1f} s / {m['time/eval_s']:.1f} s"),
     ]
+    if "mem/serve_peak_bytes" in m:
+        rows.append(("serving peak, fresh process (dense → compressed)",
+                     (f"{m.get('mem/serve_peak_bytes_dense', float('nan')) / 2**20:.1f} → "
+                      f"{m['mem/serve_peak_bytes'] / 2**20:.1f} MiB")))
     if "mem/compress_peak_device_bytes" in m:
         rows.append(("peak memory during compression (device / host)",
                      f"{m['mem/compress_peak_device_bytes'] / 2**20:.1f} / "

@@ -219,9 +219,17 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         if cfg.save and out_dir is not None:
             from ciuic_lab.compress.checkpoint import save
 
-            save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
-                 run_config=to_container(cfg))
+            compressed_dir = save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
+                                  run_config=to_container(cfg))
         weight_bytes = stored_bytes(model)
+
+    if suite is not None and cfg.eval.serve_memory:
+        from ciuic_lab.eval.serve_memory import serving_memory
+
+        # Before the compressed evaluation: it prepares kernels in place, and a prepared model
+        # cannot be saved for the fresh process to load.
+        metrics.update(serving_memory(cfg, suite.windows, model, tokenizer, compressed_dir, notes,
+                                      out_dir, dense=not (stream or offload)))
 
     generations: list[dict] = []
     if suite is not None and walk_eval:

@@ -268,6 +268,27 @@ def test_summary_table_shows_accuracy_when_measured(tmp_path):
     assert lines[4].split()[-2:] == ["0.375", "0.420"] and lines[5].split()[-2:] == ["-", "0.420"]
 
 
+def test_serving_memory_falls_back_to_the_in_process_peak_with_a_note(tmp_path):
+    from ciuic_lab.track.callback import summary_table
+    from ciuic_lab.track.results import serve_memory
+
+    _fake_sweep(tmp_path)
+    df = load(tmp_path)
+    mem, note = serve_memory(df)
+    assert mem.isna().all() and note is None
+    assert "serve MiB" not in summary_table(df, pareto(df, "size/bits_per_param", "ppl/wikitext2"))
+    df["mem/serve_peak_bytes"] = [3 * 2**20, 2 * 2**20, None, None]  # job 2: an older result
+    df["mem/serve_peak_bytes_dense"] = 4 * 2**20
+    df["mem/peak_bytes"] = [900 * 2**20, 950 * 2**20, 990 * 2**20, None]
+    mem, note = serve_memory(df)
+    assert list(mem.iloc[:3] / 2**20) == [3, 2, 990] and math.isnan(mem.iloc[3])
+    assert note.startswith("1 of 4 runs have no mem/serve_peak_bytes")
+    lines = summary_table(df, pareto(df, "size/bits_per_param", "ppl/wikitext2")).splitlines()
+    assert lines[0].split()[-3:] == ["serve", "MiB", "dense"]
+    assert lines[3].split()[-2:] == ["2.0", "4.0"] and lines[4].split()[-2:] == ["990.0", "4.0"]
+    assert lines[-1] == f"note: {note}"
+
+
 def test_summarize_sweep_with_zero_ok_results(tmp_path, capsys):
     write_result(tmp_path / "0", config={"a": 1}, metrics={}, layers=[], status="failed",
                  error="boom")

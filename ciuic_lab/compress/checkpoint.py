@@ -268,17 +268,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest["shards"]:
         tensors.update(read_shard(path, shard, manifest))
-    model = skeleton(manifest, "cpu")
+    # A meta skeleton adopting the read tensors: one built on the CPU would hold the dense
+    # model's weights while loading, and serving memory would peak at the dense size.
+    model = skeleton(manifest, "meta")
     ad = adapter_for(model)
     for i, block in enumerate(ad.blocks(model)):
         install_shells(block, ad.block_name(i), manifest, tensors)
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     # Non-persistent buffers (rotary caches) are not in state_dict; anything else must match.
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model in {MANIFEST}: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    rebuild_non_persistent(model, torch.device("cpu"))
     return model.to(device).eval()
 
 

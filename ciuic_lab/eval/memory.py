@@ -65,7 +65,9 @@ class PeakMemory:
     "cuda_max_allocated": tensors only, the model's stored weights included).
     CPU: the process's peak resident set size over the block (kind "cpu_peak_rss": everything the
     process holds, interpreter and libraries included), from VmHWM reset on entry, or sampled
-    every few ms where the counter cannot be reset. `.peak_bytes` is set on exit.
+    every few ms where the counter cannot be reset. `.peak_bytes` is set on exit; `.start_bytes`
+    is what was already held on entry (RSS, or allocated CUDA bytes), so `peak_bytes -
+    start_bytes` is what the block itself added at its peak.
     """
 
     def __init__(self, device: torch.device | str | None = None):
@@ -73,17 +75,23 @@ class PeakMemory:
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
         self.method: str | None = None  # how it was measured: cuda | vmhwm | sampled
         self.peak_bytes: int | None = None
+        self.start_bytes: int | None = None
         self._sampler: _RssSampler | None = None
 
     def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
             self.method = "cuda"
         elif _reset_hwm():
             self.method = "vmhwm"
+            # right after the reset VmHWM equals the RSS: read it, not VmRSS, so both ends of
+            # the difference come from the same counter
+            self.start_bytes = int(_read_status_kb("VmHWM"))
         else:
             self._sampler = _RssSampler()
+            self.start_bytes = int(self._sampler.peak)
             self._sampler.start()
             self.method = "sampled"
         return self

@@ -135,8 +135,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "auto",
          trust_remote_code: bool = False, experts_implementation: str | None = None,
-         seed: int = 0, revision: str | None = None, gguf_file: str | None = None):
-    """(model, tokenizer), model in eval mode on `device`.
+         seed: int = 0, revision: str | None = None, gguf_file: str | None = None,
+         tokenizer=None):
+    """(model, tokenizer), model in eval mode on `device`; `tokenizer`: one already loaded for
+    this model, reused.
 
     gguf_file: a GGUF inside name_or_path (a directory or hub id), converted once into the cache
     (models/fetch.py) and loaded from there like any local directory.
@@ -151,7 +153,7 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "au
     kind, target = resolve(name_or_path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    tok = load_tokenizer(name_or_path, trust_remote_code)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name_or_path, trust_remote_code)
     if kind == "random":
         model = tiny.build(target, vocab=len(tok), seed=seed).to(dt)
     else:

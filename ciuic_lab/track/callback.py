@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ciuic_lab.track import FRONTIER
 from ciuic_lab.track.plots import pareto_plot, point_labels
-from ciuic_lab.track.results import load, pareto
+from ciuic_lab.track.results import load, pareto, serve_memory
 from ciuic_lab.track.tracker import sweep_group
 
 log = logging.getLogger("ciuic_lab")
@@ -33,9 +33,15 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def summary_table(df: pd.DataFrame, front: pd.DataFrame) -> str:
-    """A fixed-width text table: one line per run, frontier runs starred; the lm-eval mean
-    accuracy is a column when any run measured it."""
+    """A fixed-width text table: one line per run, frontier runs starred; serving memory and the
+    lm-eval mean accuracy are columns when any run measured them (a note says where memory fell
+    back to the in-process peak)."""
     headers = ["", "overrides", "status", "bits/param", "ratio", "ppl", "ppl dense"]
+    mem, note = serve_memory(df)
+    mem_dense, _ = serve_memory(df, "_dense")
+    has_mem = bool(mem.notna().any())
+    if has_mem:
+        headers += ["serve MiB", "dense"]
     acc = ACC in df.columns and df[ACC].notna().any()
     if acc:
         headers += ["acc/mean", "acc dense"]
@@ -45,11 +51,15 @@ def summary_table(df: pd.DataFrame, front: pd.DataFrame) -> str:
         rows.append(["*" if idx in front.index else "", label or "default", r.get("status"),
                      _fmt(r.get(X), ".3f"), _fmt(r.get("size/ratio_vs_fp16"), ".2f"),
                      _fmt(r.get(Y), ".3f"), _fmt(r.get(f"{Y}_dense"), ".3f")])
+        if has_mem:
+            rows[-1] += [_fmt(mem[idx] / 2**20, ".1f"), _fmt(mem_dense[idx] / 2**20, ".1f")]
         if acc:
             rows[-1] += [_fmt(r.get(ACC), ".3f"), _fmt(r.get(f"{ACC}_dense"), ".3f")]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [headers, ["-" * w for w in widths], *rows]]
+    if has_mem and note:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ciuic_lab.track import FRONTIER
+from ciuic_lab.track import FRONTIER, PEAK_MEMORY, SERVE_MEMORY
 from ciuic_lab.track.result import RESULT_NAME, read_result
 
 BASE_COLUMNS = ["run_dir", "status", "error", "created", "overrides"]
@@ -126,6 +126,28 @@ def pareto(df: pd.DataFrame, x: str = FRONTIER[0], y: str = FRONTIER[1]) -> pd.D
         elif cy == best_y and cx == best_x:
             keep.append(idx)
     return df.loc[keep]
+
+
+def serve_memory(df: pd.DataFrame, suffix: str = "") -> tuple[pd.Series, str | None]:
+    """Bytes serving each row's model took (`mem/serve_peak_bytes`, `suffix` "_dense" for the
+    dense model's), and a note when some rows (results from before it was measured, or runs that
+    skipped it) fall back to `mem/peak_bytes`, the run's own in-process peak, which also holds
+    what compression left behind; None when none do."""
+    serve = _numeric(df, SERVE_MEMORY + suffix)
+    peak = _numeric(df, PEAK_MEMORY + suffix)
+    fallback = serve.isna() & peak.notna()
+    note = None
+    if fallback.any():
+        note = (f"{int(fallback.sum())} of {len(df)} runs have no {SERVE_MEMORY}{suffix}: their "
+                f"memory is {PEAK_MEMORY}{suffix}, the run's in-process peak (it also holds what "
+                f"compression left behind)")
+    return serve.where(~fallback, peak), note
+
+
+def _numeric(df: pd.DataFrame, col: str) -> pd.Series:
+    if col not in df.columns:
+        return pd.Series(float("nan"), index=df.index)
+    return pd.to_numeric(df[col], errors="coerce")
 
 
 def _finite(v) -> bool:
