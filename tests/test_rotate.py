@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.compress.rotate import (
     RESIDUAL,
     HadamardRotation,
@@ -29,6 +28,7 @@ from ciuic_lab.compress.rotate import (
     rotate_model,
     rotate_value_path,
 )
+from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.compress.stats import LayerStats, relative_error
 from ciuic_lab.models import tiny
 
@@ -412,7 +412,7 @@ def test_all_transforms_together(name):
 RUN_QUICK = ["model=tiny-random-deepseek-v3", "eval.max_windows=2", "eval.seqlen=64",
              "data.calib_samples=4", "data.calib_seqlen=32", "eval.speed=false", "progress=false",
              "eval.lm_eval.enabled=false", "eval.generate.max_new_tokens=2", "tracker=none",
-             "device=cpu"]
+             "device=cpu", "eval.serve_memory=false"]
 
 
 def _run(*overrides, tmp_path=None):

@@ -13,7 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["model=tiny-random-deepseek-v3", "eval.max_windows=2", "eval.seqlen=128", "data.calib_samples=4", "data.calib_seqlen=64",
          "eval.speed_windows=1", "progress=false", "eval.lm_eval.enabled=false",
-         "eval.generate.max_new_tokens=4"]
+         "eval.generate.max_new_tokens=4",
+         # a fresh process per run measuring serving memory: tests/test_serve_memory.py does
+         "eval.serve_memory=false"]
 METRICS = ["ppl/wikitext2", "ppl/wikitext2_dense", "mem/weight_bytes", "mem/peak_bytes",
            "size/bits_per_param", "size/ratio_vs_fp16", "time/compress_s", "time/eval_s",
            "speed/tokens_per_s"]

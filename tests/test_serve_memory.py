@@ -9,7 +9,7 @@ from test_run import QUICK
 from ciuic_lab.config import compose
 
 OFF = ["tracker=none", "eval.speed=false", "eval.generate.enabled=false",
-       "eval.lm_eval.enabled=false"]
+       "eval.lm_eval.enabled=false", "eval.serve_memory=true"]  # QUICK turns it off
 
 
 @pytest.mark.slow
