@@ -156,7 +156,7 @@ def rotations_on(cfg: DictConfig) -> bool:
 
 
 def _check_rotate(cfg: DictConfig, model_config) -> None:
-    from ciuic_lab.compress.rotate import ONLINE_SITES, RESIDUAL
+    from ciuic_lab.compress.rotate import NO_RESIDUAL, ONLINE_SITES, RESIDUAL, VALUE_PATH
 
     if not rotations_on(cfg):
         return
@@ -166,8 +166,13 @@ def _check_rotate(cfg: DictConfig, model_config) -> None:
     bad = [s for s in r.online if s not in ONLINE_SITES]
     if bad:
         raise ConfigError(f"rotate.online: unknown sites {bad}; choose from {list(ONLINE_SITES)}")
-    if model_config.model_type not in RESIDUAL:
-        raise ConfigError(f"rotate: no rotation layout for model_type {model_config.model_type!r} "
+    mt = model_config.model_type
+    if r.residual and mt in NO_RESIDUAL:
+        raise ConfigError(f"rotate.residual: {mt} cannot have its residual stream rotated: "
+                          f"{NO_RESIDUAL[mt]}. Use rotate.residual=null (rotate.value_path and "
+                          f"rotate.online still apply)")
+    if r.residual and mt not in RESIDUAL or r.value_path and mt not in VALUE_PATH:
+        raise ConfigError(f"rotate: no rotation layout for model_type {mt!r} "
                           f"(compress/rotate.py RESIDUAL knows {sorted(RESIDUAL)})")
     # A streamed run applies the fused rotations to each block as it loads and always writes a
     # checkpoint, which has no place for run-time rotation modules (below).

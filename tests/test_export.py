@@ -263,7 +263,8 @@ def test_run_directory_through_the_cli(llama, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["tiny-random-qwen2", "tiny-random-deepseek-v2",
-                                  "tiny-random-deepseek-v2-qlora", "tied-llama"])
+                                  "tiny-random-deepseek-v2-qlora", "tied-llama",
+                                  "tiny-random-gemma3"])
 def test_other_architectures_and_tied_embeddings_round_trip(arch, tmp_path):
     if arch == "tied-llama":
         config = tiny.CONFIGS["tiny-random-llama"](256)
@@ -274,7 +275,7 @@ def test_other_architectures_and_tied_embeddings_round_trip(arch, tmp_path):
     _quantise_all(model)
     out = export.export_model(model, None, tmp_path / "out")
     keys = load_file(str(out / "model.safetensors"))
-    if arch == "tied-llama":  # stored once; transformers ties the head to it again on load
+    if arch in ("tied-llama", "tiny-random-gemma3"):  # stored once; tied again on load
         assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
     if arch == "tiny-random-qwen2":  # q/k/v biases ride along with the packed weights
         assert "model.layers.0.self_attn.q_proj.bias" in keys
@@ -429,7 +430,7 @@ def test_default_recipe_on_bundled_deepseek_v3_exports_and_reloads_through_peft(
 
 
 @needs_peft
-@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-qwen2"])
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gemma3"])
 def test_default_recipe_llama_and_qwen2_round_trip(arch, tmp_path):
     model, tok, _ = _recipe(arch)
     out = export.export_model(model, tok, tmp_path / "out")

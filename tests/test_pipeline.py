@@ -222,3 +222,29 @@ def test_a_layer_pattern_matching_nothing_fails_before_calibration(monkeypatch):
     with pytest.raises(ConfigError, match=r"quant.layers: 'dwon_proj' matches no compressible layer"):
         compress_model(tiny.build("tiny-random-llama", vocab=256), torch.randint(0, 256, (1, 8)),
                        [RTN(4, 32, layers={"dwon_proj": 8})], progress=False)
+
+
+def test_each_block_gets_what_the_model_passes_it():
+    """Gemma 3's sliding-window and global layers get different masks and rotary tables: a walk
+    that fed every block block 0's arguments would compute another model (windows of 24 tokens,
+    longer than the tiny model's window of 8, so the masks differ)."""
+    from ciuic_lab.compress.blocks import Resident, capture, run_block
+
+    model = tiny.build("tiny-random-gemma3", vocab=256, num_layers=4)
+    ids = torch.randint(0, 256, (4, 24))
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states
+    inputs = capture(Resident(model, torch.device("cpu")), ids, batch_size=2)
+    assert inputs.per_block is not None
+    sliding, full = inputs.per_block[0][0], inputs.per_block[1][0]
+    assert not torch.equal(sliding["position_embeddings"][0], full["position_embeddings"][0])
+    blocks = model.model.layers
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            inputs.hidden.replace(run_block(block, inputs.at(i)))
+            if i + 1 < len(blocks):  # the last hidden state is after the final norm
+                got = torch.cat([inputs.hidden[b] for b in range(len(inputs))])
+                torch.testing.assert_close(got, want[i + 1])
+    # a Llama's blocks all get the same arguments: nothing per block is kept
+    llama = tiny.build("tiny-random-llama", vocab=256)
+    assert capture(Resident(llama, torch.device("cpu")), ids, batch_size=2).per_block is None

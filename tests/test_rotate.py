@@ -264,9 +264,34 @@ def test_unsupported_architecture():
 
 
 def test_table_covers_the_supported_architectures():
+    """Every architecture has a residual-stream table or a stated reason why it cannot."""
+    from ciuic_lab.compress.rotate import NO_RESIDUAL, VALUE_PATH
     from ciuic_lab.models.adapters import SUPPORTED
 
-    assert set(SUPPORTED) <= set(RESIDUAL)
+    assert set(SUPPORTED) <= set(RESIDUAL) | set(NO_RESIDUAL)
+    assert set(SUPPORTED) <= set(VALUE_PATH)
+
+
+# ---- Gemma 3: its post-norms stop a residual rotation, not the value path or online ones ------
+def test_gemma3_residual_rotation_is_refused_naming_the_post_norms():
+    m = scrambled("tiny-random-gemma3")
+    with pytest.raises(RotationUnsupported, match="post_attention_layernorm"):
+        rotate_model(m)
+
+
+def test_gemma3_value_path_and_online_rotations_keep_the_model():
+    from ciuic_lab.eval.memory import stored_bytes
+
+    m = scrambled("tiny-random-gemma3")
+    ids = torch.randint(0, 256, (2, 24))  # longer than the sliding window
+    with torch.no_grad():
+        ref = m(ids).logits
+    before = stored_bytes(m)
+    info = apply_rotations(m, None, value_path=True, online=("down_proj", "o_proj"), seed=5)
+    with torch.no_grad():
+        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
+    assert len(info["value_path"]["rotated"]) == m.config.num_hidden_layers
+    assert stored_bytes(m) == before + info["runtime_bytes"] > before
 
 
 # ---- online rotations -------------------------------------------------------------------------
@@ -447,6 +472,7 @@ def test_recipe_runs_in_the_rotated_basis():
     (["rotate=hadamard", "rotate.residual=spin"], "rotate.residual"),
     (["rotate=hadamard", "rotate.online=[q_proj]"], "rotate.online"),
     (["rotate=hadamard_online", "save=true"], "rotate.online"),
+    (["model=tiny-random-gemma3", "rotate=hadamard"], "rotate.residual: gemma3_text .*post_attention_layernorm"),
 ])
 def test_rotate_config_errors_come_before_any_work(override, key):
     from ciuic_lab.config import compose, validate
@@ -455,6 +481,35 @@ def test_rotate_config_errors_come_before_any_work(override, key):
     cfg = compose([*RUN_QUICK, *override])
     with pytest.raises(ConfigError, match=key):
         validate(cfg)
+
+
+def test_gemma3_value_path_rotation_runs_without_the_residual_one(tmp_path):
+    """rotate=hadamard with rotate.residual=null on Gemma 3: with every stage off the rotated
+    model is the published one; with RTN, a streamed run (rotating each block as it loads from a
+    saved checkpoint) gets the in-memory run's perplexity."""
+    from ciuic_lab.config import compose, validate
+    from ciuic_lab.models.loader import load_tokenizer
+    from ciuic_lab.runner import run
+
+    tok = load_tokenizer("tiny-random-gemma3")
+    src = tmp_path / "src"
+    tiny.build("tiny-random-gemma3", vocab=len(tok)).save_pretrained(src)
+    tok.save_pretrained(src)
+    base = [*RUN_QUICK, f"model.name_or_path={src}", "rotate=hadamard", "rotate.residual=null",
+            "recipe=none", "prune=none", "lowrank=none"]
+
+    def metrics(*more, name):
+        cfg = compose([*base, *more])
+        validate(cfg)
+        return run(cfg, out_dir=tmp_path / name).metrics
+
+    off = metrics("quant=none", name="off")
+    assert off["ppl/wikitext2"] == pytest.approx(off["ppl/wikitext2_dense"], rel=1e-4)
+    rtn = ["quant=rtn", "quant.bits=4", "quant.group_size=16"]
+    memory = metrics(*rtn, name="memory")
+    streamed = metrics(*rtn, "compress.stream=true", name="streamed")
+    assert memory["ppl/wikitext2"] != pytest.approx(memory["ppl/wikitext2_dense"], rel=1e-4)
+    assert streamed["ppl/wikitext2"] == pytest.approx(memory["ppl/wikitext2"], rel=1e-5)
 
 
 def test_a_tied_model_rotates_in_a_run_and_its_head_is_counted():

@@ -65,6 +65,41 @@ def test_single_run_writes_result_with_every_metric(tmp_path):
     assert perplexity(model, windows, batch_size=4, progress=False) == m["ppl/wikitext2"]
 
 
+def test_gemma3_default_recipe_runs_streamed_and_its_checkpoint_reloads(tmp_path):
+    """Gemma 3 (sliding-window and global layers, tied scaled embeddings) through the CLI: the
+    default recipe in memory with save=true, then streamed from the saved dense model; both
+    checkpoints reload to their runs' perplexity. Windows (128) are longer than the tiny model's
+    sliding window (8), so the two kinds of layer really differ."""
+    from ciuic_lab.compress.checkpoint import load
+    from ciuic_lab.data.wikitext import test_windows
+    from ciuic_lab.eval.perplexity import perplexity
+    from ciuic_lab.models import tiny
+    from ciuic_lab.models.loader import load_tokenizer
+
+    quick = ["model=tiny-random-gemma3", *QUICK[1:], "tracker=none", "eval.speed=false"]
+    r = _cli(*quick, f"hydra.run.dir={tmp_path / 'memory'}", "save=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = load_tokenizer("tiny-random-gemma3")
+    src = tmp_path / "src"  # the same random model, saved, for the streamed run to read
+    tiny.build("tiny-random-gemma3", vocab=len(tok)).save_pretrained(src)
+    tok.save_pretrained(src)
+    r = _cli(*quick, f"model.name_or_path={src}", f"hydra.run.dir={tmp_path / 'streamed'}",
+             "compress.stream=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    windows = test_windows(tok, 128)[:2]
+    runs = {k: json.loads((tmp_path / k / "result.json").read_text()) for k in ("memory", "streamed")}
+    for k, res in runs.items():
+        m = res["metrics"]
+        assert res["status"] == "ok" and 0 < m["ppl/wikitext2"] < float("inf"), k
+        assert {"attn", "mlp"} == {row["kind"] for row in res["layers"]}
+        model = load(tmp_path / k / "compressed")
+        assert perplexity(model, windows, batch_size=4, progress=False) == \
+            pytest.approx(m["ppl/wikitext2"], rel=1e-6), k
+    mem, st = (runs[k]["metrics"] for k in ("memory", "streamed"))
+    assert st["ppl/wikitext2_dense"] == pytest.approx(mem["ppl/wikitext2_dense"], rel=1e-5)
+    assert st["ppl/wikitext2"] == pytest.approx(mem["ppl/wikitext2"], rel=1e-3)
+
+
 def test_sweep_records_failures_and_writes_pareto(tmp_path):
     sweep = tmp_path / "sweep"
     r = _cli("-m", "prune.sparsity=0.3,0.5", "quant.bits=4,9", *QUICK, "tracker=none",

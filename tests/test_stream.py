@@ -55,7 +55,7 @@ def _digests(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-deepseek-v2",
                                   "tiny-random-deepseek-v2-qlora", "tiny-random-llama",
-                                  "tiny-random-qwen2"])
+                                  "tiny-random-qwen2", "tiny-random-gemma3"])
 def test_streamed_and_in_memory_runs_store_identical_bytes_and_perplexity(tmp_path, arch):
     model, src = _saved(tmp_path, arch)
     report = compress_streamed(str(src), tmp_path / "streamed", CALIB, recipe(),
@@ -73,7 +73,8 @@ def test_streamed_and_in_memory_runs_store_identical_bytes_and_perplexity(tmp_pa
     assert streamed_perplexity(stored, EVAL, batch_size=2, progress=False) == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-qwen2"])
+@pytest.mark.parametrize("arch", ["tiny-random-deepseek-v3", "tiny-random-qwen2",
+                                  "tiny-random-gemma3"])
 def test_streamed_dense_perplexity_equals_the_in_memory_one(tmp_path, arch):
     model, src = _saved(tmp_path, arch)
     streamed = Streamed(skeleton(str(src), torch.float32), CheckpointSource.from_dir(src), "cpu")

@@ -6,7 +6,7 @@ Every walk (profile, compress, streamed evaluation) visits decoder blocks one at
     for i in range(len(provider)):
         block = provider.load(i)                  # block i's weights on the working device
         ...                                       # hooks, compression, or just a forward
-        inputs = run(block, inputs)               # its outputs feed block i+1
+        inputs = run(block, inputs.at(i))         # its outputs feed block i+1
         provider.release(i, block)
 
 Providers:
@@ -147,10 +147,20 @@ class Activations:
 @dataclass
 class BlockInputs:
     """What enters a block, per batch: hidden states (stored by `Activations`) and the keyword
-    arguments the model passes every block (position embeddings, masks), kept as they are."""
+    arguments the model passes the block (position embeddings, masks), kept as they are.
+
+    `kwargs` are block 0's. Where the model passes other blocks something else (Gemma 3: its
+    global layers get another mask and other rotary tables than its sliding-window ones),
+    `per_block[i]` holds block i's, and `at(i)` gives the inputs of block i."""
 
     hidden: Activations
     kwargs: list[dict]
+    per_block: list[list[dict]] | None = None  # [block][batch]; None: every block gets `kwargs`
+
+    def at(self, i: int, hidden: Activations | None = None) -> BlockInputs:
+        """Block i's inputs: its own keyword arguments, with `hidden` (default: these states)."""
+        kw = self.kwargs if self.per_block is None else self.per_block[i]
+        return BlockInputs(self.hidden if hidden is None else hidden, kw, self.per_block)
 
     def __len__(self) -> int:
         return len(self.kwargs)
@@ -327,7 +337,7 @@ class Streamed:
             if name not in stored:
                 raise KeyError(f"{self.source.dir}: the checkpoint has no tensor {prefix}.{name}")
             _set_tensor(module, name, stored[name].to(t.dtype))
-        rebuild_non_persistent(module, self.device)
+        rebuild_non_persistent(module, self.device, self.adapter)
 
     def load(self, i: int) -> nn.Module:
         block = self.adapter.blocks(self.model)[i]
@@ -399,12 +409,16 @@ def _set_tensor(root: nn.Module, name: str, t: torch.Tensor) -> None:
         owner._buffers[leaf] = t
 
 
-def rebuild_non_persistent(module: nn.Module, device: torch.device) -> None:
+def rebuild_non_persistent(module: nn.Module, device: torch.device,
+                           adapter: DecoderAdapter | None = None) -> None:
     """Non-persistent buffers (rotary inverse frequencies) are not in checkpoints: rebuild the
-    modules that own them from their config, on the device."""
+    modules that own them from their config, on the device; a module without a config only if
+    the adapter knows how (Gemma 3's embedding scale)."""
     for name, mod in list(module.named_modules()):
         if any(b is not None and b.is_meta for b in mod._buffers.values()):
             config = getattr(mod, "config", None)
+            if config is None and adapter is not None and adapter.rebuild_buffers(mod, device):
+                continue
             if config is None:
                 raise RuntimeError(f"{name or type(mod).__name__}: a buffer is not in the "
                                    "checkpoint and the module cannot be rebuilt from a config")
@@ -420,24 +434,46 @@ def rebuild_non_persistent(module: nn.Module, device: torch.device) -> None:
 # ---------------------------------------------------------------- walking
 
 
+class _Grab(nn.Module):
+    """Stands in for a block during `capture`: keeps what the model passes it and hands the hidden
+    states on unchanged; the last one stops the forward."""
+
+    def __init__(self, hidden: list | None, kwargs: list, last: bool):
+        super().__init__()
+        self.hidden, self.kwargs, self.last = hidden, kwargs, last
+
+    def forward(self, *args, **kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        if self.hidden is not None:
+            self.hidden.append(h)
+        self.kwargs.append({k: v for k, v in kw.items()
+                            if k not in ("cache", "past_key_values", "past_key_value", "use_cache")})
+        if self.last:
+            raise _StopForward
+        return h
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
 @torch.no_grad()
 def capture(provider, windows: torch.Tensor, batch_size: int, where: str = "auto") -> BlockInputs:
-    """Hidden states and keyword arguments entering block 0, one entry per batch of windows.
+    """Hidden states entering block 0 and the keyword arguments the model passes each block, one
+    entry per batch of windows.
 
-    The model's own forward computes them (embeddings, rotary tables, masks) and is stopped at
-    block 0, so nothing of the blocks runs (or needs to be in memory)."""
+    The model's own forward computes them (embeddings, rotary tables, masks) with every block
+    replaced by a `_Grab`, so nothing of the blocks runs (or needs to be in memory). Every block is
+    asked, not only block 0, because a model may feed its blocks differently (Gemma 3: sliding-
+    window and global layers). When all get the same objects, `per_block` stays None."""
     model, ad = provider.model, provider.adapter
-    first = ad.blocks(model)[0]
-    hidden, kwargs = [], []
-
-    def grab(_mod, args, kw):
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h)
-        kwargs.append({k: v for k, v in kw.items()
-                       if k not in ("cache", "past_key_values", "past_key_value", "use_cache")})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    blocks = ad.blocks(model)
+    n = len(blocks)
+    hidden: list = []
+    seen: list[list[dict]] = [[] for _ in range(n)]
+    originals = list(blocks)
+    for i in range(n):
+        blocks[i] = _Grab(hidden if i == 0 else None, seen[i], last=i == n - 1)
     try:
         with provider.pre_on_device():
             for start in range(0, windows.shape[0], batch_size):
@@ -447,8 +483,14 @@ def capture(provider, windows: torch.Tensor, batch_size: int, where: str = "auto
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
-    return BlockInputs(Activations(provider.device, where).fill(hidden), kwargs)
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if any(len(s) != len(hidden) for s in seen):
+        raise RuntimeError(f"capture: the model called {[len(s) for s in seen]} times its blocks "
+                           f"for {len(hidden)} batches; expected each block once per batch")
+    same = all(_same(a, b) for s in seen[1:] for a, b in zip(s, seen[0]))
+    return BlockInputs(Activations(provider.device, where).fill(hidden), seen[0],
+                       None if same else seen)
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:

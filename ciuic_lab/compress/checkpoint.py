@@ -302,7 +302,7 @@ class Stored:
         rest = {k: v.to(self.device) for k, v in rest.items()}
         self.model.load_state_dict(rest, strict=False, assign=True)
         for _, mod in [*self.adapter.pre_blocks(self.model), *self.adapter.post_blocks(self.model)]:
-            rebuild_non_persistent(mod, self.device)
+            rebuild_non_persistent(mod, self.device, self.adapter)
 
     def __len__(self) -> int:
         return len(self.adapter.blocks(self.model))

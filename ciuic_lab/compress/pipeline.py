@@ -166,7 +166,7 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
                 m.summarize(by_name[f"{prefix}.{name}"], weight, stats)
 
         if want_stats:
-            _profile_block(provider, i, block, inputs, keep, hessian, expert_chunk,
+            _profile_block(provider, i, block, inputs.at(i), keep, hessian, expert_chunk,
                            min_expert_tokens)
         else:
             for name, w in _block_weights(provider, i, block, expert_chunk):
@@ -251,8 +251,7 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
         inputs.hidden.nbytes() * n)
     for i in tqdm(range(n), desc="fisher (forward)", unit="block", disable=not progress):
         block = provider.load(i)
-        outs = dense_forward(block, i, provider, BlockInputs(stored[-1], inputs.kwargs),
-                             expert_chunk)
+        outs = dense_forward(block, i, provider, inputs.at(i, stored[-1]), expert_chunk)
         stored.append(Activations(provider.device, depth_store).fill(outs))
         provider.release(i, block)
     post = provider.post()
@@ -272,8 +271,8 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     for i in tqdm(reversed(range(n)), total=n, desc="fisher (backward)", unit="block",
                   disable=not progress):
         block = provider.load(i)
-        grads = _block_backward(provider, i, block, BlockInputs(stored[i], inputs.kwargs), grads,
-                                fisher, expert_chunk)
+        grads = _block_backward(provider, i, block, inputs.at(i, stored[i]), grads, fisher,
+                                expert_chunk)
         stored[i + 1] = None
         provider.release(i, block)
     return fisher
@@ -450,17 +449,18 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
     for i in bar:
         t0, first_row = time.perf_counter(), len(report.layers)
         block = provider.load(i)
+        here = inputs.at(i)
         prefix = ad.block_name(i)
         layers = ad.layers(block)
         order = {f"{prefix}.{x.name}": k for k, x in enumerate(layers)}  # the report's row order
         targets = None
         if tune is not None:  # what the dense block outputs on the dense path
             targets = Activations(provider.device, activations).fill(dense_forward(
-                block, i, provider, BlockInputs(dense_path, inputs.kwargs), expert_chunk))
+                block, i, provider, inputs.at(i, dense_path), expert_chunk))
         dense = [x for x in layers if x.expert is None]
         stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
         with collect_stats(dense, stats), recording(block, ad) as rec:
-            run_block(block, inputs)
+            run_block(block, here)
         packed = {}
         for x in dense:
             st = stats.pop(x.name)
@@ -476,7 +476,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
                       if f"{prefix}.{name}" in compress_one.states}
             own = {n: p for n, p in packed.items() if p[0].expert is None}
-            info = tune.tune_block(block, own, states, inputs, targets,
+            info = tune.tune_block(block, own, states, here, targets,
                                    compress_one.store_dtype)
             packed.update(own)  # the tuned layers, where tuning was kept
             report.tune_seconds += info["seconds"]
@@ -491,7 +491,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             del targets, states
         del stats, rec, packed
         # Feed the next block with what the compressed block really outputs.
-        inputs.hidden.replace(run_block(block, inputs))
+        inputs.hidden.replace(run_block(block, here))
         (sink or provider.release)(i, block)
         seconds = time.perf_counter() - t0
         report.layers[first_row:] = sorted(report.layers[first_row:], key=lambda r: order[r["name"]])

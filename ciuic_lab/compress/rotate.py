@@ -330,6 +330,20 @@ _DEEPSEEK = ResidualLayout(
 RESIDUAL: dict[str, ResidualLayout] = {
     "llama": _LLAMA, "qwen2": _LLAMA, "deepseek_v2": _DEEPSEEK, "deepseek_v3": _DEEPSEEK}
 
+# Supported architectures whose residual stream cannot be rotated, and why.
+NO_RESIDUAL: dict[str, str] = {
+    "gemma3_text": "Gemma 3 normalises each sub-layer's output (post_attention_layernorm, "
+                   "post_feedforward_layernorm) before adding it to the residual stream, and "
+                   "scales it by (1 + w) per channel; a rotated stream would need o_proj's and "
+                   "down_proj's outputs rotated through those norms, and a per-channel scale "
+                   "after a norm neither commutes with a rotation nor folds into any linear",
+}
+
+# Where each architecture keeps its value rows (ValuePath): per KV head in v_proj, or MLA's
+# kv_b_proj. Gemma 3 has no value norm, so its values rotate like Llama's.
+_V_PROJ = ("llama", "qwen2", "gemma3_text")
+VALUE_PATH = (*_V_PROJ, "deepseek_v2", "deepseek_v3")
+
 
 class RotationUnsupported(ValueError):
     pass
@@ -453,6 +467,8 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
 
 def _residual_setup(config, seed: int, kind: str) -> tuple[ResidualLayout, Rotation]:
     mt = getattr(config, "model_type", None)
+    if mt in NO_RESIDUAL:
+        raise RotationUnsupported(f"no residual-stream rotation for {mt}: {NO_RESIDUAL[mt]}")
     if mt not in RESIDUAL:
         raise RotationUnsupported(f"no residual-stream table for model_type {mt!r}; "
                                   f"known: {', '.join(RESIDUAL)}")
@@ -585,10 +601,10 @@ class ValuePath:
     @staticmethod
     def of(cfg, seed: int, kind: str = "hadamard") -> ValuePath:
         mt = getattr(cfg, "model_type", None)
-        if mt not in RESIDUAL:
+        if mt not in VALUE_PATH:
             raise RotationUnsupported(f"no value-path layout for model_type {mt!r}")
         heads = cfg.num_attention_heads
-        if mt in ("llama", "qwen2"):
+        if mt in _V_PROJ:
             d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
             return ValuePath(make_rotation(d, seed, kind), heads, cfg.num_key_value_heads, d, 0,
                              "self_attn.v_proj")

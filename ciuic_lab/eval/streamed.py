@@ -33,7 +33,8 @@ def streamed_perplexity(provider, windows: torch.Tensor, batch_size: int = 1,
         for i in tqdm(range(len(provider)), desc="perplexity (streamed)", unit="block",
                       disable=not progress, leave=False):
             block = provider.load(i)
-            inputs.hidden.replace(dense_forward(block, i, provider, inputs, expert_chunk))
+            inputs.hidden.replace(dense_forward(block, i, provider, inputs.at(i),
+                                                      expert_chunk))
             provider.release(i, block)
     total, count = 0.0, 0
     post = provider.post()

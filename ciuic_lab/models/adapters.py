@@ -184,11 +184,43 @@ class DecoderAdapter:
         return out
 
 
+    def check(self, config) -> None:
+        """UnsupportedModel when this config needs something the adapter does not do."""
+
+    def rebuild_buffers(self, mod: nn.Module, device: torch.device) -> bool:
+        """Rebuild `mod`'s non-checkpointed buffers left on the meta device, for a module that has
+        no config to be rebuilt from; False when this adapter does not know the module."""
+        return False
+
+
+class Gemma3Adapter(DecoderAdapter):
+    """Gemma 3 text (`Gemma3ForCausalLM`): the Llama layout. Its q_norm / k_norm and four norms per
+    block are norms, so never compressed; the √hidden embedding scale is inside the embedding
+    module (a pre-block), and its sliding-window and global layers' different masks and rotary
+    tables reach each block because `capture` asks every block what the model passes it."""
+
+    def check(self, config) -> None:
+        # Walks that finish a forward themselves (streamed evaluation, the Fisher walk) apply
+        # post_blocks only: a logit soft-cap after the head would be skipped there.
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            raise UnsupportedModel("gemma3_text with final_logit_softcapping set: the block walks "
+                                   "apply the final norm and head only, not the soft-cap")
+
+    def rebuild_buffers(self, mod: nn.Module, device: torch.device) -> bool:
+        # The √hidden scale is a non-persistent buffer, but the module keeps it as a float too.
+        scale = getattr(mod, "scalar_embed_scale", None)
+        if scale is None:
+            return False
+        mod.embed_scale = torch.tensor(scale, device=device)
+        return True
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
     "deepseek_v3": DecoderAdapter(),
     "deepseek_v2": DecoderAdapter(),
     "llama": DecoderAdapter(),
     "qwen2": DecoderAdapter(),
+    "gemma3_text": Gemma3Adapter(),
 }
 SUPPORTED = tuple(ADAPTERS)
 
@@ -200,6 +232,7 @@ def adapter_for(model_or_config) -> DecoderAdapter:
     if mt not in ADAPTERS:
         raise UnsupportedModel(
             f"model_type {mt!r} is not supported; supported architectures: {', '.join(SUPPORTED)}")
+    ADAPTERS[mt].check(config)
     return ADAPTERS[mt]
 
 

