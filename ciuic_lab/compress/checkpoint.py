@@ -281,7 +281,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model in {MANIFEST}: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    rebuild_non_persistent(model, torch.device("cpu"))
+    rebuild_non_persistent(model, torch.device("cpu"), ad)
     return model.to(device).eval()
 
 
