@@ -31,3 +31,12 @@ def check(cond: bool, key: str, msg: str) -> None:
     """Raise ConfigError('<key>: <msg>') unless `cond`."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_positive_ints(obj, names, group: str) -> None:
+    """Each of `obj`'s attributes `names` is a positive integer (a bool is not), else
+    ConfigError naming `<group>.<name>`."""
+    for name in names:
+        value = getattr(obj, name)
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              f"{group}.{name}", f"must be a positive integer, got {value!r}")

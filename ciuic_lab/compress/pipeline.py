@@ -482,13 +482,11 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             report.tune_seconds += info["seconds"]
             if "loss_before" in info:
                 report.tuned.append({"unit": prefix, **info})
-            for name in states:
-                if packed[name][0].expert is None:
-                    tuned[f"{prefix}.{name}"] = info
+            tuned.update({f"{prefix}.{n}": info for n in states})  # the block's own layers
             _tuned_rows(report.layers[first_row:], tuned, packed, prefix)
-            dense_path.replace([targets[k] for k in range(len(targets))])
+            dense_path = targets  # the dense outputs are the next block's dense inputs
             compress_one.states.clear()
-            del targets, states
+            del states
         del stats, rec, packed
         # Feed the next block with what the compressed block really outputs.
         inputs.hidden.replace(run_block(block, here))

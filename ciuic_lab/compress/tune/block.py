@@ -41,6 +41,7 @@ from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.tune.rounding import TunableLinear
 from ciuic_lab.errors import check as _check
+from ciuic_lab.errors import check_positive_ints
 from ciuic_lab.models.adapters import set_submodule
 
 
@@ -58,10 +59,7 @@ class BlockTune:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("iters", "batch_size", "expert_tokens"):
-            value = getattr(self, key)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"tune.{key}", f"must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("iters", "batch_size", "expert_tokens"), "tune")
         _check(self.lr is None or (isinstance(self.lr, (int, float)) and 0 < self.lr < 1),
                "tune.lr", f"must be in (0, 1) or null, got {self.lr!r}")
         _check(isinstance(self.factor_lr, (int, float)) and 0 <= self.factor_lr < 1,

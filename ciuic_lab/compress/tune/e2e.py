@@ -57,8 +57,8 @@ from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.compress.tune.block import BlockTune
-from ciuic_lab.compress.tune.rounding import round_ste
-from ciuic_lab.errors import ConfigError
+from ciuic_lab.compress.tune.rounding import fake_quant
+from ciuic_lab.errors import ConfigError, check_positive_ints
 from ciuic_lab.errors import check as _check
 from ciuic_lab.models.adapters import adapter_for, set_submodule
 
@@ -106,10 +106,7 @@ class E2ETune:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("iters", "batch_size", "topk"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"tune.{name}", f"must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("iters", "batch_size", "topk"), "tune")
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
                and 0 < self.lr < 1, "tune.lr", f"must be in (0, 1), got {self.lr!r}")
         _check(self.samples is None or (isinstance(self.samples, int)
@@ -302,8 +299,9 @@ class _Trainable(nn.Module):
             w = p.base_weight()  # 16-bit kept values: not trained
         if p.meta["lowrank"] is not None:
             q = self.factor_quant
-            uv = (_fake_quant(self.u, q) if q else self.u) @ (_fake_quant(self.v, q) if q
-                                                              else self.v)
+            uv = self.u @ self.v if not q else (
+                fake_quant(self.u, q["bits"], q["group_size"], q["sym"])
+                @ fake_quant(self.v, q["bits"], q["group_size"], q["sym"]))
             w = uv if w is None else w + uv
         return w
 
@@ -331,16 +329,6 @@ class _Trainable(nn.Module):
             getattr(p, f"{name}_scale").copy_(part.scale.half())
             if not q["sym"]:
                 getattr(p, f"{name}_zero").copy_(part.zero.to(torch.uint8))
-
-
-def _fake_quant(x: torch.Tensor, q: dict) -> torch.Tensor:
-    """x on the grid a re-quantisation at its stored width would give it now (the factors move
-    while trained, so the grid is refitted to their range; rounding passes gradients)."""
-    with torch.no_grad():
-        scale, zero = grid.fit_grid(x, q["bits"], q["group_size"], q["sym"])
-    s = grid.expand_groups(scale.half().float(), x.shape[1], q["group_size"])
-    z = grid.expand_groups(zero, x.shape[1], q["group_size"])
-    return (torch.clamp(round_ste(x / s) + z, 0, 2 ** q["bits"] - 1) - z) * s
 
 
 # ---- the model's pieces --------------------------------------------------------------------

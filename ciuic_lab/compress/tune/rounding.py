@@ -35,13 +35,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fake_quant(x: torch.Tensor, q: QuantPart) -> torch.Tensor:
-    """x on a grid of q's shape refitted to x's current range (factors move while tuned)."""
+def fake_quant(x: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """x on the grid a re-quantisation at this width would give it now, refitted to x's current
+    range (tuned factors move); rounding passes gradients. `grid.fit_grid` already rounds the
+    scale to its stored fp16 value, so this is what packing the factors would store."""
     with torch.no_grad():
-        scale, zero = grid.fit_grid(x, q.bits, q.group_size, q.sym)
-    s = grid.expand_groups(scale, x.shape[1], q.group_size)
-    z = grid.expand_groups(zero, x.shape[1], q.group_size)
-    return (torch.clamp(round_ste(x / s) + z, 0, 2**q.bits - 1) - z) * s
+        scale, zero = grid.fit_grid(x, bits, group_size, sym)
+    s = grid.expand_groups(scale, x.shape[1], group_size)
+    z = grid.expand_groups(zero, x.shape[1], group_size)
+    return (torch.clamp(round_ste(x / s) + z, 0, 2**bits - 1) - z) * s
+
+
+def _fake(x: torch.Tensor, q: QuantPart | None) -> torch.Tensor:
+    return x if q is None else fake_quant(x, q.bits, q.group_size, q.sym)
 
 
 class TunableLinear(nn.Module):
@@ -97,8 +103,8 @@ class TunableLinear(nn.Module):
         st = self.state
         if st.u is None:
             return None
-        u = _fake_quant(self.u, st.u_quant) if st.u_quant is not None else self.u
-        v = _fake_quant(self.vf, st.v_quant) if st.v_quant is not None else self.vf
+        u = _fake(self.u, st.u_quant)
+        v = _fake(self.vf, st.v_quant)
         return u @ v
 
     def weight(self) -> torch.Tensor:
