@@ -520,11 +520,15 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
                               _stats_of(inter, hessian), fallback, own)
             if tune is not None and f"{prefix}.{names[0]}" in compress_one.states:
                 full = [f"{prefix}.{n}" for n in names]
-                target = F.linear(provider.adapter.expert_intermediate(x, gate_up[j], mod.act_fn),
-                                  down[j].to(x.dtype))
+                ad = provider.adapter
+                target = ad.expert_mlp(x, gate_up[j], down[j], mod.act_fn)
+
+                def mlp(xs, gu_w, dn_w, ad=ad, act=mod.act_fn):
+                    return ad.expert_mlp(xs, gu_w, dn_w, act)
+
                 gu, dn, info = tune.tune_expert(
                     compress_one.states.pop(full[0]), compress_one.states.pop(full[1]), x,
-                    target, mod.act_fn, compress_one.store_dtype, (gu, dn))
+                    target, mlp, compress_one.store_dtype, (gu, dn))
                 compress_one.report.tune_seconds += info["seconds"]
                 if "loss_before" in info:
                     compress_one.report.tuned.append({"unit": f"{prefix}.{owner}.{e}", **info})

@@ -148,28 +148,32 @@ class BlockTune:
 
     # ---- a routed expert -------------------------------------------------------------------
     def tune_expert(self, gate_up: LayerState, down: LayerState, x: torch.Tensor,
-                    target: torch.Tensor, act_fn, store_dtype: torch.dtype,
+                    target: torch.Tensor, mlp: Callable, store_dtype: torch.dtype,
                     packed: tuple[nn.Module, nn.Module]) -> tuple[nn.Module, nn.Module, dict]:
-        """One routed expert, y = down(act(gate) ⊙ up), on its tokens x (t, H) against the dense
-        expert's output `target`; returns the packed (gate_up, down) to keep and the losses."""
-        t0 = time.perf_counter()
-        chunks = list(range(0, x.shape[0], self.expert_tokens))
-
-        def run(gu, dn, k):
-            xs = x[chunks[k]:chunks[k] + self.expert_tokens]
-            g, u = gu(xs).chunk(2, dim=-1)
-            return F.mse_loss(dn(act_fn(g) * u).float(),
-                              target[chunks[k]:chunks[k] + self.expert_tokens].float())
-
-        before = _mean_loss(lambda k: run(*packed, k), len(chunks))
+        """One routed expert on its tokens x (t, H) against the dense expert's output `target`;
+        `mlp(x, gate_up_weight, down_weight)` is the adapter's expert (its layout, its
+        activation). Returns the packed (gate_up, down) to keep and the losses."""
         if not (_tunable(gate_up) or _tunable(down)):
             return packed[0], packed[1], {"seconds": 0.0}
+        t0 = time.perf_counter()
+        n = self.expert_tokens
+        starts = list(range(0, x.shape[0], n))
+
+        def loss(gu_w: torch.Tensor, dn_w: torch.Tensor, k: int) -> torch.Tensor:
+            s = starts[k]
+            return F.mse_loss(mlp(x[s:s + n], gu_w, dn_w).float(), target[s:s + n].float())
+
+        def packed_loss(mods) -> float:  # dequantised once, not per chunk
+            gu_w, dn_w = (m.dequantized_weight(x.dtype) for m in mods)
+            return _mean_loss(lambda k: loss(gu_w, dn_w, k), len(starts))
+
+        before = packed_loss(packed)
         tg, td = TunableLinear(gate_up), TunableLinear(down)
-        self.fit([tg, td], lambda k: run(tg, td, k), len(chunks), 1)
+        self.fit([tg, td], lambda k: loss(tg.weight(), td.weight(), k), len(starts), 1)
         device = _device(packed[0])
         new = tuple(CompressedLinear.pack(t.tuned_state(), store_dtype).to(device)
                     for t in (tg, td))
-        after = _mean_loss(lambda k: run(*new, k), len(chunks))
+        after = packed_loss(new)
         kept = after < before
         out = new if kept else packed
         return out[0], out[1], {"loss_before": before, "loss_after": after if kept else before,
