@@ -88,11 +88,8 @@ def _dense(cfg, device, dtype, windows, common: list[str], tmp: Path, notes: lis
     """The dense model's serving memory, cached on disk: it is the same for every sweep point."""
     import hashlib
 
-    import torch
-    import transformers
-
     from ciuic_lab import cache
-    from ciuic_lab.models.loader import fingerprint
+    from ciuic_lab.eval.suite import dense_key
 
     m = cfg.model
     args = ["--model", str(m.name_or_path), "--dtype", str(dtype).removeprefix("torch."),
@@ -103,10 +100,8 @@ def _dense(cfg, device, dtype, windows, common: list[str], tmp: Path, notes: lis
         args.append("--trust-remote-code")
     if m.get("experts_implementation"):
         args += ["--experts-implementation", str(m.experts_implementation)]
-    key = [*fingerprint(m.name_or_path, m.revision), str(cfg.seed), str(dtype), device.type,
-           f"torch {torch.__version__}", f"transformers {transformers.__version__}",
-           hashlib.sha256(windows.numpy().tobytes()).hexdigest(), int(cfg.eval.batch_size),
-           str(m.get("experts_implementation"))]
+    key = dense_key(cfg, dtype, device, hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+                    int(cfg.eval.batch_size), str(m.get("experts_implementation")))
 
     def measure() -> dict:
         result = _measure("dense", args, tmp, notes)

@@ -57,16 +57,7 @@ class Suite:
         return self._key_of(next(model.parameters()).dtype, model_device(model), *extra)
 
     def _key_of(self, dtype, device, *extra) -> list:
-        import transformers
-
-        from ciuic_lab.models.loader import fingerprint
-
-        m = self.cfg.model
-        # A torch or transformers upgrade can change kernels, attention or loading, and with them
-        # the dense numbers: a cached value is only reused under the versions that computed it.
-        return [*fingerprint(m.name_or_path, m.revision), str(self.cfg.seed), str(dtype),
-                torch.device(device).type, f"torch {torch.__version__}",
-                f"transformers {transformers.__version__}", *extra]
+        return dense_key(self.cfg, dtype, device, *extra)
 
     def run(self, model, which: str) -> dict:
         """Every enabled measurement of `model`; keys carry the `_dense` suffix for the dense one.
@@ -212,3 +203,17 @@ class Suite:
                           task_files_hash(le.include_path), lm_eval_version())
         return {f"{k}_dense": v for k, v in cache.cached("dense_lm_eval", parts, measure).items()}
 
+
+def dense_key(cfg, dtype, device, *extra) -> list:
+    """The cache key of a dense-model measurement: the model's files, seed, dtype, device kind
+    and the library versions, then what the measurement adds (`extra`)."""
+    import transformers
+
+    from ciuic_lab.models.loader import fingerprint
+
+    m = cfg.model
+    # A torch or transformers upgrade can change kernels, attention or loading, and with them
+    # the dense numbers: a cached value is only reused under the versions that computed it.
+    return [*fingerprint(m.name_or_path, m.revision), str(cfg.seed), str(dtype),
+            torch.device(device).type, f"torch {torch.__version__}",
+            f"transformers {transformers.__version__}", *extra]
