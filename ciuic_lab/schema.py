@@ -9,8 +9,8 @@ silently ignored.
 Callables: Hydra's `instantiate` calls whatever a `_target_` names, so a config (a command line,
 a study YAML, a sweep's search space) could otherwise call any importable function with any
 arguments. Only the lab's own callables are let through: a stage's method (a `Method` subclass
-of that stage, the lab's or a contributor's, see README CONTRIBUTING) and the rotations its
-conf/rotate files name. A `_target_` anywhere else in the tree is refused.
+of that stage, the lab's or a contributor's, see README CONTRIBUTING) and the rotations and
+tuning passes its conf/rotate and conf/tune files name. A `_target_` anywhere else in the tree is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ciuic_lab.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("prune", "lowrank", "quant")
-GROUPS = ("model", "data", "eval", "tracker", "rotate", "tune", *STAGES)  # each lands under its own name
+# each lands under its own name
+GROUPS = ("model", "data", "eval", "tracker", "rotate", "tune", *STAGES)
 # Hydra's own node (launcher, sweeper, callbacks) is instantiated by Hydra before a job starts;
 # the job cannot guard it, and the lab's code never instantiates it.
 HYDRA = "hydra"
