@@ -5,10 +5,12 @@ side on one model, the same calibration windows and the same perplexity windows.
     OMP_NUM_THREADS=2 nice python benchmarks/peer_autoround.py --model smollm2-135m --bits 4 3
 
 Per width (symmetric grid, groups of --group, so every row stores the same bits/param):
-    gptq                   the lab's one-shot GPTQ (tune=none)
+    gptq, rtn              the lab's one-shot GPTQ / round-to-nearest (tune=none)
     gptq + tune=block      the lab's learned rounding on top (`--iters` steps, lr `--lr`),
-                           starting from GPTQ's codes
-    rtn + tune=block       the same, starting from round-to-nearest (as AutoRound does)
+                           starting from GPTQ's codes (tune.start=stage)
+    gptq + tune=block@rtn  GPTQ's model, tuning started from round-to-nearest (tune.start=rtn);
+                           kept per block only where it beats GPTQ's codes
+    rtn + tune=block       tuning on round-to-nearest codes (as AutoRound does)
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -42,13 +44,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def lab_row(model_name: str, bits: int, group: int, tune: bool, iters: int, lr: float,
-            calib: tuple[int, int], quant: str = "gptq"):
+            calib: tuple[int, int], quant: str = "gptq", extra: tuple[str, ...] = ()):
     model, tok = load(model_name, device="cpu")
     overrides = ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}", f"quant.bits={bits}",
                  f"quant.group_size={group}", "quant.sym=true", f"model.name_or_path={model_name}",
                  f"data.calib_samples={calib[0]}", f"data.calib_seqlen={calib[1]}"]
     if tune:
-        overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}"]
+        overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}", *extra]
     t0 = time.perf_counter()
     model, report = compress(model, tok, compose(overrides), progress=False)
     return model, tok, report.totals()["bits_per_param"], time.perf_counter() - t0
@@ -110,7 +112,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--calib", type=int, nargs=2, default=[32, 256], help="windows, seqlen")
-    ap.add_argument("--rows", nargs="+", default=["gptq", "gptq+tune", "rtn+tune", "autoround"])
+    ap.add_argument("--rows", nargs="+",
+                    default=["gptq", "rtn", "gptq+tune", "gptq+tune@rtn", "rtn+tune", "autoround"])
+    ap.add_argument("--tune", nargs="*", default=[],
+                    help="more overrides of the tuned lab rows, e.g. tune.keep=last")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load(a.model, device="cpu")
@@ -123,7 +128,9 @@ def main() -> None:
     head = (f"{a.model}: WikiText-2, {windows.shape[0]} windows x {a.seqlen}, dense ppl "
             f"{dense:.2f}; calibration: the lab's {a.calib[0]} windows x {a.calib[1]} "
             f"({cfg.data.calib_source}, seed {cfg.data.calib_seed}); symmetric grids, g{a.group}; "
-            f"{a.iters} steps, lr {a.lr}; fp32 on CPU")
+            f"{a.iters} steps, lr {a.lr}; fp32 on CPU; full-range symmetric grid (code 0 on "
+            f"each group's largest magnitude, AutoRound's `int_sym`)"
+            + (f"; lab tuning overrides: {' '.join(a.tune)}" if a.tune else ""))
     lines = [head, "", "| method | bits | bits/param | ppl | Δppl vs dense | time s |",
              "| --- | --- | --- | --- | --- | --- |"]
     print(head, flush=True)
@@ -133,10 +140,13 @@ def main() -> None:
                 m, _, bpp, secs = autoround_row(a.model, bits, a.group, a.iters, a.lr, calib)
             else:
                 quant, _, tune = name.partition("+")
+                tune, _, start = tune.partition("@")
+                extra = (*a.tune, f"tune.start={start or 'stage'}")
                 m, _, bpp, secs = lab_row(a.model, bits, a.group, tune == "tune", a.iters,
-                                          a.lr, tuple(a.calib), quant)
+                                          a.lr, tuple(a.calib), quant, extra)
             ppl = perplexity(m, windows, batch_size=1, progress=False)
-            label = {"gptq": "lab gptq", "gptq+tune": "lab gptq + tune=block",
+            label = {"gptq": "lab gptq", "rtn": "lab rtn", "gptq+tune": "lab gptq + tune=block",
+                     "gptq+tune@rtn": "lab gptq + tune=block from rtn",
                      "rtn+tune": "lab rtn + tune=block", "autoround": "AutoRound 0.16.1"}[name]
             line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
                     f" | {secs:.0f} |")
@@ -146,7 +156,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peer_autoround_{a.model}.md"
     command = (f"python benchmarks/peer_autoround.py --model {a.model} --bits "
-               f"{' '.join(map(str, a.bits))} --group {a.group} --iters {a.iters} --lr {a.lr}")
+               f"{' '.join(map(str, a.bits))} --group {a.group} --iters {a.iters} --lr {a.lr} "
+               f"--rows {' '.join(a.rows)}" + (f" --tune {' '.join(a.tune)}" if a.tune else ""))
     out.write_text("\n".join([f"Written by `{command}`.", "", *lines, ""]))
     print(f"wrote {out}")
 

@@ -57,7 +57,7 @@ def _expected_int4_readout(layer, g):
     s_k = s.bfloat16().float().repeat_interleave(g, 1)
     zero_k = ((8.0 - z) * s).bfloat16().float().repeat_interleave(g, 1)
     exact = (codes.float() - 8.0) * s_k + zero_k  # exact in fp32: few significant bits each
-    slack = BF16_U * ((codes.float() - 8.0).abs() * s.repeat_interleave(g, 1)
+    slack = BF16_U * ((codes.float() - 8.0).abs() * s.abs().repeat_interleave(g, 1)
                       + zero_k.abs() + exact.abs())
     return exact.bfloat16().float(), slack
 
@@ -239,7 +239,7 @@ def test_int8_kernel_weight_is_our_weight(sym):
     got = layout.weight()
     assert torch.equal(got, expected)
     ours = layer.base_weight()
-    slack = 2 * BF16_U * ((q.codes.float() - 128).abs() * q.scale + ours.abs())
+    slack = 2 * BF16_U * ((q.codes.float() - 128).abs() * q.scale.abs() + ours.abs())
     assert ((got - ours).abs() <= slack).all()
 
 

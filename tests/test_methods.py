@@ -106,11 +106,17 @@ def test_rtn_codes_in_range_and_error_bounded(bits, group, sym, cols, seed):
     q = rtn_quantize(w, bits, group, sym)
     assert q.codes.min() >= 0 and q.codes.max() <= 2**bits - 1
     assert q.scale.shape == (8, grid.n_groups(cols, group))  # tail group when cols % group
-    step = grid.expand_groups(q.scale, cols, group)
+    step = grid.expand_groups(q.scale, cols, group).abs()  # sym scales carry a sign
     err = (q.dequantize() - w).abs()
-    # round-to-nearest: half a step inside the range; the range ends (sym top code, asym zero
-    # rounding) may clip by up to another half step
+    # round-to-nearest: half a step inside the range; the range ends may clip: the full-range
+    # sym grid's short side by up to a step, asym zero rounding by half a step
     assert bool((err <= step + 1e-5).all())
+    if sym:  # full range: the group's largest-magnitude entry sits exactly on code 0
+        g_of = torch.arange(cols) // (cols if group == -1 else group)
+        for j in range(int(g_of.max()) + 1):
+            cols_j = g_of == j
+            worst = w[:, cols_j].abs().argmax(1)
+            assert bool((q.codes[:, cols_j].gather(1, worst[:, None]) == 0).all())
 
 
 def test_rtn_more_bits_less_error_and_8bit_near_exact():

@@ -13,6 +13,8 @@ the block is tuned so that the compressed block reproduces the dense one:
     updates         V and α: signed gradient descent, step lr·(1 − t/iters) (SignRound);
                     16-bit kept values and low-rank factors: Adam, step factor_lr × the tensor's
                     RMS (scale-free), same linear decay
+    result          `keep=best`: the parameters of the step with the lowest mini-batch loss (as
+                    AutoRound keeps); `keep=last`: the last step's
 
 Routed experts are tuned one at a time on the tokens their router sends them (the compressed
 path's), against the dense expert's output on those tokens; the block-level tuning then sees
@@ -56,6 +58,8 @@ class BlockTune:
     batch_size: int = 8  # calibration windows per step
     samples: int | None = None  # calibration windows tuned on (null: all of them)
     expert_tokens: int = 1024  # routed-expert tokens per step
+    start: str = "stage"  # "stage": from the stage's codes (GPTQ's); "rtn": round-to-nearest
+    keep: str = "best"  # "best": the step with the lowest loss seen (as AutoRound); "last"
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +70,10 @@ class BlockTune:
                "tune.factor_lr", f"must be in [0, 1), got {self.factor_lr!r}")
         _check(self.samples is None or (isinstance(self.samples, int) and self.samples > 0),
                "tune.samples", f"must be a positive integer or null, got {self.samples!r}")
+        _check(self.start in ("stage", "rtn"), "tune.start",
+               f"must be 'stage' or 'rtn', got {self.start!r}")
+        _check(self.keep in ("best", "last"), "tune.keep",
+               f"must be 'best' or 'last', got {self.keep!r}")
 
     # ---- the optimisation, for any set of tunable layers -----------------------------------
     def fit(self, layers: list[TunableLinear], loss_of: Callable[[int], torch.Tensor],
@@ -81,14 +89,24 @@ class BlockTune:
         lr = self.lr if self.lr is not None else 1.0 / self.iters
         gen = torch.Generator().manual_seed(self.seed)
         per_step = min(per_step, units)
+        params = [p for t in layers for p in t.parameters()]
+        best_loss, best = math.inf, None
         for it in range(self.iters):
             decay = 1.0 - it / self.iters
             for t in layers:
                 t.zero_grad(set_to_none=True)
             pick = torch.randperm(units, generator=gen)[:per_step].tolist()
+            step_loss = 0.0
             with torch.enable_grad():
                 for k in pick:
-                    (loss_of(k) / len(pick)).backward()
+                    loss = loss_of(k) / len(pick)
+                    loss.backward()
+                    step_loss += float(loss)
+            if self.keep == "best" and step_loss < best_loss:
+                # the parameters this loss was measured at, before the step moves them; one
+                # more copy of what is tuned (V, α, factors) for the block or expert at hand
+                best_loss = step_loss
+                best = [p.detach().clone() for p in params]
             with torch.no_grad():
                 for p in signed:
                     if p.grad is not None:
@@ -99,6 +117,10 @@ class BlockTune:
                 adam.step()
             for t in layers:
                 t.clamp_()
+        if best is not None:
+            with torch.no_grad():
+                for p, b in zip(params, best):
+                    p.copy_(b)
 
     # ---- a block ---------------------------------------------------------------------------
     def tune_block(self, block: nn.Module, packed: dict[str, tuple[object, nn.Module]],
@@ -122,7 +144,7 @@ class BlockTune:
             return F.mse_loss(y.float(), targets[k].float())
 
         before = _mean_loss(loss_of, units)
-        tunables = {n: TunableLinear(states[n]) for n in names}
+        tunables = {n: TunableLinear(states[n], self.start) for n in names}
         for n, t in tunables.items():
             set_submodule(block, n, t)
         try:
@@ -168,7 +190,7 @@ class BlockTune:
             return _mean_loss(lambda k: loss(gu_w, dn_w, k), len(starts))
 
         before = packed_loss(packed)
-        tg, td = TunableLinear(gate_up), TunableLinear(down)
+        tg, td = TunableLinear(gate_up, self.start), TunableLinear(down, self.start)
         self.fit([tg, td], lambda k: loss(tg.weight(), td.weight(), k), len(starts), 1)
         device = _device(packed[0])
         new = tuple(CompressedLinear.pack(t.tuned_state(), store_dtype).to(device)

@@ -10,8 +10,11 @@ the same idea for α. Here the same is done on every part a stage left in a Laye
     low-rank          + U·V  (k-bit factors: fake-quantised on a per-row grid)    (U, V learned)
 
 `o` is what the stage rounded (`QuantPart.origin`: GPTQ's error-compensated columns), so V = 0
-and α = 1 reproduce the stage's codes exactly: tuning starts from the stage's solution, not from
-round-to-nearest. ⌊·⌉ passes gradients straight through (the STE of both papers). The mask M,
+and α = 1 reproduce the stage's codes exactly: tuning starts from the stage's solution
+(`tune.start=stage`). `tune.start=rtn` instead starts from round-to-nearest of the unrounded base
+on a grid refitted to it, as SignRound does: GPTQ's error feedback solves a layer-wise problem
+whose compensated columns can sit far from what the block-output objective wants (measured on
+SmolLM2 3-bit: tuned from GPTQ 46.9, tuned from RTN 36.9). ⌊·⌉ passes gradients straight through (the STE of both papers). The mask M,
 the width k, the group size and the rank are never touched, so the packed bytes do not change.
 
 Memory: per tuned layer the origin, V and their gradients, float32 (out, in) each: one block's
@@ -58,7 +61,7 @@ class TunableLinear(nn.Module):
     kept values, low-rank factors) by Adam; see `compress/tune/block.py`.
     """
 
-    def __init__(self, state: LayerState):
+    def __init__(self, state: LayerState, start: str = "stage"):
         super().__init__()
         self.state = state
         self.rounding = nn.ParameterList()  # V, one (out, in)
@@ -66,10 +69,17 @@ class TunableLinear(nn.Module):
         self.continuous = nn.ParameterList()
         q = state.quant
         if state.base is not None and q is not None:
-            origin = q.origin if q.origin is not None else state.base
+            if start == "rtn":  # the unrounded base on a grid fitted to it (as SignRound starts)
+                fresh = rtn_quantize(state.base, q.bits, q.group_size, q.sym, state.mask)
+                origin, scale, zero = state.base, fresh.scale, fresh.zero
+            else:  # the stage's own rounding problem: V = 0 gives back its codes
+                origin = q.origin if q.origin is not None else state.base
+                scale, zero = q.scale, q.zero
             self.register_buffer("origin", origin.float(), persistent=False)
+            self.register_buffer("scale0", scale.float(), persistent=False)
+            self.register_buffer("zero0", zero.float(), persistent=False)
             self.v = nn.Parameter(torch.zeros_like(self.origin))
-            self.alpha = nn.Parameter(torch.ones_like(q.scale))
+            self.alpha = nn.Parameter(torch.ones_like(self.scale0))
             self.rounding.append(self.v)
             self.clip.append(self.alpha)
         elif state.base is not None:
@@ -84,8 +94,8 @@ class TunableLinear(nn.Module):
     def _scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.state.quant
         cols = self.origin.shape[1]
-        s = grid.expand_groups(q.scale * self.alpha, cols, q.group_size)
-        return s, grid.expand_groups(q.zero, cols, q.group_size)
+        s = grid.expand_groups(self.scale0 * self.alpha, cols, q.group_size)
+        return s, grid.expand_groups(self.zero0, cols, q.group_size)
 
     def base_weight(self) -> torch.Tensor | None:
         st = self.state
@@ -135,13 +145,13 @@ class TunableLinear(nn.Module):
         q = st.quant
         if st.base is not None and q is not None:
             # the scale is stored in fp16: round it first, then fit the codes to the stored value
-            scale = (q.scale * self.alpha).clamp(min=2**-20).half().float()
+            scale = grid.stored_scale(self.scale0 * self.alpha)
             s = grid.expand_groups(scale, q.codes.shape[1], q.group_size)
-            z = grid.expand_groups(q.zero, q.codes.shape[1], q.group_size)
+            z = grid.expand_groups(self.zero0, q.codes.shape[1], q.group_size)
             codes = torch.clamp(torch.round(self.origin / s + self.v) + z, 0, 2**q.bits - 1)
             if st.mask is not None:  # pruned entries keep the code of 0, as the stages leave it
                 codes = torch.where(st.mask, codes, z)
-            new.quant = QuantPart(codes.to(torch.int32), scale, q.zero.clone(), q.bits,
+            new.quant = QuantPart(codes.to(torch.int32), scale, self.zero0.clone(), q.bits,
                                   q.group_size, q.sym)
         elif st.base is not None:
             new.base = self.values.detach().clone()
