@@ -59,6 +59,59 @@ def test_an_untouched_tunable_layer_is_the_packed_layer(methods):
     torch.testing.assert_close(again.dequantized_weight(), packed, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("methods", [lambda: [GPTQ(3, 32)], lambda: [SparseGPT(0.5), GPTQ(4, 16)],
+                                     lambda: [RTN(3, 32, sym=False)]],
+                         ids=["gptq", "sparse-gptq", "rtn-asym"])
+def test_start_rtn_is_round_to_nearest_of_the_base(methods):
+    """tune.start=rtn: V = 0 and α = 1 give round-to-nearest of the unrounded base on a grid
+    fitted to it (masked entries excluded), not GPTQ's codes; the mask and widths stay."""
+    from ciuic_lab.compress.state import rtn_quantize
+    state = _state(methods())
+    q = state.quant
+    rtn = rtn_quantize(state.base, q.bits, q.group_size, q.sym, state.mask)
+    expect = rtn.dequantize() if state.mask is None else rtn.dequantize() * state.mask
+    t = TunableLinear(state, start="rtn")
+    torch.testing.assert_close(t.weight().detach(), expect, rtol=0, atol=1e-6)
+    new = t.tuned_state()
+    torch.testing.assert_close(new.base_weight(), expect, rtol=0, atol=1e-6)
+    if isinstance(methods()[0], GPTQ):  # GPTQ's codes are not round-to-nearest ones
+        assert not torch.equal(new.quant.codes, q.codes)
+
+
+def test_keep_best_returns_the_lowest_loss_seen():
+    """keep=best ends on the parameters of the step with the lowest loss (measured before that
+    step moved them); keep=last on wherever the last step left them."""
+    state = _state([GPTQ(3, 32)])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 64, 64, generator=g)
+    target = x @ state.weight.T
+    seen = []
+
+    def loss_of(k):
+        loss = torch.nn.functional.mse_loss(t(x[k]), target[k])
+        return loss
+
+    def run(keep):
+        nonlocal t
+        t = TunableLinear(state)
+        tune = BlockTune(iters=12, lr=0.2, batch_size=4, keep=keep)  # big steps: overshoots
+
+        def recorded(k):
+            loss = loss_of(k)
+            seen.append(float(loss))
+            return loss
+        seen.clear()
+        tune.fit([t], recorded, 4, 4)
+        with torch.no_grad():
+            return sum(float(loss_of(k)) for k in range(4)) / 4, [sum(seen[i:i + 4]) / 4
+                                                                  for i in range(0, 48, 4)]
+    t = None
+    best, per_step = run("best")
+    assert best == pytest.approx(min(per_step), rel=1e-5)
+    last, _ = run("last")
+    assert best < last  # with these steps the last iterate is not the best one
+
+
 def _tiny(arch="tiny-random-deepseek-v3"):
     torch.manual_seed(0)
     return tiny.build(arch, vocab=256)
@@ -144,6 +197,10 @@ def test_tune_config_is_checked_before_any_model_loads():
         build_tune(compose(["tune=block", "tune.iters=0"]))
     with pytest.raises(ConfigError, match="tune.lr"):
         build_tune(compose(["tune=block", "tune.lr=2"]))
+    with pytest.raises(ConfigError, match="tune.start"):
+        build_tune(compose(["tune=block", "tune.start=gptq"]))
+    with pytest.raises(ConfigError, match="tune.keep"):
+        build_tune(compose(["tune=block", "tune.keep=first"]))
     with pytest.raises(ConfigError, match="tune.itres"):
         validate(compose(["tune=block", "+tune.itres=3", "model=tiny-random-llama"]))
     with pytest.raises(ConfigError, match="nothing to tune"):
