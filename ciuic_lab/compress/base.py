@@ -14,6 +14,7 @@ it (`knob`), and the method hands them to that policy when it builds it (`bound_
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -33,6 +34,7 @@ from ciuic_lab.errors import check as _check
 from ciuic_lab.names import name_matches, pattern_parts
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+KERNEL_WIDTHS = (2, 3, 4, 8)  # int4 layout (2..4 bits, codes widened) and int8 (per channel)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -95,7 +97,31 @@ class Method:
         self.bound_policy.summarize_block(facts, weights)
 
     def allocate(self, profiles: list[LayerProfile]) -> dict[str, object]:
-        return self.pin(self.bound_policy.allocate(profiles, self.goal()))
+        if not getattr(self, "fuse_siblings", False):
+            return self.pin(self.bound_policy.allocate(profiles, self.goal()))
+        # One budget per sibling set: the policy sees each set as one layer (its members'
+        # parameters, their facts merged by the policy), and every member gets its set's budget.
+        sets: dict[str, list[LayerProfile]] = {}
+        for p in profiles:
+            sets.setdefault(p.sibling or p.name, []).append(p)
+        merged = []
+        for key, members in sets.items():
+            n = sum(m.params for m in members)
+            cols = members[0].shape[1]
+            facts = [m.facts.get(self.stage, {}) for m in members]
+            merged.append(LayerProfile(
+                key, members[0].kind, (-(-n // cols), cols), members[0].block,
+                {self.stage: self.bound_policy.merge_facts(facts, [m.params for m in members])
+                 if len(members) > 1 else facts[0]}))
+        by_set = self.bound_policy.allocate(merged, self.goal())
+        out = {p.name: by_set[p.sibling or p.name] for p in profiles}
+        pinned = self.pin(out)
+        for key, members in sets.items():  # a per-layer override must not split a set
+            got = {repr(pinned[m.name]) for m in members}
+            _check(len(got) == 1, f"{self.stage}.layers",
+                   f"with {self.stage}.fuse_siblings=true the layers of {key} are served as one "
+                   f"matmul and need one format, but the overrides give them {sorted(got)}")
+        return pinned
 
     # ---- per-layer overrides by name (`<stage>.layers`) -------------------------------------
     # {name pattern: budget}: the first pattern that matches a layer sets its budget after the
@@ -290,6 +316,11 @@ class QuantMethod(Method):
     sensitivity: str = knob(Sensitivity, "sensitivity")
     budget: str = knob(Sensitivity, "budget")
     layers: dict | None = None  # {name pattern: bits or null (kept at the store dtype)}
+    # Serving constraints (issue #21): one format per set an engine fuses into one matmul
+    # (q/k/v, gate/up, a layer's routed experts: adapter.sibling_set), and only the widths a
+    # fast kernel serves: 2/3/4 through the int4 layout, 8 through int8 (per output channel).
+    fuse_siblings: bool = False
+    kernel_widths: bool = False
 
     def __post_init__(self):
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "quant.bits",
@@ -299,8 +330,35 @@ class QuantMethod(Method):
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
                "quant.group_size",
                f"must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        for key in ("fuse_siblings", "kernel_widths"):
+            _check(isinstance(getattr(self, key), bool), f"quant.{key}",
+                   f"must be true or false, got {getattr(self, key)!r}")
+        if self.kernel_widths:
+            self._check_kernel_widths()
         self.bound_policy  # noqa: B018 (built now: its knobs are checked before any model loads)
         self._check_layers()
+
+    def _check_kernel_widths(self) -> None:
+        ok = KERNEL_WIDTHS
+        why = "with quant.kernel_widths=true (widths a fast kernel serves: 2, 3, 4, 8)"
+        if self.policy == "sensitivity":
+            kept = [b for b in self.candidate_bits if b in ok]
+            _check(bool(kept), "quant.candidate_bits",
+                   f"{why} none of {list(self.candidate_bits)} is left")
+            self.candidate_bits = kept
+        elif self.policy == "kind_map":
+            for kind, b in (self.kind_bits or {}).items():
+                _check(b in ok, "quant.kind_bits", f"{kind}: {b} bits is not allowed {why}")
+        widths = {self.bits}
+        if self.policy == "uniform" and self.avg_bits is not None:
+            widths = {math.floor(self.avg_bits), math.ceil(self.avg_bits)}
+        for b in widths:
+            _check(b in ok or self.policy == "sensitivity",
+                   "quant.avg_bits" if self.avg_bits is not None else "quant.bits",
+                   f"{b} bits is not allowed {why}")
+        for pattern, b in (self.layers or {}).items():
+            _check(b is None or b in ok, f"quant.layers[{pattern}]",
+                   f"{b} bits is not allowed {why}")
 
     def _check_budget(self, key: str, budget) -> None:
         _check(isinstance(budget, int) and not isinstance(budget, bool) and 2 <= budget <= 8, key,
@@ -315,8 +373,12 @@ class QuantMethod(Method):
     def format_of(self, budget) -> tuple[int, int]:
         """(bits, group size) of a layer's budget."""
         if isinstance(budget, dict):
-            return int(budget["bits"]), int(budget.get("group_size", self.group_size))
-        return int(budget), self.group_size
+            bits, group = int(budget["bits"]), int(budget.get("group_size", self.group_size))
+        else:
+            bits, group = int(budget), self.group_size
+        if self.kernel_widths and bits == 8:
+            group = -1  # the int8 kernel scales per output channel (fewer stored bits, too)
+        return bits, group
 
     def to_quantize(self, state: LayerState):
         # Keep what a prune stage reconstructed (SparseGPT updates the kept weights); with a

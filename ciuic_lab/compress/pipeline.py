@@ -81,8 +81,13 @@ def _named_layers(model: nn.Module) -> list[tuple[str, Layer]]:
 def profile(model: nn.Module) -> list[LayerProfile]:
     """Every compressible weight of the model with its kind and shape, in walk order."""
     ad = adapter_for(model)
-    return [LayerProfile(f"{ad.block_name(i)}.{layer.name}", layer.kind, layer.shape, i)
-            for i, block in enumerate(ad.blocks(model)) for layer in ad.layers(block)]
+    out = []
+    for i, block in enumerate(ad.blocks(model)):
+        for layer in ad.layers(block):
+            name = f"{ad.block_name(i)}.{layer.name}"
+            out.append(LayerProfile(name, layer.kind, layer.shape, i,
+                                    sibling=ad.sibling_set(name)))
+    return out
 
 
 def dense_report(model: nn.Module) -> CompressionReport:

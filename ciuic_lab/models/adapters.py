@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,21 @@ class DecoderAdapter:
         if "experts" in name:
             return "expert"
         return "mlp"
+
+    # Layers a serving engine fuses into one matmul (they share their input): vLLM's qkv_proj,
+    # gate_up_proj and DeepSeek's fused_qkv_a_proj; a layer's routed experts are one FusedMoE.
+    SIBLINGS = MappingProxyType({"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                "q_a_proj": "fused_qkv_a_proj", "kv_a_proj_with_mqa": "fused_qkv_a_proj"})
+
+    def sibling_set(self, name: str) -> str:
+        """The set a layer (full name) is fused with when served: `…mlp.experts` for every
+        routed expert projection of a layer, `…self_attn.qkv_proj` for q/k/v, else itself."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i] == "experts" and parts[i + 1].isdigit():
+                return ".".join(parts[:i + 1])
+        return ".".join(parts[:-1] + [self.SIBLINGS.get(parts[-1], parts[-1])])
 
     def is_fused_experts(self, mod: nn.Module) -> bool:
         return all(isinstance(getattr(mod, p, None), nn.Parameter) and getattr(mod, p).dim() == 3

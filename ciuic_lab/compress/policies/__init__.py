@@ -9,6 +9,8 @@ with `@register`, and provides the `Policy` protocol:
     summarize(facts, weight, stats)             keep a small fact about one layer
     summarize_block(facts_by_layer, weights)    keep a fact comparing a block's layers
     allocate(profiles, goal) -> {layer name: budget}
+    merge_facts(facts, params)                  one fact for a set of layers that must share a
+                                                budget (`quant.fuse_siblings`)
 
 Its fields are its knobs, each the config key `<stage>.<field>` (prune.owl_m), checked in
 `__post_init__` with that key in the message. The stage's Method declares the same keys (so
@@ -42,6 +44,7 @@ class LayerProfile:
     shape: tuple[int, int]  # (out, in)
     block: int
     facts: dict = field(default_factory=dict)  # stage -> what that stage's policy kept
+    sibling: str | None = None  # the set it is fused with when served (adapter.sibling_set)
 
     @property
     def params(self) -> int:
@@ -60,6 +63,8 @@ class Policy(Protocol):
     def summarize_block(self, facts_by_layer: dict, weights) -> None: ...
 
     def allocate(self, profiles: list[LayerProfile], goal) -> dict: ...
+
+    def merge_facts(self, facts: list[dict], params: list[int]) -> dict: ...
 
 
 @dataclass(kw_only=True)
@@ -80,6 +85,11 @@ class PolicyBase:
 
     def allocate(self, profiles: list[LayerProfile], goal) -> dict:
         raise NotImplementedError
+
+    def merge_facts(self, facts: list[dict], params: list[int]) -> dict:
+        """The facts of a set of layers that must share one budget (`quant.fuse_siblings`),
+        from each member's facts and parameter count."""
+        return {}
 
     def check(self, cond: bool, knob: str, msg: str) -> None:
         """Raise ConfigError naming the knob's config key, `<stage>.<knob>`."""

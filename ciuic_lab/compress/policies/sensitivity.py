@@ -172,6 +172,15 @@ class Sensitivity(PolicyBase):
                 costs[(b, g)] = b + grid_bits(g, weight.shape[1], self.sym)
         facts["errors"], facts["costs"] = errors, costs
 
+    def merge_facts(self, facts: list[dict], params: list[int]) -> dict:
+        # Predicted errors add up (the Fisher-weighted errors of different layers are additive
+        # terms of the same loss change); the cost per weight is the parameter-weighted mean.
+        keys = set.intersection(*(set(f["errors"]) for f in facts))
+        n = sum(params)
+        return {"errors": {k: sum(f["errors"][k] for f in facts) for k in keys},
+                "costs": {k: sum(f["costs"][k] * p for f, p in zip(facts, params)) / n
+                          for k in keys}}
+
     def allocate(self, profiles: list[LayerProfile], target: float) -> dict:
         group_size, sym = self.group_size, self.sym
         cands = sorted(int(b) for b in self.candidate_bits)
