@@ -26,7 +26,8 @@ EXPERIMENTS = ROOT / "experiments"
 # name -> number of points its grid sweeps
 GRIDS = {"ablation_stages": 7, "prune_methods": 9, "quant_methods": 8, "lowrank_rules": 24,
          "ciuic_pareto": 18, "baselines": 4, "frontier_gptq": 18, "frontier_gptq_adaptive": 5,
-         "frontier_sparsegpt": 5, "frontier_lowrank": 6, "frontier_ciuic": 12, "rotations": 12}
+         "frontier_sparsegpt": 5, "frontier_lowrank": 6, "frontier_ciuic": 12, "rotations": 12,
+         "serving": 4}
 POINTS = ["prune", "lowrank", "quant", "prune_lowrank", "prune_quant", "lowrank_quant",
           "prune_lowrank_quant"]
 

@@ -1,12 +1,15 @@
-"""Per-point table of a `+experiment=tuning` study (or any sweeps under one directory): bits/param,
-perplexity, acc/mean, compression and tuning time, and tuning's own loss ratio, one row a point.
+"""Per-point table of a study (any sweeps under one directory): bits/param, perplexity, acc/mean,
+compression and tuning time, and tuning's own loss ratio, one row a point, labelled by the
+study's point and the overrides that start with one of `--knobs`.
 
     python -m ciuic_lab.run -m +experiment=tuning model=deepseek-v3-tiny eval.seqlen=512 \\
         eval.max_windows=64 eval.lm_eval.limit=100 tune=none hydra.sweep.dir=DIR/none
     python -m ciuic_lab.run -m +experiment=tuning model=deepseek-v3-tiny eval.seqlen=512 \\
         eval.max_windows=64 eval.lm_eval.limit=100 tune=block tune.iters=50 tune.lr=0.005 \\
         hydra.sweep.dir=DIR/block50
-    python benchmarks/tuning_table.py DIR --out benchmarks/results/tuning_<model>.md
+    python benchmarks/sweep_table.py DIR --out benchmarks/results/tuning_<model>.md
+    python -m ciuic_lab.run -m +experiment=serving hydra.sweep.dir=DIR
+    python benchmarks/sweep_table.py DIR --knobs quant. --out benchmarks/results/serving_<model>.md
 
 Reads every result.json below DIR (the source of truth); prints the table and writes it to --out.
 """
@@ -18,7 +21,7 @@ import json
 from pathlib import Path
 
 
-def rows(root: Path) -> list[dict]:
+def rows(root: Path, knobs: tuple[str, ...] = ("tune", "rotate=")) -> list[dict]:
     out = []
     for path in sorted(root.rglob("result.json")):
         r = json.loads(path.read_text())
@@ -26,14 +29,13 @@ def rows(root: Path) -> list[dict]:
             continue
         m, ov = r["metrics"], r.get("overrides", [])
         point = next((o.split("=", 1)[1] for o in ov if o.startswith("+experiment/")), "?")
-        tune = next((o.split("=", 1)[1] for o in ov if o.startswith("tune=")), "none")
-        knobs = " ".join(o for o in ov if o.startswith(("tune.", "rotate=")))
-        out.append({"point": point, "tune": f"{tune} {knobs}".strip(),
+        label = " ".join(o for o in ov if o.startswith(knobs)) or "-"
+        out.append({"point": point, "knobs": label,
                     "bpp": m.get("size/bits_per_param"), "ppl": m.get("ppl/wikitext2"),
                     "dense": m.get("ppl/wikitext2_dense"), "acc": m.get("acc/mean"),
                     "compress_s": m.get("time/compress_s"), "tune_s": m.get("time/tune_s"),
                     "ratio": m.get("tune/loss_ratio"), "model": r["config"]["model"]["name_or_path"]})
-    return sorted(out, key=lambda x: (x["point"], x["tune"]))
+    return sorted(out, key=lambda x: (x["point"], x["knobs"]))
 
 
 def fmt(v, spec: str) -> str:
@@ -44,17 +46,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--knobs", nargs="+", default=["tune", "rotate="],
+                    help="override prefixes that label a point")
     a = ap.parse_args()
-    table = rows(a.root)
-    lines = ["| point | tune | bits/param | ppl | dense ppl | acc/mean | compress s | tune s | "
+    table = rows(a.root, tuple(a.knobs))
+    lines = ["| point | overrides | bits/param | ppl | dense ppl | acc/mean | compress s | tune s | "
              "tune loss after/before |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in table:
-        lines.append(f"| {x['point']} | {x['tune']} | {fmt(x['bpp'], '.3f')} | "
+        lines.append(f"| {x['point']} | {x['knobs']} | {fmt(x['bpp'], '.3f')} | "
                      f"{fmt(x['ppl'], '.2f')} | {fmt(x['dense'], '.2f')} | {fmt(x['acc'], '.3f')} "
                      f"| {fmt(x['compress_s'], '.0f')} | {fmt(x['tune_s'], '.0f')} | "
                      f"{fmt(x['ratio'], '.3f')} |")
     model = table[0]["model"] if table else "?"
-    text = "\n".join([f"Written by `python benchmarks/tuning_table.py {a.root}` ({model}; times "
+    text = "\n".join([f"Written by `python benchmarks/sweep_table.py {a.root} --knobs "
+                      f"{' '.join(a.knobs)}` ({model}; times "
                       "on 2 shared CPU cores).", "", *lines, ""])
     print(text)
     if a.out:
