@@ -101,7 +101,7 @@ class BlockTune:
                 for k in pick:
                     loss = loss_of(k) / len(pick)
                     loss.backward()
-                    step_loss += float(loss)
+                    step_loss += float(loss.detach())
             if self.keep == "best" and step_loss < best_loss:
                 # the parameters this loss was measured at, before the step moves them; one
                 # more copy of what is tuned (V, α, factors) for the block or expert at hand
