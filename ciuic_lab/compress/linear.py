@@ -194,6 +194,8 @@ class CompressedLinear(nn.Module):
         lr = self.meta["lowrank"]
         if lr is None:
             return None
+        if "lr_u" in self._buffers:  # prepared: held in the compute dtype (see `prepare`)
+            return self.lr_u.float(), self.lr_v.float()
         r = lr["rank"]
         return (self._dense_part("u_", "u", (self.out_features, r), lr["quant"], None),
                 self._dense_part("v_", "v", (r, self.in_features), lr["quant"], None))
@@ -219,17 +221,28 @@ class CompressedLinear(nn.Module):
                 for name in _BASE_BUFFERS:
                     self._buffers.pop(name, None)
                 self.kernel = layout
+                self._prepare_factors(dtype)
         return self.kernel_name
+
+    def _prepare_factors(self, dtype: torch.dtype) -> None:
+        """Hold U and V decoded in the compute dtype instead of their k-bit codes, so that the
+        forward does not dequantise them on every call (what made the recipe decode slower than
+        dense). Costs r·(out + in) values at the compute dtype; nbytes() counts them."""
+        factors = self.lowrank_factors()
+        if factors is None:
+            return
+        for name in [n for n in self._buffers if n in ("u", "v") or n.startswith(("u_", "v_"))]:
+            self._buffers.pop(name)
+        self._buf("lr_u", factors[0].to(dtype))
+        self._buf("lr_v", factors[1].to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.meta["bias"] else None
         if self.kernel is None:
             return F.linear(x, self.dequantized_weight(x.dtype), b)
         y = self.kernel(x)
-        factors = self.lowrank_factors()
-        if factors is not None:  # two thin matmuls: r (out + in) per token, not out · in
-            u, v = factors
-            y = y + F.linear(F.linear(x, v.to(x.dtype)), u.to(x.dtype))
+        if "lr_u" in self._buffers:  # two thin matmuls: r (out + in) per token, not out · in
+            y = y + F.linear(F.linear(x, self.lr_v.to(x.dtype)), self.lr_u.to(x.dtype))
         return y if b is None else y + b
 
     def extra_repr(self) -> str:
