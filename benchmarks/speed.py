@@ -8,8 +8,12 @@ For each model: the dense model in bf16 (the dtype the int4/int8 kernels compute
 comparison is like for like), then compressed copies held as they are served (packed layers
 prepared for their kernels, compress/serve.py):
   - rtn 4-bit g128: every layer on PyTorch's int4 kernel (where N % 16 == 0)
-  - the default `ciuic` recipe (bundled models only; calibrated): mixed widths, so layers without a
-    kernel run the reference path for speed, and its quality metrics run materialised
+  - the default `ciuic` recipe (calibrated on the model's own activations: on the random 1 B
+    shapes the values mean nothing, but speed does not depend on them): mixed widths; layers
+    without a kernel run the reference path; low-rank factors held decoded (`prepare`)
+  - `ciuic serve`: the recipe with its serving constraints, quant.kernel_widths=true (every
+    width on the int4 or int8 kernel) and quant.fuse_siblings=true
+  The recipe's quality metrics run materialised, as the default run does.
 Columns: prefill tokens/s (eval windows, batch 1), decode tokens/s (greedy, KV cache, batch 1,
 128-token prompt), WikiText-2 wall time for --windows windows (the run's quality path: kernels for
 rtn-4, materialised for the recipe, as the default run does), stored weight bytes. Ratios are
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +35,7 @@ from ciuic_lab.eval.memory import stored_bytes
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second
 
+RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "llama-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                                      num_attention_heads=16, num_key_value_heads=16,
@@ -54,9 +60,8 @@ def build(name: str, device: str):
         torch.manual_seed(0)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        return model.eval(), load_tokenizer("deepseek-llm-tiny"), False
-    model, tok = load(name, dtype="bfloat16", device=device)
-    return model, tok, True
+        return model.eval(), load_tokenizer("deepseek-llm-tiny")
+    return load(name, dtype="bfloat16", device=device)
 
 
 def measure(model, windows, wiki, quality_ctx) -> dict:
@@ -95,21 +100,36 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 512 timed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib", type=int, nargs=2, default=[16, 256],
+                    help="recipe calibration: windows, tokens each")
+    ap.add_argument("--variants", nargs="+", default=["rtn-4 g128", "ciuic", "ciuic serve"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rtn4 = ["recipe=none", "prune=none", "lowrank=none", "quant=rtn", "quant.bits=4",
             "quant.group_size=128", f"device={args.device}"]
-    recipe = [f"device={args.device}"]
-    print(f"{'model':18s} {'variant':10s} {'prefill t/s':>11s} {'decode t/s':>10s} "
+    # the recipe calibrates on the 1 B shapes too: fewer, shorter windows keep that minutes long
+    recipe = [f"device={args.device}", f"data.calib_samples={args.calib[0]}",
+              f"data.calib_seqlen={args.calib[1]}"]
+    serve = [*recipe, "quant.kernel_widths=true", "quant.fuse_siblings=true"]
+    print(f"{'model':18s} {'variant':11s} {'prefill t/s':>11s} {'decode t/s':>10s} "
           f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s} {'peak MiB':>9s}   ratios vs dense "
           f"(prefill, decode, wiki time)")
+    table = [f"Written by `python benchmarks/speed.py --models {' '.join(args.models)} --threads "
+             f"{args.threads}` on {args.device} ({torch.get_num_threads()} threads); batch 1; "
+             "dense in bf16; decode greedy with KV cache after a 128-token prompt.", "",
+             "| model | variant | prefill tok/s | decode tok/s | wiki s | ppl | MiB stored | "
+             "prefill vs dense | decode vs dense | layers on a kernel |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.models:
-        model, tok, trained = build(name, args.device)
+        model, tok = build(name, args.device)
         windows = test_windows(tok, 512)
         wiki = windows[: args.windows]
         rows = {"dense": measure(model, windows, wiki, nullcontext())}
-        variants = [("rtn-4 g128", rtn4, False)] + ([("ciuic", recipe, True)] if trained else [])
+        variants = [("rtn-4 g128", rtn4, False), ("ciuic", recipe, True),
+                    ("ciuic serve", serve, True)]
         for label, overrides, materialize in variants:
+            if label not in args.variants:
+                continue
             m = compressed(model, tok, overrides)
             kernels = prepare_for_inference(m, args.device, torch.bfloat16)
             ctx = materialized(m, torch.bfloat16) if materialize else nullcontext()
@@ -121,10 +141,20 @@ def main() -> None:
             ratio = "" if label == "dense" else (
                 f"   {r['prefill'] / d['prefill']:.2f}x  {r['decode'] / d['decode']:.2f}x  "
                 f"{r['wiki_s'] / d['wiki_s']:.2f}x  kernels {r['kernels'][0]}/{r['kernels'][1]}")
-            print(f"{name:18s} {label:10s} {r['prefill']:11.1f} {r['decode']:10.2f} "
+            print(f"{name:18s} {label:11s} {r['prefill']:11.1f} {r['decode']:10.2f} "
                   f"{r['wiki_s']:7.1f} {r['ppl']:9.2f} {r['bytes'] / 2**20:8.1f} "
                   f"{r['peak'] / 2**20:9.1f}{ratio}", flush=True)
+            table.append(
+                f"| {name} | {label} | {r['prefill']:.1f} | {r['decode']:.2f} | "
+                f"{r['wiki_s']:.1f} | {r['ppl']:.2f} | {r['bytes'] / 2**20:.1f} | "
+                + ("| | | |" if label == "dense" else
+                   f"{r['prefill'] / d['prefill']:.2f}x | {r['decode'] / d['decode']:.2f}x | "
+                   f"{r['kernels'][0]}/{r['kernels'][1]} |"))
         del model
+    out = RESULTS / f"speed_{args.device}.md"
+    RESULTS.mkdir(exist_ok=True)
+    out.write_text("\n".join([*table, ""]))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
