@@ -65,5 +65,5 @@ def test_bench_sanity_on_v3():
     torch.manual_seed(0)
     dense = ppl([])
     assert abs(ppl(["quant=rtn", "quant.bits=8", "quant.group_size=-1"]) / dense - 1) < 0.01
-    assert ppl(["quant=rtn", "quant.bits=2", "quant.group_size=-1"]) > 1.5 * dense
+    assert ppl(["quant=rtn", "quant.bits=2", "quant.group_size=-1"]) > 1.3 * dense
     assert ppl(["prune=magnitude", "prune.sparsity=0.5"]) > 1.03 * dense

@@ -37,10 +37,11 @@ def _rescaled(model, alpha=1e-2):
     return m
 
 
-def _loss(model) -> float:
+def _kl(model, dense) -> float:
     with torch.no_grad():
-        logits = model(CALIB).logits
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), CALIB[:, 1:].flatten()))
+        ref = F.log_softmax(dense(CALIB).logits, -1)
+        got = F.log_softmax(model(CALIB).logits, -1)
+    return float(F.kl_div(got, ref, log_target=True, reduction="batchmean"))
 
 
 def _allocate(model, sensitivity):
@@ -61,8 +62,10 @@ def test_rescaling_moves_the_local_policy_but_not_the_fisher_one():
     assert fisher_scaled == fisher_base  # the output's view does not change with the scales
     assert local_scaled[v] == 2 and local_scaled[up] == 4  # the local view follows the scales
     assert fisher_scaled != local_scaled
-    # and the output agrees with the Fisher view: a lower loss at the same mean bits
-    assert _loss(m_fisher) < _loss(m_local)
+    # and the output agrees with the Fisher view: less output distortion at the same mean bits.
+    # Measured as the KL to the dense model's next-token distribution: this random model is
+    # near uniform (loss ≈ ln 256), so its loss on random tokens moves by noise only.
+    assert 2 * _kl(m_fisher, scaled) < _kl(m_local, scaled)
 
 
 def test_output_fisher_walk_matches_autograd_on_the_whole_model():
