@@ -239,24 +239,27 @@ class DecoderAdapter:
         return out
 
     # ---- routed experts ----------------------------------------------------------------------
-    def expert_intermediate(self, x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    # The expert MLP is written here only: the walk runs it on weight slices (calibration, the
+    # reference outputs), CompressedExperts on its packed layers.
+    def expert_intermediate(self, x: torch.Tensor, gate_up: torch.Tensor | nn.Module,
+                            act_fn) -> torch.Tensor:
         """act(x·W_gateᵀ) ⊙ (x·W_upᵀ): the input of a routed expert's down projection, with its
-        (2I, H) gate_up weight (gate rows first, as the fused module splits them)."""
-        gate, up = F.linear(x, gate_up.to(x.dtype)).chunk(2, dim=-1)
+        (2I, H) gate_up weight (gate rows first, as the fused module splits them), or a module
+        computing x·W_gate_upᵀ (a packed layer)."""
+        gate, up = _linear(x, gate_up).chunk(2, dim=-1)
         return act_fn(gate) * up
 
-    def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   act_fn) -> torch.Tensor:
-        """One routed expert applied to its tokens."""
-        return F.linear(self.expert_intermediate(x, gate_up, act_fn), down.to(x.dtype))
+    def expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor | nn.Module,
+                   down: torch.Tensor | nn.Module, act_fn) -> torch.Tensor:
+        """One routed expert applied to its tokens (weights or packed layers, as above)."""
+        return _linear(self.expert_intermediate(x, gate_up, act_fn), down)
 
     # ---- installing packed layers ------------------------------------------------------------
     def install(self, block: nn.Module, packed: dict[str, tuple[Layer, nn.Module]],
-                make_experts: Callable[[list[nn.Module], list[nn.Module], Callable], nn.Module],
-                ) -> None:
+                make_experts: Callable[..., nn.Module]) -> None:
         """Swap each packed layer into the block; a fused experts module whose experts are all
-        packed becomes `make_experts(gate_up, down, act_fn)`, the packed projections listed by
-        expert."""
+        packed becomes `make_experts(gate_up, down, act_fn, adapter=self)`, the packed
+        projections listed by expert (the adapter: their names and the expert MLP)."""
         experts: dict[str, tuple[nn.Module, dict]] = {}
         for name, (layer, mod) in packed.items():
             if layer.expert is None:
@@ -265,10 +268,11 @@ class DecoderAdapter:
                 owner = name.rsplit(".", 2)[0]
                 experts.setdefault(owner, (layer.module, {}))[1][(layer.expert, layer.proj)] = mod
         for owner, (orig, parts) in experts.items():
-            n = getattr(orig, self.expert_projs[0]).shape[0]
+            first, second = self.expert_projs
+            n = getattr(orig, first).shape[0]
             set_submodule(block, owner, make_experts(
-                [parts[(e, "gate_up_proj")] for e in range(n)],
-                [parts[(e, "down_proj")] for e in range(n)], orig.act_fn))
+                [parts[(e, first)] for e in range(n)], [parts[(e, second)] for e in range(n)],
+                orig.act_fn, adapter=self))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def expert_parts(self, owner: str, e: int, gate_up_rows: int) -> list[tuple[str, str, slice]]:
@@ -276,9 +280,10 @@ class DecoderAdapter:
         (checkpoint name without `.weight`, fused projection, its rows). The inverse of the
         fusion in `checkpoint_tensors`."""
         half = gate_up_rows // 2
-        return [(f"{owner}.{e}.gate_proj", "gate_up_proj", slice(0, half)),
-                (f"{owner}.{e}.up_proj", "gate_up_proj", slice(half, None)),
-                (f"{owner}.{e}.down_proj", "down_proj", slice(None))]
+        gate_up, down = self.expert_projs
+        return [(f"{owner}.{e}.gate_proj", gate_up, slice(0, half)),
+                (f"{owner}.{e}.up_proj", gate_up, slice(half, None)),
+                (f"{owner}.{e}.down_proj", down, slice(None))]
 
     def checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A block's tensors as stored in a checkpoint -> the module's state-dict names.
@@ -382,6 +387,11 @@ def adapter_for(model_or_config) -> DecoderAdapter:
 
 def check_supported(config) -> None:
     adapter_for(config)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor | nn.Module) -> torch.Tensor:
+    """x·Wᵀ for a weight W (cast to x's dtype), or w(x) for a module (a packed layer)."""
+    return F.linear(x, w.to(x.dtype)) if isinstance(w, torch.Tensor) else w(x)
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
