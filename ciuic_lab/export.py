@@ -257,7 +257,7 @@ class _Lora:
 
     name: str  # the linear, or the experts module (transformers' fused one)
     param: str | None  # None: a module target; else a parameter target: "weight" of a linear,
-    # "gate_up_proj" / "down_proj" of an experts module
+    # one of the adapter's `expert_projs` ("gate_up_proj" / "down_proj") of an experts module
     rank: int  # for a fused parameter, its largest expert rank (the others are zero-padded)
     prefix: str  # where PEFT keeps its lora_A / lora_B in the adapter's state dict
 
@@ -377,13 +377,14 @@ def _tensors(model: nn.Module, plan: _Plan, dtype: torch.dtype):
                 yield f"{name}.{k}", v
         if lin.meta["bias"]:
             yield f"{name}.bias", lin.bias.to(dtype)
-    ad = adapter_for(model)
     for owner, mod in plan.experts.items():
         # Per expert, as DeepSeek checkpoints store them; transformers merges them into its
         # fused parameters on load.
+        ad = mod.adapter
         for e in range(mod.num_experts):
             expert = getattr(mod, str(e))
-            for name, proj, rows in ad.expert_parts(owner, e, expert.gate_up_proj.out_features):
+            gate_up_rows = getattr(expert, ad.expert_projs[0]).out_features
+            for name, proj, rows in ad.expert_parts(owner, e, gate_up_rows):
                 lin = getattr(expert, proj)
                 for k, v in quantised_tensors(lin, plan.expert_scheme, dtype, rows).items():
                     yield f"{name}.{k}", v
@@ -459,7 +460,7 @@ def _experts_scheme(experts: dict[str, CompressedExperts]) -> Scheme | None:
     for owner, mod in experts.items():
         for e in range(mod.num_experts):
             expert = getattr(mod, str(e))
-            for proj in ("gate_up_proj", "down_proj"):
+            for proj in mod.adapter.expert_projs:
                 name, lin = f"{owner}.{e}.{proj}", getattr(expert, proj)
                 scheme = layer_scheme(name, lin)
                 seen.setdefault(scheme, name)
@@ -590,15 +591,17 @@ def _lora_targets(linears: dict[str, tuple[CompressedLinear, Scheme | None]],
         param = "weight" if experts and name.rpartition(".")[2] in _PEFT_MOE_REWRITES else None
         out.append(_Lora(name, param, lin.meta["lowrank"]["rank"], _PEFT_PREFIX + name))
     for owner, mod in experts.items():
+        # PEFT targets the fused parameters, which the packed projections are named after.
         ranks = {}
-        for proj in ("gate_up_proj", "down_proj"):
+        for proj in mod.adapter.expert_projs:
             parts = [getattr(getattr(mod, str(e)), proj).meta["lowrank"]
                      for e in range(mod.num_experts)]
             ranks[proj] = max((lr["rank"] for lr in parts if lr is not None), default=0)
-        targeted = [p for p in ("gate_up_proj", "down_proj") if ranks[p]]
+        targeted = [p for p in mod.adapter.expert_projs if ranks[p]]
         for i, proj in enumerate(targeted):
             # PEFT wraps the parameters of one module one inside the other, in the module's
-            # declaration order (gate_up_proj, then down_proj): every later one adds a level.
+            # declaration order (expert_projs': gate_up_proj, then down_proj): every later one
+            # adds a level.
             nest = ".base_layer" * (len(targeted) - 1 - i)
             out.append(_Lora(owner, proj, ranks[proj], _PEFT_PREFIX + owner + nest))
     return out

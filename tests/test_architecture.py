@@ -142,3 +142,38 @@ def test_every_packed_format_implements_the_contract():
         assert isinstance(shell, PackedLayer) and is_packed(shell)
         assert shell.spec()["format"] == key and shell.params == 32
         assert not is_packed(torch.nn.Linear(8, 4))
+
+
+# Module paths and projection names only the adapter may spell (`models/adapters.py`).
+LAYOUT_NAMES = {"layers", "embed_tokens", "norm", "rotary_emb", "lm_head", "self_attn", "mlp",
+                "shared_experts", "gate_up_proj", "down_proj", "o_proj", "v_proj", "kv_b_proj"}
+# Files that once walked the layout themselves and now ask the adapter. (compress/pipeline.py and
+# compress/blocks.py still read fused experts' `gate_up_proj` / `down_proj`: to join this list.)
+ASK_THE_ADAPTER = ("compress/rotate.py", "compress/experts.py", "export.py")
+
+
+def layout_accesses(source: str) -> list[str]:
+    """`x.<name>` and `getattr(x, "<name>")` (setattr, hasattr, delattr too) for the names of
+    LAYOUT_NAMES, with their line numbers."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in LAYOUT_NAMES:
+            out.append(f"{node.lineno}: .{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and node.args[1].value in LAYOUT_NAMES):
+            out.append(f"{node.lineno}: {node.func.id}(…, {node.args[1].value!r})")
+    return out
+
+
+def test_layout_access_is_found():
+    src = 'a = model.model.layers\nb = getattr(e, "gate_up_proj")\nc = layer.weight\n'
+    assert layout_accesses(src) == ["1: .layers", "2: getattr(…, 'gate_up_proj')"]
+
+
+def test_the_adapter_owns_the_layout():
+    """Rotations, packed experts and the export walk no module path of their own: blocks, ends,
+    expert projections and rotation layouts all come from the model's adapter."""
+    found = {f: layout_accesses((PKG / f).read_text()) for f in ASK_THE_ADAPTER}
+    assert {f: a for f, a in found.items() if a} == {}

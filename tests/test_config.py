@@ -158,7 +158,6 @@ def test_unknown_keys_are_rejected_naming_the_key(overrides, message):
 
 @pytest.mark.parametrize("overrides", [
     ["+force=true", "+objectives=[ppl/wikitext2]"],  # read by job.py and run.py
-    ["+rotate.experts_down=true"],  # a rotation parameter no YAML sets
     ["recipe=none", "prune=wanda", "lowrank=alternating", "quant=gptq"],
 ])
 def test_keys_the_code_reads_are_not_typos(overrides):

@@ -1,6 +1,7 @@
 """The three extension paths of README's CONTRIBUTING section, each end to end: a new pruning
 method (a class + a YAML), a new packed format (a class + one FORMATS line) and a new
-architecture (one ADAPTERS entry + a tiny config), made here the way a contributor would."""
+architecture (one ADAPTERS entry + a tiny config: block walk, streaming, checkpoints, rotations,
+a run through the runner and the export), made here the way a contributor would."""
 
 import copy
 import sys
@@ -135,29 +136,93 @@ def test_a_packed_format_is_a_class_and_one_line(contrib, tmp_path, monkeypatch)
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
-def test_an_architecture_is_an_adapter_entry_and_a_tiny_config(tmp_path, monkeypatch):
+@pytest.fixture
+def mistral(tmp_path, monkeypatch):
+    """A new architecture added as a contributor would: Mistral (a Llama clone the lab does not
+    know) gets an adapter entry with Llama's layouts (file 1: its ADAPTERS line) and a tiny
+    config (file 2), saved with a tokenizer as a model directory. Returns (model, directory)."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from ciuic_lab.compress.pipeline import compress_streamed
     from ciuic_lab.models import adapters
 
     with pytest.raises(adapters.UnsupportedModel, match="mistral"):
         adapters.adapter_for(MistralConfig())
-    monkeypatch.setitem(adapters.ADAPTERS, "mistral", adapters.DecoderAdapter())  # file 1
-    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,  # file 2
+    monkeypatch.setitem(adapters.ADAPTERS, "mistral", adapters.DecoderAdapter(  # file 1
+        residual=adapters.LLAMA_RESIDUAL, value_path="v_proj"))
+    tok = _tok()
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,  # file 2
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    return model, tmp_path / "src"
+
+
+def test_an_architecture_is_an_adapter_entry_and_a_tiny_config(mistral, tmp_path):
+    from ciuic_lab.compress.pipeline import compress_streamed
+
+    model, src = mistral
     calib = torch.randint(0, 256, (2, 16))
     in_memory = copy.deepcopy(model)
     report = compress_model(in_memory, calib, [RTN(4, 32)], progress=False)
     assert {r["kind"] for r in report.layers} == {"attn", "mlp"} and len(report.layers) == 14
-    compress_streamed(str(tmp_path / "src"), tmp_path / "streamed", calib, [RTN(4, 32)],
+    compress_streamed(str(src), tmp_path / "streamed", calib, [RTN(4, 32)],
                       torch.device("cpu"), torch.float32, progress=False)
     x = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         assert torch.equal(checkpoint.load(tmp_path / "streamed")(x).logits, in_memory(x).logits)
     assert not any(isinstance(m, nn.Linear) and "layers" in n and "mlp.gate" not in n
                    for n, m in in_memory.named_modules())
+
+
+def test_a_new_architecture_rotates_runs_and_exports(mistral, tmp_path):
+    """The same two files give the rotations (their layouts are the adapter's), a run through
+    the runner with `rotate=hadamard` calibrating in the rotated basis and saving its packed
+    model, and `python -m ciuic_lab.export RUN_DIR --format compressed-tensors OUT`, which
+    transformers loads back to the run's logits."""
+    pytest.importorskip("compressed_tensors", reason="the export needs compressed-tensors")
+    from transformers import AutoModelForCausalLM
+
+    from ciuic_lab import export
+    from ciuic_lab.compress.rotate import apply_rotations
+    from ciuic_lab.config import compose
+    from ciuic_lab.runner import run
+
+    model, src = mistral
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    rotated = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(x).logits
+        info = apply_rotations(rotated, "hadamard", value_path=True, seed=0)
+        out = rotated(x).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4  # the same function ...
+    assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert len(info["value_path"]["rotated"]) == 2 and "model.layers.1.mlp.down_proj" in \
+        info["residual"]["rotated"]  # ... in another basis, every block's layouts found
+
+    cfg = compose(["model=tiny-random-llama", f"model.name_or_path={src}", "rotate=hadamard",
+                   "recipe=none", "prune=none", "lowrank=none", "quant=gptq",
+                   "quant.group_size=32", "save=true", "eval.max_windows=2", "eval.seqlen=64",
+                   "data.calib_samples=4", "data.calib_seqlen=32", "eval.speed=false",
+                   "progress=false", "eval.lm_eval.enabled=false",
+                   "eval.generate.max_new_tokens=2", "tracker=none", "device=cpu",
+                   "eval.serve_memory=false"])
+    outcome = run(cfg, out_dir=tmp_path / "run")
+    m = outcome.metrics
+    assert m["rotate/runtime_bytes"] == 0 and m["size/bits_per_param"] < 8
+    assert m["ppl/wikitext2"] < 1.5 * m["ppl/wikitext2_dense"]
+    norms = [p for n, p in outcome.model.named_parameters() if n.endswith("norm.weight")]
+    assert len(norms) == 5 and all(torch.equal(p, torch.ones_like(p)) for p in norms)  # folded
+
+    assert export.main([str(tmp_path / "run"), "--format", "compressed-tensors",
+                        str(tmp_path / "out")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert type(loaded).__name__ == "MistralForCausalLM"
+    # Against the run's saved packed model on the reference backend (the run's own model was
+    # prepared for its evaluation: int4 kernels with bf16 scales compute slightly differently).
+    saved = checkpoint.load(tmp_path / "run" / "compressed")
+    with torch.no_grad():
+        ours, theirs = saved(x).logits, loaded.eval()(x).logits
+    assert ((theirs - ours).abs().max() / ours.abs().max()).item() <= 1e-3

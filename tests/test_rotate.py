@@ -9,11 +9,9 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.rotate import (
-    RESIDUAL,
     HadamardRotation,
     OnlineRotation,
     RandomOrthogonal,
-    RotatedExperts,
     RotatedLinear,
     RotationUnsupported,
     add_online_rotations,
@@ -23,7 +21,6 @@ from ciuic_lab.compress.rotate import (
     kron_matmul,
     make_rotation,
     paley_hadamard,
-    rotate_experts_down,
     rotate_linear_input,
     rotate_model,
     rotate_value_path,
@@ -263,13 +260,18 @@ def test_unsupported_architecture():
         rotate_model(m)
 
 
-def test_table_covers_the_supported_architectures():
-    """Every architecture has a residual-stream table or a stated reason why it cannot."""
-    from ciuic_lab.compress.rotate import NO_RESIDUAL, VALUE_PATH
-    from ciuic_lab.models.adapters import SUPPORTED
+def test_every_adapter_has_its_rotation_layouts():
+    """Every supported architecture's adapter has a residual-stream layout or a stated reason why
+    it cannot, and a value path; the config check's views are read from the adapters."""
+    from ciuic_lab.compress.rotate import NO_RESIDUAL, RESIDUAL, VALUE_PATH
+    from ciuic_lab.models.adapters import ADAPTERS, SUPPORTED
 
-    assert set(SUPPORTED) <= set(RESIDUAL) | set(NO_RESIDUAL)
-    assert set(SUPPORTED) <= set(VALUE_PATH)
+    for mt in SUPPORTED:
+        ad = ADAPTERS[mt]
+        assert (ad.residual is None) == (ad.no_residual is not None), mt
+        assert ad.value_path is not None, mt
+    assert set(SUPPORTED) == set(RESIDUAL) | set(NO_RESIDUAL) and not set(RESIDUAL) & set(NO_RESIDUAL)
+    assert set(SUPPORTED) == set(VALUE_PATH)
 
 
 # ---- Gemma 3: its post-norms stop a residual rotation, not the value path or online ones ------
@@ -358,7 +360,7 @@ def test_every_stage_runs_in_the_rotated_basis():
         assert bool(torch.isfinite(m(torch.randint(0, 256, (1, 8))).logits).all())
 
 
-# ---- value path and routed experts --------------------------------------------------------------
+# ---- value path ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ARCHS)
 def test_value_path_rotation_is_fused_and_exact(name):
     m = scrambled(name)
@@ -382,37 +384,6 @@ def test_value_path_rotation_is_fused_and_exact(name):
         assert not torch.allclose(rows[:, cfg.qk_nope_head_dim:], old[:, cfg.qk_nope_head_dim:])
 
 
-@pytest.mark.parametrize("name", ["tiny-random-deepseek-v3", "tiny-random-deepseek-v2"])
-def test_routed_experts_down_rotation_keeps_the_model(name):
-    from ciuic_lab.eval.memory import stored_bytes
-
-    m = scrambled(name)
-    ids = torch.randint(0, 256, (2, 16))
-    with torch.no_grad():
-        ref = m(ids).logits
-    before = stored_bytes(m)
-    rotate_model(m, seed=0)
-    info = rotate_experts_down(m, seed=0)
-    assert len(info["wrapped"]) == m.config.num_hidden_layers - 1  # every MoE layer
-    with torch.no_grad():
-        assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
-    assert stored_bytes(m) == before + info["runtime_bytes"]  # the experts' weights not copied
-    assert info["runtime_bytes"] == len(info["wrapped"]) * m.config.moe_intermediate_size
-
-
-def test_rotated_experts_fail_loudly_in_the_unmodified_walk():
-    """Until the adapter calls RotatedExperts.expert_intermediate, compressing must fail rather
-    than calibrate the down projections on unrotated inputs."""
-    from ciuic_lab.compress.pipeline import compress_model
-    from ciuic_lab.compress.quant.rtn import RTN
-
-    m = tiny.build("tiny-random-deepseek-v3", vocab=256)
-    rotate_experts_down(m, seed=0)
-    assert isinstance(m.model.layers[1].mlp.experts, RotatedExperts)
-    with pytest.raises(AttributeError, match="act_fn"):
-        compress_model(m, torch.randint(0, 256, (2, 16)), [RTN(4, 32)], progress=False)
-
-
 @pytest.mark.parametrize("name", ["tiny-random-qwen2", "tiny-random-deepseek-v3"])
 def test_all_transforms_together(name):
     from ciuic_lab.eval.memory import stored_bytes
@@ -422,14 +393,11 @@ def test_all_transforms_together(name):
     with torch.no_grad():
         ref = m(ids).logits
     before = stored_bytes(m)
-    moe = name != "tiny-random-qwen2"
-    info = apply_rotations(m, "hadamard", value_path=True, online=("down_proj", "o_proj"),
-                           experts_down=moe, seed=5)
+    info = apply_rotations(m, "hadamard", value_path=True, online=("down_proj", "o_proj"), seed=5)
     with torch.no_grad():
         assert ((m(ids).logits - ref).norm() / ref.norm()).item() < 1e-4
     assert stored_bytes(m) == before + info["runtime_bytes"]
-    assert set(info) == {"runtime_bytes", "untied_head_bytes", "value_path", "residual",
-                         "online"} | ({"experts_down"} if moe else set())
+    assert set(info) == {"runtime_bytes", "untied_head_bytes", "value_path", "residual", "online"}
     assert info["untied_head_bytes"] == 0  # these layouts have a head of their own
 
 

@@ -1,10 +1,10 @@
 """CompressedExperts: routed experts of a MoE layer, each projection a packed CompressedLinear.
 
-Replaces a fused experts module (3-D `gate_up_proj`, `down_proj`) after compression. Expert e's
-projections live at `<experts>.<e>.gate_up_proj` / `.down_proj`, the same names the report uses.
-The routing inputs are unchanged (the router stays dense), and the forward is the eager
-per-expert loop of transformers' DeepSeek experts, so outputs equal a dense model holding the
-dequantised experts.
+Replaces a fused experts module (3-D `gate_up_proj`, `down_proj`: the adapter's `expert_projs`)
+after compression. Expert e's projections live at `<experts>.<e>.<proj>`, the fused parameters'
+names, as the report names them. The routing inputs are unchanged (the router stays dense), and
+the forward is the eager per-expert loop of transformers' DeepSeek experts running the adapter's
+`expert_mlp` on the packed layers, so outputs equal a dense model holding the dequantised experts.
 """
 
 from __future__ import annotations
@@ -15,21 +15,28 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.models.adapters import DecoderAdapter
 
 
 class _Expert(nn.Module):
-    def __init__(self, gate_up_proj: CompressedLinear, down_proj: CompressedLinear):
+    def __init__(self, projs: dict[str, CompressedLinear]):
         super().__init__()
-        self.gate_up_proj = gate_up_proj  # (2I, H)
-        self.down_proj = down_proj  # (H, I)
+        for name, mod in projs.items():  # e.g. gate_up_proj (2I, H), down_proj (H, I)
+            self.add_module(name, mod)
 
 
 class CompressedExperts(nn.Module):
-    def __init__(self, gate_up: list[CompressedLinear], down: list[CompressedLinear], act_fn):
+    """Built by `DecoderAdapter.install`, which passes itself: the projections' names and the
+    expert MLP are the adapter's (the default adapter's when built by hand)."""
+
+    def __init__(self, gate_up: list[CompressedLinear], down: list[CompressedLinear], act_fn,
+                 adapter: DecoderAdapter | None = None):
         super().__init__()
+        self.adapter = adapter if adapter is not None else DecoderAdapter()
         self.num_experts = len(gate_up)
+        first, second = self.adapter.expert_projs
         for e, (gu, d) in enumerate(zip(gate_up, down)):
-            self.add_module(str(e), _Expert(gu, d))
+            self.add_module(str(e), _Expert({first: gu, second: d}))
         self.act_fn = act_fn
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -38,8 +45,9 @@ class CompressedExperts(nn.Module):
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         expert = getattr(self, str(e))
-        gate, up = expert.gate_up_proj(x).chunk(2, dim=-1)
-        return expert.down_proj(self.act_fn(gate) * up)
+        first, second = self.adapter.expert_projs
+        return self.adapter.expert_mlp(x, getattr(expert, first), getattr(expert, second),
+                                       self.act_fn)
 
 
 def route(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -15,21 +15,20 @@ Three layers of this file:
    Hadamard of order p, else a small seeded Haar block in its place) and `RandomOrthogonal`
    (dense Haar-random Q, for offline use where speed does not matter).
 2. `rotate_model`: the fused residual-stream rotation (offline, zero run-time cost) for Llama,
-   Qwen2, DeepSeek-V2 and DeepSeek-V3, driven by the small per-architecture table `RESIDUAL`.
+   Qwen2, DeepSeek-V2 and DeepSeek-V3, driven by each architecture's `ResidualLayout`.
    `rotate_value_path`: the fused per-head rotation of attention values and o_proj's input.
 3. `OnlineRotation` / `RotatedLinear` / `add_online_rotations`: a rotation kept at run time in
    front of a linear (down_proj, o_proj): W ← W Q offline, x ← x Q online; its sign vector is a
    persistent buffer, so model byte counts include it, and its FLOPs show up in measured speed.
-   `RotatedExperts` / `rotate_experts_down`: the same for routed experts' down projections
-   (needs two small pipeline changes before compression; see RotatedExperts).
 
-Wiring into the walk: transforms run on the loaded model before `compress_model` (they only
-edit weights or wrap modules), so every stage calibrates in the rotated basis. A streamed
-model (never whole in memory) gets the fused ones part by part as it loads (`StreamedRotation`).
-Routed experts with `RotatedExperts` need two changes there: `adapters.expert_intermediate(mod,
-e, x)` returns `mod.expert_intermediate(e, x)` when the module has it, and `pipeline._install` wraps each
-compressed expert down projection as `RotatedLinear(orig.down_rotation, packed)` (and reads
-the activation from `orig._act`).
+Where each transform applies is the model's adapter's to say (`models/adapters.py`: its blocks,
+ends, `residual` layout or the reason it has none, `value_rows`, `online_sites`); this file
+names no module path. Wiring into the walk: transforms run on the loaded model before
+`compress_model` (they only edit weights or wrap modules), so every stage calibrates in the
+rotated basis. A streamed model (never whole in memory) gets the fused ones part by part as it
+loads (`StreamedRotation`). Routed experts' down projections get no run-time rotation: their
+input is computed inside the experts module, so the walk's calibration, CompressedExperts and
+the export would all have to apply it (see `add_online_rotations`).
 
 Conventions: a linear computes y = x Wᵀ with W (out, in); activations are row vectors, a rotated
 activation is x Q. `Rotation.apply(x)` = x Q and `Rotation.apply_t(x)` = x Qᵀ on the last dim.
@@ -40,12 +39,15 @@ come out rotated needs W ← Qᵀ W (`apply(Wᵀ)ᵀ`), b ← Qᵀ b (`apply(b)`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ciuic_lab.compress.experts import route
+from ciuic_lab.errors import UnsupportedModel
+from ciuic_lab.models import adapters
+from ciuic_lab.models.adapters import DecoderAdapter, ResidualLayout, ValueRows
 
 # ------------------------------------------------------------------------------------------------
 # 1. Maths
@@ -285,68 +287,42 @@ def make_rotation(n: int, seed: int, kind: str = "hadamard") -> Rotation:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ResidualLayout:
-    """Which modules of a decoder block touch the residual stream (paths below the block).
+class _ByArchitecture(Mapping):
+    """{model_type: what `entry(adapter)` gives} over the registered adapters where it is not
+    None, read live (an adapter registered later shows). A view for the config check, not a
+    table: the layouts themselves are the adapters'."""
 
-    readers_*: linears reading the output of that sub-layer's RMSNorm (W ← W diag(g) Q);
-    writers:   linears whose output is added to the stream (W ← Qᵀ W, b ← Qᵀ b);
-    expert_readers / expert_writers: fused 3-D routed-expert parameters (E, out, in) treated the
-               same way per expert; `router`: read like a linear but never compressed;
-    internal:  everything else a block may hold that has parameters and must NOT be touched
-               (MLA's q_a_layernorm and kv_a_layernorm act on latents, not on the stream).
-    Paths absent in a given block (dense vs MoE layers, q LoRA or not) are skipped; anything
-    with parameters that is in none of these lists makes rotate_model refuse the model.
-    """
+    def __init__(self, entry):
+        self._entry = entry
 
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    attn_readers: tuple[str, ...] = ()
-    mlp_readers: tuple[str, ...] = ()
-    writers: tuple[str, ...] = ()
-    expert_readers: tuple[str, ...] = ()
-    expert_writers: tuple[str, ...] = ()
-    router: tuple[str, ...] = ()
-    internal: tuple[str, ...] = ()
+    def _items(self) -> dict:
+        return {mt: v for mt, ad in adapters.ADAPTERS.items() if (v := self._entry(ad)) is not None}
+
+    def __getitem__(self, key):
+        return self._items()[key]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
 
 
-_LLAMA = ResidualLayout(
-    attn_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    mlp_readers=("mlp.gate_proj", "mlp.up_proj"),
-    writers=("self_attn.o_proj", "mlp.down_proj"))
-
-_DEEPSEEK = ResidualLayout(
-    # q_proj without q LoRA; q_a_proj with it. q_b_proj / kv_b_proj read the (normed) latents.
-    attn_readers=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
-    mlp_readers=("mlp.gate_proj", "mlp.up_proj",  # the dense first layer(s)
-                 "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-    writers=("self_attn.o_proj", "mlp.down_proj", "mlp.shared_experts.down_proj"),
-    expert_readers=("mlp.experts.gate_up_proj",),
-    expert_writers=("mlp.experts.down_proj",),
-    router=("mlp.gate",),
-    internal=("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "self_attn.q_b_proj",
-              "self_attn.kv_b_proj"))
-
-RESIDUAL: dict[str, ResidualLayout] = {
-    "llama": _LLAMA, "qwen2": _LLAMA, "deepseek_v2": _DEEPSEEK, "deepseek_v3": _DEEPSEEK}
-
-# Supported architectures whose residual stream cannot be rotated, and why.
-NO_RESIDUAL: dict[str, str] = {
-    "gemma3_text": "Gemma 3 normalises each sub-layer's output (post_attention_layernorm, "
-                   "post_feedforward_layernorm) before adding it to the residual stream, and "
-                   "scales it by (1 + w) per channel; a rotated stream would need o_proj's and "
-                   "down_proj's outputs rotated through those norms, and a per-channel scale "
-                   "after a norm neither commutes with a rotation nor folds into any linear",
-}
-
-# Where each architecture keeps its value rows (ValuePath): per KV head in v_proj, or MLA's
-# kv_b_proj. Gemma 3 has no value norm, so its values rotate like Llama's.
-_V_PROJ = ("llama", "qwen2", "gemma3_text")
-VALUE_PATH = (*_V_PROJ, "deepseek_v2", "deepseek_v3")
+# Read by `config.py` to refuse a rotation before any work.
+RESIDUAL = _ByArchitecture(lambda ad: ad.residual)  # architectures with a residual layout
+NO_RESIDUAL = _ByArchitecture(lambda ad: ad.no_residual)  # ... without one, and why
+VALUE_PATH = _ByArchitecture(lambda ad: ad.value_path)  # ... with a value path
 
 
 class RotationUnsupported(ValueError):
     pass
+
+
+def _adapter(model_or_config) -> DecoderAdapter:
+    try:
+        return adapters.adapter_for(model_or_config)
+    except UnsupportedModel as e:
+        raise RotationUnsupported(str(e)) from e
 
 
 def _get(root: nn.Module, path: str):
@@ -453,26 +429,29 @@ def rotate_model(model: nn.Module, seed: int = 0, kind: str = "hadamard") -> dic
     untied_head_bytes (the head's new stored bytes, 0 when it was already separate).
     A streamed model gets the same transform block by block: `StreamedRotation`.
     """
+    ad = _adapter(model)
     lay, rot = _residual_setup(model.config, seed, kind)
     head_bytes = _rotate_ends(model, rot)
     rotated: list[str] = []
-    for i, block in enumerate(model.model.layers):
-        names, _ = rotate_block(block, lay, rot, f"model.layers.{i}", check=i == 0)
-        rotated += [f"model.layers.{i}.{n}" for n in names]
+    blocks = ad.blocks(model)
+    for i, block in enumerate(blocks):
+        path = ad.block_name(i)
+        names, _ = rotate_block(block, lay, rot, path, check=i == 0)
+        rotated += [f"{path}.{n}" for n in names]
     return {"kind": kind, "seed": seed, "hidden": rot.n, "construction": rot.describe(),
-            "folded_norms": 2 * len(model.model.layers) + 1,
+            "folded_norms": 2 * len(blocks) + 1,
             "rotated": ["embed", *rotated, "lm_head"], "runtime_bytes": 0,
             "untied_head_bytes": head_bytes}
 
 
 def _residual_setup(config, seed: int, kind: str) -> tuple[ResidualLayout, Rotation]:
-    mt = getattr(config, "model_type", None)
-    if mt in NO_RESIDUAL:
-        raise RotationUnsupported(f"no residual-stream rotation for {mt}: {NO_RESIDUAL[mt]}")
-    if mt not in RESIDUAL:
-        raise RotationUnsupported(f"no residual-stream table for model_type {mt!r}; "
-                                  f"known: {', '.join(RESIDUAL)}")
-    return RESIDUAL[mt], make_rotation(int(config.hidden_size), seed, kind)
+    ad, mt = _adapter(config), getattr(config, "model_type", None)
+    if ad.no_residual is not None:
+        raise RotationUnsupported(f"no residual-stream rotation for {mt}: {ad.no_residual}")
+    if ad.residual is None:
+        raise RotationUnsupported(f"no residual-stream layout for model_type {mt!r} (its adapter "
+                                  f"sets no `residual`); known: {', '.join(RESIDUAL)}")
+    return ad.residual, make_rotation(int(config.hidden_size), seed, kind)
 
 
 def untie_embeddings(model: nn.Module) -> int:
@@ -484,7 +463,8 @@ def untie_embeddings(model: nn.Module) -> int:
     parameter, so `stored_bytes` and checkpoints count it. The config is set untied so that
     nothing re-ties it (transformers' `tie_weights`, the checkpoint's skeleton on reload).
     """
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    ad = _adapter(model)
+    embed, head = ad.embeddings(model), ad.head(model)
     if head is None or embed is None:
         raise RotationUnsupported("rotating the residual stream needs input embeddings and an "
                                   "LM head")
@@ -505,10 +485,12 @@ def untie_embeddings(model: nn.Module) -> int:
 def _rotate_ends(model: nn.Module, rot: Rotation) -> int:
     """Embeddings E ← E Q; the final norm's scale folded into the head, head W ← W Q. A tied
     head is untied first; returns the bytes that added."""
-    _check_norm(model.model.norm, rot.n, rot)
+    ad = _adapter(model)
+    norm = ad.final_norm(model)
+    _check_norm(norm, rot.n, rot)
     added = untie_embeddings(model)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    fold_norm(model.model.norm, [head.weight])
+    embed, head = ad.embeddings(model), ad.head(model)
+    fold_norm(norm, [head.weight])
     _with(head.weight, rot.apply)
     _with(embed.weight, rot.apply)
     return added
@@ -578,51 +560,44 @@ def rotate_value_path(model: nn.Module, seed: int = 0, kind: str = "hadamard") -
     with an online rotation of o_proj for full-width mixing. Composes with `rotate_model`
     (either order): it touches only value rows and o_proj's input side.
     """
+    ad = _adapter(model)
     spec = ValuePath.of(model.config, seed, kind)
     done = []
-    for i, block in enumerate(model.model.layers):
-        spec.rotate(block, f"model.layers.{i}")
-        done.append(f"model.layers.{i}.self_attn")
+    for i, block in enumerate(ad.blocks(model)):
+        spec.rotate(block, ad.block_name(i))
+        done.append(f"{ad.block_name(i)}.{spec.rows.out.rpartition('.')[0]}")
     return {"kind": kind, "seed": seed, "head_dim": spec.rot.n, "construction": spec.rot.describe(),
             "rotated": done, "runtime_bytes": 0}
 
 
 @dataclass
 class ValuePath:
-    """Where one architecture keeps each head's value rows (see `rotate_value_path`)."""
+    """One architecture's value rows (`adapter.value_rows`) and the rotation they get (see
+    `rotate_value_path`)."""
 
     rot: Rotation
-    heads: int      # attention heads (o_proj's input blocks)
-    kv_heads: int   # heads of the value source (GQA: fewer)
-    stride: int     # rows per head in the value source
-    offset: int     # first value row within a head's rows
-    src: str        # the value source, below the block
+    rows: ValueRows
 
     @staticmethod
     def of(cfg, seed: int, kind: str = "hadamard") -> ValuePath:
-        mt = getattr(cfg, "model_type", None)
-        if mt not in VALUE_PATH:
-            raise RotationUnsupported(f"no value-path layout for model_type {mt!r}")
-        heads = cfg.num_attention_heads
-        if mt in _V_PROJ:
-            d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-            return ValuePath(make_rotation(d, seed, kind), heads, cfg.num_key_value_heads, d, 0,
-                             "self_attn.v_proj")
-        # MLA: kv_b_proj rows per head are [k_nope (qk_nope_head_dim), v (v_head_dim)]
-        d = cfg.v_head_dim
-        return ValuePath(make_rotation(d, seed, kind), heads, heads, cfg.qk_nope_head_dim + d,
-                         cfg.qk_nope_head_dim, "self_attn.kv_b_proj")
+        rows = _adapter(cfg).value_rows(cfg)
+        if rows is None:
+            mt = getattr(cfg, "model_type", None)
+            raise RotationUnsupported(f"no value-path layout for model_type {mt!r} (its adapter "
+                                      f"sets no `value_path`)")
+        return ValuePath(make_rotation(rows.width, seed, kind), rows)
 
     @torch.no_grad()
     def rotate(self, block: nn.Module, path: str) -> None:
-        vmod, omod = _get(block, self.src), _get(block, "self_attn.o_proj")
+        r = self.rows
+        vmod, omod = _get(block, r.src), _get(block, r.out)
         if not isinstance(vmod, nn.Linear) or not isinstance(omod, nn.Linear):
-            raise RotationUnsupported(f"{path}: expected nn.Linear {self.src} and o_proj "
+            raise RotationUnsupported(f"{path}: expected nn.Linear {r.src} and {r.out} "
                                       f"(rotate before compressing or wrapping them)")
-        rot, heads, d = self.rot, self.heads, self.rot.n
-        _rotate_rows_per_head(vmod.weight, rot, self.kv_heads, self.stride, self.offset)
+        rot, heads, d = self.rot, r.heads, self.rot.n
+        _rotate_rows_per_head(vmod.weight, rot, r.kv_heads, r.stride, r.offset)
         if vmod.bias is not None:
-            _rotate_rows_per_head(vmod.bias, rot, self.kv_heads, self.stride, self.offset)
+            _rotate_rows_per_head(vmod.bias, rot, r.kv_heads, r.stride, r.offset)
         # o_proj reads (heads, d) blocks: W_o ← W_o (I ⊗ Q_d)
         _with(omod.weight, lambda t: rot.apply(t.reshape(t.shape[0], heads, d)).reshape(t.shape))
 
@@ -645,6 +620,7 @@ class StreamedRotation:
                  seed: int = 0):
         if residual is None and not value_path:
             raise ValueError("StreamedRotation: nothing to rotate (residual=None, value_path=False)")
+        self.adapter = _adapter(config)
         self.lay, self.rot = (_residual_setup(config, seed, residual) if residual is not None
                               else (None, None))
         self.values = ValuePath.of(config, seed) if value_path else None
@@ -656,7 +632,7 @@ class StreamedRotation:
             self.untied_head_bytes = _rotate_ends(model, self.rot)
 
     def block(self, i: int, block: nn.Module) -> None:
-        path = f"model.layers.{i}"
+        path = self.adapter.block_name(i)
         if self.values is not None:
             self.values.rotate(block, path)
         if self.rot is not None:
@@ -766,11 +742,9 @@ def rotate_linear_input(linear: nn.Linear, seed: int) -> RotatedLinear:
     return RotatedLinear(rotation, linear)
 
 
-# Paths below a block of nn.Linear whose inputs may be rotated online, by short name.
-ONLINE_SITES = {
-    "down_proj": ("mlp.down_proj", "mlp.shared_experts.down_proj"),
-    "o_proj": ("self_attn.o_proj",),
-}
+# Where a run-time rotation may go, by site: in front of the MLP's writer(s) or attention's. Each
+# adapter's `online_sites` maps a site to its paths.
+ONLINE_SITES = ("down_proj", "o_proj")
 
 
 @dataclass
@@ -783,13 +757,15 @@ class OnlineInfo:
 @torch.no_grad()
 def add_online_rotations(model: nn.Module, seed: int = 0,
                          sites: tuple[str, ...] = ("down_proj",)) -> dict:
-    """Wrap the inputs of the linears named by `sites` (keys of ONLINE_SITES) in every block with
-    a run-time randomised Hadamard (a different seed per module).
+    """Wrap the inputs of the linears at `sites` (ONLINE_SITES; the adapter's `online_sites`
+    says where each is) in every block with a run-time randomised Hadamard (a different seed per
+    module).
 
-    Routed experts (fused 3-D `mlp.experts.down_proj`) are listed in `skipped`, not rotated: their
-    input is act(gate)·up computed inside the experts module, so a run-time rotation there needs
-    the experts' forward (and the adapter's `expert_intermediate`, which calibrates them, and
-    CompressedExperts, which replaces them) to apply it.
+    Routed experts (the adapter's fused experts modules) are listed in `skipped`, not rotated:
+    their down projection's input is act(gate)·up computed inside the experts module, so a
+    run-time rotation there needs the experts' forward (and the adapter's
+    `expert_intermediate`, which calibrates them, and CompressedExperts, which replaces them) to
+    apply it.
     Returns {"wrapped": [...], "runtime_bytes": total buffer bytes added, "skipped": [...]}.
     """
     info = OnlineInfo()
@@ -797,10 +773,12 @@ def add_online_rotations(model: nn.Module, seed: int = 0,
         if site not in ONLINE_SITES:
             raise ValueError(f"online rotation site must be one of {list(ONLINE_SITES)}, "
                              f"got {site!r}")
+    ad = _adapter(model)
     n = 0
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(ad.blocks(model)):
+        prefix = ad.block_name(i)
         for site in sites:
-            for path in ONLINE_SITES[site]:
+            for path in ad.online_sites.get(site, ()):
                 lin = _get(block, path)
                 if not isinstance(lin, nn.Linear):
                     continue
@@ -808,79 +786,22 @@ def add_online_rotations(model: nn.Module, seed: int = 0,
                 wrapped = rotate_linear_input(lin, seed * 1_000_003 + n)
                 parent, _, leaf = path.rpartition(".")
                 setattr(_get(block, parent), leaf, wrapped)
-                info.wrapped.append(f"model.layers.{i}.{path}")
+                info.wrapped.append(f"{prefix}.{path}")
                 info.runtime_bytes += wrapped.rotation.nbytes()
-            if site == "down_proj" and _get(block, "mlp.experts.down_proj") is not None:
-                info.skipped.append(f"model.layers.{i}.mlp.experts.down_proj")
+            if site == "down_proj":
+                info.skipped += [f"{prefix}.{name}.{ad.expert_projs[-1]}"
+                                 for name, mod in block.named_modules()
+                                 if ad.is_fused_experts(mod)]
     return {"wrapped": info.wrapped, "runtime_bytes": info.runtime_bytes, "skipped": info.skipped}
-
-
-class RotatedExperts(nn.Module):
-    """Routed experts (fused 3-D `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) whose down
-    projections read a run-time rotated input: y_e = (act(g)·u) Q (W_e Q)ᵀ, one OnlineRotation
-    of width I shared by the layer's experts (its signs stored once).
-
-    The per-expert loop (`experts.route`) of transformers' DeepSeek experts, plus the rotation. The
-    activation is kept as `_act`, deliberately not `act_fn`: the current adapter's
-    `expert_intermediate` and the pipeline's `_install` read `act_fn` and would calibrate and
-    rebuild these experts WITHOUT the rotation, so they fail loudly (AttributeError) instead,
-    until they call `expert_intermediate` below and keep `down_rotation` (module docstring,
-    "Wiring").
-    """
-
-    def __init__(self, experts: nn.Module, seed: int):
-        super().__init__()
-        self.num_experts = experts.gate_up_proj.shape[0]
-        self.gate_up_proj = experts.gate_up_proj
-        self.down_proj = experts.down_proj
-        self._act = experts.act_fn
-        inter = experts.down_proj.shape[-1]
-        self.down_rotation = OnlineRotation(inter, seed).to(experts.down_proj.device)
-        _with(self.down_proj, self.down_rotation.rotation().apply)  # every W_e ← W_e Q
-
-    def expert_intermediate(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """The (rotated) input of expert e's down projection for its tokens x."""
-        gate, up = torch.nn.functional.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, -1)
-        return self.down_rotation(self._act(gate) * up)
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        return route(hidden_states, top_k_index, top_k_weights, self.num_experts, self._expert)
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(self.expert_intermediate(e, x),
-                                          self.down_proj[e].to(x.dtype))
-
-
-@torch.no_grad()
-def rotate_experts_down(model: nn.Module, seed: int = 0) -> dict:
-    """Replace every fused routed-experts module (`mlp.experts`) by RotatedExperts: the input of
-    each expert's down projection is rotated at run time (one sign vector of width I per layer).
-    Needs the adapter/pipeline support described in RotatedExperts before `compress_model`."""
-    from ciuic_lab.models.adapters import adapter_for
-
-    is_fused_experts = adapter_for(model).is_fused_experts
-    info = {"wrapped": [], "runtime_bytes": 0}
-    for i, block in enumerate(model.model.layers):
-        mlp = getattr(block, "mlp", None)
-        experts = getattr(mlp, "experts", None)
-        if experts is None or not is_fused_experts(experts):
-            continue
-        mlp.experts = RotatedExperts(experts, seed * 1_000_003 + 7919 * (i + 1))
-        info["wrapped"].append(f"model.layers.{i}.mlp.experts")
-        info["runtime_bytes"] += mlp.experts.down_rotation.nbytes()
-    return info
-
 
 
 @torch.no_grad()
 def apply_rotations(model: nn.Module, residual: str | None = "hadamard", value_path: bool = False,
-                    online: tuple[str, ...] = (), experts_down: bool = False,
-                    seed: int = 0) -> dict:
+                    online: tuple[str, ...] = (), seed: int = 0) -> dict:
     """Every transform of this file in a fixed order, for a run config to call once after
     loading and before `compress_model`: the value path (needs plain v/o linears), the residual
-    stream (`residual`: "hadamard" | "random" | None), online rotations of `online` sites
-    (ONLINE_SITES keys), then routed experts' down inputs.
+    stream (`residual`: "hadamard" | "random" | None), then online rotations of `online` sites
+    (ONLINE_SITES).
 
     The model computes the same function afterwards (to fp32 rounding). Returns each
     transform's info, `runtime_bytes`, the stored bytes kept for run-time rotations, and
@@ -895,7 +816,4 @@ def apply_rotations(model: nn.Module, residual: str | None = "hadamard", value_p
     if online:
         info["online"] = add_online_rotations(model, seed, tuple(online))
         info["runtime_bytes"] += info["online"]["runtime_bytes"]
-    if experts_down:
-        info["experts_down"] = rotate_experts_down(model, seed)
-        info["runtime_bytes"] += info["experts_down"]["runtime_bytes"]
     return info
