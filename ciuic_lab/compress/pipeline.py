@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ciuic_lab import dist
 from ciuic_lab.compress.base import Method
 from ciuic_lab.compress.blocks import (
     Activations,
@@ -404,14 +405,19 @@ class _Compressor:
     """One layer through the stages, packed, with its row of the per-layer table."""
 
     def __init__(self, methods: list[Method], allocations: dict, store_dtype: torch.dtype,
-                 device: torch.device, report: CompressionReport, keep_states: bool = False):
+                 device: torch.device, report: CompressionReport, keep_states: bool = False,
+                 rank: int | None = None):
         self.methods, self.allocations = methods, allocations
         self.store_dtype, self.device, self.report = store_dtype, device, report
         # tuning needs each layer's unpacked parts until its block is tuned: one block's worth
         self.keep_states, self.states = keep_states, {}
+        # distributed: each row says which rank compressed the layer and how long it took, so
+        # the balance of the split can be read from the table
+        self.rank = rank
 
     def __call__(self, full: str, kind: str, weight: torch.Tensor, bias, stats: LayerStats,
                  fallback: bool, own_tokens: int) -> nn.Module:
+        t0 = time.perf_counter()
         state = LayerState.from_linear(weight, bias, name=full)
         for method in self.methods:
             budget = self.allocations[method.stage][full]
@@ -429,6 +435,8 @@ class _Compressor:
             "rel_error": relative_error(state.weight, layer.dequantized_weight(), stats),
             "calib_tokens": own_tokens, "fallback": fallback,
         })
+        if self.rank is not None:
+            self.report.layers[-1].update(dist_rank=self.rank, layer_s=time.perf_counter() - t0)
         return layer
 
 
@@ -443,9 +451,15 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
     path's activations beside the compressed path's)."""
     ad = provider.adapter
     want_hessian = any("hessian" in m.needs for m in methods)
+    w = dist.world()
+    if w.on and tune is not None:
+        raise ValueError("tune: block tuning is not distributed yet; run it in one process")
     compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
-                               provider.device, report, keep_states=tune is not None)
-    inputs = capture(provider, windows, batch_size, activations)
+                               provider.device, report, keep_states=tune is not None,
+                               rank=w.rank if w.on else None)
+    # Distributed: this rank's calibration batches only (data-parallel); see _distributed_block.
+    inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
+                     batch_size, activations)
     dense_path = None
     if tune is not None:  # a second copy of the activations: the dense model's own
         dense_path = Activations(provider.device, activations).fill(
@@ -462,20 +476,26 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
         if tune is not None:  # what the dense block outputs on the dense path
             targets = Activations(provider.device, activations).fill(dense_forward(
                 block, i, provider, inputs.at(i, dense_path), expert_chunk))
-        dense = [x for x in layers if x.expert is None]
-        stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
-        with collect_stats(dense, stats), recording(block, ad) as rec:
-            run_block(block, here)
-        packed = {}
-        for x in dense:
-            st = stats.pop(x.name)
-            packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
-                                              False, st.tokens))
-        tuned = {}
-        for owner, mod in experts_modules(ad, block):
-            packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
-                                            compress_one, prefix, want_hessian,
-                                            min_expert_tokens, expert_chunk, tune, tuned))
+        if w.on:
+            stats = rec = None
+            packed = _distributed_block(provider, i, block, here, layers, prefix, compress_one,
+                                        want_hessian, min_expert_tokens, expert_chunk,
+                                        -(-windows.shape[0] // batch_size), windows.numel())
+        else:
+            dense = [x for x in layers if x.expert is None]
+            stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
+            with collect_stats(dense, stats), recording(block, ad) as rec:
+                run_block(block, here)
+            packed = {}
+            for x in dense:
+                st = stats.pop(x.name)
+                packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias,
+                                                  st, False, st.tokens))
+            tuned = {}
+            for owner, mod in experts_modules(ad, block):
+                packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
+                                                compress_one, prefix, want_hessian,
+                                                min_expert_tokens, expert_chunk, tune, tuned))
         ad.install(block, packed, CompressedExperts)
         if tune is not None:
             states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
@@ -505,15 +525,16 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
 def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[MoECall],
                       compress_one: _Compressor, prefix: str, hessian: bool,
                       min_expert_tokens: int, chunk: int, tune=None,
-                      tuned: dict | None = None) -> dict:
+                      tuned: dict | None = None, only: list[int] | None = None) -> dict:
     """Each routed expert of one MoE layer, calibrated on the tokens its router sent it: gate/up
     on those tokens, down on act(gate)·up of its own compressed gate/up. An expert with fewer
     than `min_expert_tokens` falls back to every token that entered the layer. Two Hessians
     alive at a time; a chunk of experts' dense weights in memory. With `tune`, each expert is
-    then tuned on the same tokens against its dense output (`tuned` gets its losses)."""
+    then tuned on the same tokens against its dense output (`tuned` gets its losses). `only`:
+    just these experts (a rank's share; the others are not even read)."""
     everyone = torch.cat([c.hidden for c in calls])
     packed = {}
-    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
+    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk, only):
         for j, e in enumerate(ids):
             x, own, fallback = _expert_tokens(calls, e, everyone, min_expert_tokens)
             names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
@@ -540,6 +561,130 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
                 tuned.update({n: info for n in full})
             packed[names[0]] = (Layer(names[0], "expert", mod, e, "gate_up_proj"), gu)
             packed[names[1]] = (Layer(names[1], "expert", mod, e, "down_proj"), dn)
+    return packed
+
+
+class _Inputs:
+    """Stands in for a LayerStats under `collect_stats`: keeps each call's inputs as they are,
+    to be shared with the rank that owns the layer's statistics."""
+
+    def __init__(self):
+        self.xs: list[torch.Tensor] = []
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        self.xs.append(x.detach())
+
+
+def _distributed_block(provider, i: int, block: nn.Module, here: BlockInputs, layers: list,
+                       prefix: str, compress_one: _Compressor, hessian: bool,
+                       min_expert_tokens: int, chunk: int, n_batches: int, tokens: int) -> dict:
+    """One block on several ranks: {layer name: (Layer, packed layer)} for every layer, the
+    same bits on every rank as one process computes.
+
+    Data-parallel statistics. Each rank holds its calibration batches (batch b on rank
+    b mod N) and runs them through the dense block, one per round; after a round every rank's
+    batch is shared in rank order, which is the global batch order, so each layer's owner
+    accumulates its Hessian and column norms over the batches in exactly the order (and with
+    the same `addmm_` per batch) one process does: the same bits. A sum of per-rank partial
+    Hessians (all_reduce) would change their last bits, and with them GPTQ's and SparseGPT's
+    choices; the exchange costs one batch's layer inputs per rank in flight (communication:
+    every dense layer's inputs, a few times the activations, per block), and each rank holds
+    the statistics of its own layers only. The MoE layers' recorded inputs and routing are
+    kept whole on every rank (memory: as one process, about one activation set per MoE
+    layer), so each expert's owner selects its tokens exactly as one process does, and the
+    per-expert token counts are the same everywhere.
+
+    Work-parallel compression. Dense layers and then routed experts are split by cost
+    (`dist.weight_cost`; an expert's grows with its tokens) with `dist.assign`, computed alike
+    on every rank; each rank compresses its share (reading only its own experts' weights) and
+    the packed layers are then shared from each rank in turn, rebuilt from their bits, so every
+    rank continues with the same compressed block. Rows of the per-layer table travel with them.
+    """
+    w = dist.world()
+    ad = provider.adapter
+    dense = [x for x in layers if x.expert is None]
+    owner, loads = dist.assign([dist.weight_cost(x.shape[0], x.shape[1], tokens) for x in dense])
+    mine = {x.name for x, r in zip(dense, owner) if r == w.rank}
+    stats = {x.name: LayerStats(x.shape[1], hessian, provider.device) for x in dense
+             if x.name in mine}
+    moe = experts_modules(ad, block)
+    calls: dict[str, list[MoECall]] = {name: [] for name, _ in moe}
+    dev = provider.device
+    for k in range(-(-n_batches // w.size)):  # round k: global batches k·N .. k·N + N-1
+        payload = {}
+        if k < len(here):
+            seen = {x.name: _Inputs() for x in dense}
+            with collect_stats(dense, seen), recording(block, ad) as rec:
+                block(here.hidden[k], **here.kwargs[k])
+            payload = {f"in/{n}/{j}": x for n, s in seen.items() for j, x in enumerate(s.xs)}
+            for name, cs in rec.calls.items():
+                for j, c in enumerate(cs):
+                    payload.update({f"moe/{name}/{j}/h": c.hidden, f"moe/{name}/{j}/i": c.index,
+                                    f"moe/{name}/{j}/w": c.weights})
+            del seen, rec
+        for r in range(min(w.size, n_batches - k * w.size)):
+            _, got = dist.share(None, payload if r == w.rank else None, src=r)
+            for x in dense:
+                if x.name in mine:
+                    j = 0
+                    while f"in/{x.name}/{j}" in got:
+                        stats[x.name].add_batch(got[f"in/{x.name}/{j}"].to(dev))
+                        j += 1
+            for name in calls:
+                j = 0
+                while f"moe/{name}/{j}/h" in got:
+                    calls[name].append(MoECall(*(got[f"moe/{name}/{j}/{p}"].to(dev)
+                                                 for p in "hiw")))
+                    j += 1
+            del got
+        del payload
+    # routed experts: owners by cost, from the token counts every rank now knows alike
+    units = []
+    for name, mod in moe:
+        n_exp = mod.gate_up_proj.shape[0]
+        counts = torch.zeros(n_exp, dtype=torch.long)
+        for c in calls[name]:  # an expert appears at most once among a token's top-k
+            counts += torch.bincount(c.index.flatten().cpu(), minlength=n_exp)[:n_exp]
+        everyone = sum(c.hidden.shape[0] for c in calls[name])
+        two_i, h = mod.gate_up_proj.shape[1:]
+        for e in range(n_exp):
+            t = int(counts[e]) if int(counts[e]) >= min_expert_tokens else everyone
+            units.append((name, e, dist.weight_cost(two_i, h, t)
+                          + dist.weight_cost(h, mod.down_proj.shape[2], t)))
+    experts_owner, _ = dist.assign([u[2] for u in units], loads=loads)
+    first_row = len(compress_one.report.layers)
+    packed = {}
+    for x in dense:
+        if x.name in mine:
+            st = stats.pop(x.name)
+            packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
+                                              False, st.tokens))
+    for name, mod in moe:
+        ids = [e for (n, e, _), r in zip(units, experts_owner) if n == name and r == w.rank]
+        if ids:
+            packed.update(_compress_experts(provider, i, name, mod, calls[name], compress_one,
+                                            prefix, hessian, min_expert_tokens, chunk, only=ids))
+    del calls, stats
+    report = compress_one.report
+    rows = report.layers[first_row:]
+    del report.layers[first_row:]
+    by_name = {x.name: x for x in dense}
+    modules = dict(moe)
+    for r in range(w.size):  # every rank's packed layers, on every rank, in rank order
+        specs, tensors = dist.packed_payload({n: m for n, (_, m) in packed.items()}) \
+            if r == w.rank else (None, None)
+        (specs, their_rows), tensors = dist.share((specs, rows) if r == w.rank else None,
+                                                  tensors, src=r)
+        report.layers.extend(their_rows)
+        if r == w.rank:
+            continue
+        for n, m in dist.packed_modules(specs, tensors, dev).items():
+            if n in by_name:
+                packed[n] = (by_name[n], m)
+            else:
+                owner_name, e, proj = n.rsplit(".", 2)
+                packed[n] = (Layer(n, "expert", modules[owner_name], int(e), proj), m)
+        del tensors
     return packed
 
 
@@ -636,6 +781,12 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
     ad = provider.adapter
+    if not dist.world().main:  # rank 0 writes the checkpoint; every rank holds the same blocks
+        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                      min_expert_tokens, expert_chunk, progress, activations, None, tune)
+        dist.barrier()  # rank 0 has written it: it can be read from here on
+        report.seconds = time.perf_counter() - t0
+        return report
     with CheckpointWriter(out_dir, model.config, dtype) as writer:
 
         def sink(i: int, block: nn.Module) -> None:
@@ -646,5 +797,6 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
                       min_expert_tokens, expert_chunk, progress, activations, sink, tune)
         writer.add_tensors(REST, outside_blocks(model))
         writer.finish()
+    dist.barrier()
     report.seconds = time.perf_counter() - t0
     return report
