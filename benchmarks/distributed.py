@@ -98,7 +98,8 @@ def table(rows: list[dict], device: str) -> str:
              "shards = 1 process |", "|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
         peak = " / ".join(f"{(h if device == 'cpu' else d) / gib:.2f}" for h, d in s["peaks"])
-        work = " / ".join(f"{w:.0f}" for w in s["work"])
+        # one process records no per-layer times (its table is left as it always was)
+        work = " / ".join(f"{w:.0f}" for w in s["work"]) if s["ranks"] > 1 else "–"
         lines.append(f"| {s['ranks']} | {s['compress_s']:.0f} | {s['speedup']:.2f}× | "
                      f"{s['moe_block_s']:.0f} | {peak} | {work} | {s['ppl_dense']:.2f} → "
                      f"{s['ppl']:.2f} | {s['bits']:.3f} | {'yes' if s['same'] else 'NO'} |")
