@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ from ciuic_lab.errors import ConfigError
 class World:
     rank: int = 0
     size: int = 1
-    device: torch.device = torch.device("cpu")  # where collectives move tensors (NCCL: cuda)
+    # where collectives move tensors (NCCL: this rank's GPU; gloo: the CPU)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def on(self) -> bool:

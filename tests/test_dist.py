@@ -33,7 +33,8 @@ def _launch(n: int, out: Path, *overrides: str, entry=("-m", "ciuic_lab.run")):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={n}"] if n > 1 else [sys.executable]
     return subprocess.run([*launcher, *entry, *RUN, *overrides, f"hydra.run.dir={out}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                          check=False, capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
 
 
 def _digests(path: Path) -> dict[str, str]:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab import dist
+from ciuic_lab.compress import walk_dist
 from ciuic_lab.compress.base import Method
 from ciuic_lab.compress.blocks import (
     Activations,
@@ -162,7 +163,9 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
     by_name = {p.name: p for p in profiles}
     want_stats = bool(needs & {"act_norm", "hessian"})
     hessian = "hessian" in needs
-    inputs = capture(provider, windows, batch_size, activations) if want_stats else None
+    w = dist.world()  # distributed: this rank's batches, layers and experts (walk_dist.py)
+    inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
+                     batch_size, activations) if want_stats else None
     for i in tqdm(range(len(provider)), desc="profile", unit="block", disable=not progress):
         block = provider.load(i)
         prefix = ad.block_name(i)
@@ -171,13 +174,20 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
             for m in users:
                 m.summarize(by_name[f"{prefix}.{name}"], weight, stats)
 
-        if want_stats:
+        here = {x.name: by_name[f"{prefix}.{x.name}"] for x in ad.layers(block)}
+        if want_stats and w.on:
+            walk_dist.profile_block(provider, i, block, inputs.at(i), keep, here, hessian,
+                                    expert_chunk, min_expert_tokens,
+                                    -(-windows.shape[0] // batch_size), windows.numel())
+        elif want_stats:
             _profile_block(provider, i, block, inputs.at(i), keep, hessian, expert_chunk,
                            min_expert_tokens)
+        elif w.on:
+            walk_dist.profile_weights_block(provider, i, block, keep, here, expert_chunk)
         else:
-            for name, w in _block_weights(provider, i, block, expert_chunk):
-                keep(name, w, None)
-        block_profiles = [by_name[f"{prefix}.{x.name}"] for x in ad.layers(block)]
+            for name, wt in _block_weights(provider, i, block, expert_chunk):
+                keep(name, wt, None)
+        block_profiles = list(here.values())
         for m in users:
             m.summarize_block(block_profiles, prefix,
                               lambda i=i, block=block: _block_weights(provider, i, block,
@@ -249,6 +259,10 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     `Activations(allow_host=False)`, as host memory is bounded by one block) and one block's
     autograd graph for all calibration batches.
     """
+    w = dist.world()
+    if w.on:  # this rank's batches; their Fisher terms are added in batch order (walk_dist.py)
+        own = dist.batches(windows.shape[0], batch_size)
+        windows = dist.my_windows(windows, batch_size)
     inputs = capture(provider, windows, batch_size, activations)
     stored = [inputs.hidden]
     n = len(provider)
@@ -277,8 +291,11 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     for i in tqdm(reversed(range(n)), total=n, desc="fisher (backward)", unit="block",
                   disable=not progress):
         block = provider.load(i)
-        grads = _block_backward(provider, i, block, inputs.at(i, stored[i]), grads, fisher,
+        acc = walk_dist.PerBatch() if w.on else fisher
+        grads = _block_backward(provider, i, block, inputs.at(i, stored[i]), grads, acc,
                                 expert_chunk)
+        if w.on:
+            walk_dist.merge_fisher(acc, own, fisher)
         stored[i + 1] = None
         provider.release(i, block)
     return fisher
@@ -318,7 +335,8 @@ def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
     passes = []
     try:
         with torch.enable_grad(), _linear_grads(ad, block, prefix, fisher):
-            for (x0, kw), g in zip(inputs, grads):
+            for b, ((x0, kw), g) in enumerate(zip(inputs, grads)):
+                _at_batch(fisher, b)
                 x = x0.detach().requires_grad_(True)
                 out = block(x, **kw)
                 y = out[0] if isinstance(out, tuple) else out
@@ -333,6 +351,7 @@ def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
                     for k, name in enumerate(replays)}
             new = []
             for b, (x, y, g, calls, _) in enumerate(passes):
+                _at_batch(fisher, b)
                 outs, grad_outs = [y], [g]
                 for k, name in enumerate(replays):
                     d_hidden, d_weights = back[name][b]
@@ -355,7 +374,8 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
     out = [(torch.zeros_like(h), torch.zeros_like(w)) for h, _, w, _ in calls]
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
         for j, e in enumerate(ids):
-            for (h, index, w, g), (d_h, d_w) in zip(calls, out):
+            for b, ((h, index, w, g), (d_h, d_w)) in enumerate(zip(calls, out)):
+                _at_batch(fisher, b)
                 tok, kpos = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
@@ -375,7 +395,16 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
 
 def _add_sq(fisher: dict, name: str, g: torch.Tensor) -> None:
     sq = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    if isinstance(fisher, walk_dist.PerBatch):  # distributed: summed later, in batch order
+        fisher.add(name, sq)
+        return
     fisher[name] = fisher[name] + sq if name in fisher else sq
+
+
+def _at_batch(fisher, b: int) -> None:
+    """Tell a distributed run's accumulator which of its batches the next terms belong to."""
+    if isinstance(fisher, walk_dist.PerBatch):
+        fisher.batch = b
 
 
 class _linear_grads:
@@ -457,7 +486,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
     compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
                                provider.device, report, keep_states=tune is not None,
                                rank=w.rank if w.on else None)
-    # Distributed: this rank's calibration batches only (data-parallel); see _distributed_block.
+    # Distributed: this rank's calibration batches only (data-parallel; walk_dist.py).
     inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
                      batch_size, activations)
     dense_path = None
@@ -478,9 +507,9 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
                 block, i, provider, inputs.at(i, dense_path), expert_chunk))
         if w.on:
             stats = rec = None
-            packed = _distributed_block(provider, i, block, here, layers, prefix, compress_one,
-                                        want_hessian, min_expert_tokens, expert_chunk,
-                                        -(-windows.shape[0] // batch_size), windows.numel())
+            packed = walk_dist.compress_block(provider, i, block, here, prefix, compress_one,
+                                              want_hessian, min_expert_tokens, expert_chunk,
+                                              -(-windows.shape[0] // batch_size), windows.numel())
         else:
             dense = [x for x in layers if x.expert is None]
             stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
@@ -561,130 +590,6 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
                 tuned.update({n: info for n in full})
             packed[names[0]] = (Layer(names[0], "expert", mod, e, "gate_up_proj"), gu)
             packed[names[1]] = (Layer(names[1], "expert", mod, e, "down_proj"), dn)
-    return packed
-
-
-class _Inputs:
-    """Stands in for a LayerStats under `collect_stats`: keeps each call's inputs as they are,
-    to be shared with the rank that owns the layer's statistics."""
-
-    def __init__(self):
-        self.xs: list[torch.Tensor] = []
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        self.xs.append(x.detach())
-
-
-def _distributed_block(provider, i: int, block: nn.Module, here: BlockInputs, layers: list,
-                       prefix: str, compress_one: _Compressor, hessian: bool,
-                       min_expert_tokens: int, chunk: int, n_batches: int, tokens: int) -> dict:
-    """One block on several ranks: {layer name: (Layer, packed layer)} for every layer, the
-    same bits on every rank as one process computes.
-
-    Data-parallel statistics. Each rank holds its calibration batches (batch b on rank
-    b mod N) and runs them through the dense block, one per round; after a round every rank's
-    batch is shared in rank order, which is the global batch order, so each layer's owner
-    accumulates its Hessian and column norms over the batches in exactly the order (and with
-    the same `addmm_` per batch) one process does: the same bits. A sum of per-rank partial
-    Hessians (all_reduce) would change their last bits, and with them GPTQ's and SparseGPT's
-    choices; the exchange costs one batch's layer inputs per rank in flight (communication:
-    every dense layer's inputs, a few times the activations, per block), and each rank holds
-    the statistics of its own layers only. The MoE layers' recorded inputs and routing are
-    kept whole on every rank (memory: as one process, about one activation set per MoE
-    layer), so each expert's owner selects its tokens exactly as one process does, and the
-    per-expert token counts are the same everywhere.
-
-    Work-parallel compression. Dense layers and then routed experts are split by cost
-    (`dist.weight_cost`; an expert's grows with its tokens) with `dist.assign`, computed alike
-    on every rank; each rank compresses its share (reading only its own experts' weights) and
-    the packed layers are then shared from each rank in turn, rebuilt from their bits, so every
-    rank continues with the same compressed block. Rows of the per-layer table travel with them.
-    """
-    w = dist.world()
-    ad = provider.adapter
-    dense = [x for x in layers if x.expert is None]
-    owner, loads = dist.assign([dist.weight_cost(x.shape[0], x.shape[1], tokens) for x in dense])
-    mine = {x.name for x, r in zip(dense, owner) if r == w.rank}
-    stats = {x.name: LayerStats(x.shape[1], hessian, provider.device) for x in dense
-             if x.name in mine}
-    moe = experts_modules(ad, block)
-    calls: dict[str, list[MoECall]] = {name: [] for name, _ in moe}
-    dev = provider.device
-    for k in range(-(-n_batches // w.size)):  # round k: global batches k·N .. k·N + N-1
-        payload = {}
-        if k < len(here):
-            seen = {x.name: _Inputs() for x in dense}
-            with collect_stats(dense, seen), recording(block, ad) as rec:
-                block(here.hidden[k], **here.kwargs[k])
-            payload = {f"in/{n}/{j}": x for n, s in seen.items() for j, x in enumerate(s.xs)}
-            for name, cs in rec.calls.items():
-                for j, c in enumerate(cs):
-                    payload.update({f"moe/{name}/{j}/h": c.hidden, f"moe/{name}/{j}/i": c.index,
-                                    f"moe/{name}/{j}/w": c.weights})
-            del seen, rec
-        for r in range(min(w.size, n_batches - k * w.size)):
-            _, got = dist.share(None, payload if r == w.rank else None, src=r)
-            for x in dense:
-                if x.name in mine:
-                    j = 0
-                    while f"in/{x.name}/{j}" in got:
-                        stats[x.name].add_batch(got[f"in/{x.name}/{j}"].to(dev))
-                        j += 1
-            for name in calls:
-                j = 0
-                while f"moe/{name}/{j}/h" in got:
-                    calls[name].append(MoECall(*(got[f"moe/{name}/{j}/{p}"].to(dev)
-                                                 for p in "hiw")))
-                    j += 1
-            del got
-        del payload
-    # routed experts: owners by cost, from the token counts every rank now knows alike
-    units = []
-    for name, mod in moe:
-        n_exp = mod.gate_up_proj.shape[0]
-        counts = torch.zeros(n_exp, dtype=torch.long)
-        for c in calls[name]:  # an expert appears at most once among a token's top-k
-            counts += torch.bincount(c.index.flatten().cpu(), minlength=n_exp)[:n_exp]
-        everyone = sum(c.hidden.shape[0] for c in calls[name])
-        two_i, h = mod.gate_up_proj.shape[1:]
-        for e in range(n_exp):
-            t = int(counts[e]) if int(counts[e]) >= min_expert_tokens else everyone
-            units.append((name, e, dist.weight_cost(two_i, h, t)
-                          + dist.weight_cost(h, mod.down_proj.shape[2], t)))
-    experts_owner, _ = dist.assign([u[2] for u in units], loads=loads)
-    first_row = len(compress_one.report.layers)
-    packed = {}
-    for x in dense:
-        if x.name in mine:
-            st = stats.pop(x.name)
-            packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
-                                              False, st.tokens))
-    for name, mod in moe:
-        ids = [e for (n, e, _), r in zip(units, experts_owner) if n == name and r == w.rank]
-        if ids:
-            packed.update(_compress_experts(provider, i, name, mod, calls[name], compress_one,
-                                            prefix, hessian, min_expert_tokens, chunk, only=ids))
-    del calls, stats
-    report = compress_one.report
-    rows = report.layers[first_row:]
-    del report.layers[first_row:]
-    by_name = {x.name: x for x in dense}
-    modules = dict(moe)
-    for r in range(w.size):  # every rank's packed layers, on every rank, in rank order
-        specs, tensors = dist.packed_payload({n: m for n, (_, m) in packed.items()}) \
-            if r == w.rank else (None, None)
-        (specs, their_rows), tensors = dist.share((specs, rows) if r == w.rank else None,
-                                                  tensors, src=r)
-        report.layers.extend(their_rows)
-        if r == w.rank:
-            continue
-        for n, m in dist.packed_modules(specs, tensors, dev).items():
-            if n in by_name:
-                packed[n] = (by_name[n], m)
-            else:
-                owner_name, e, proj = n.rsplit(".", 2)
-                packed[n] = (Layer(n, "expert", modules[owner_name], int(e), proj), m)
-        del tensors
     return packed
 
 
