@@ -19,10 +19,9 @@ benchmarks/results/distributed_deepseek-v3-bench.md):
 
     python benchmarks/distributed.py --layers 3 --ranks 1 2
 
-The recipe is GPTQ alone (4-bit g128) by default, so that the run takes minutes on CPU; the
-default `ciuic` recipe adds the profile passes (OWL, Fisher), which every rank still runs
-whole (see README, "Several GPUs"), and would dilute the split. Any run override can be added
-(e.g. `recipe=ciuic`). On a multi-GPU machine: `--device cuda --ranks 1 2 4 8`.
+The recipe is GPTQ alone (4-bit g128) by default, so that the run takes minutes on CPU; any run
+override can be added (e.g. `recipe=ciuic` for the default recipe with its profile passes).
+On a multi-GPU machine: `--device cuda --ranks 1 2 4 8`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ the activations it will really see, errors of earlier layers included. Where a b
 come from and where its compressed form goes is the provider's and the sink's business
 (compress/blocks.py): the walk holds one block, one chunk of experts and the activations.
 
+Several processes (torchrun; ciuic_lab/dist.py): every walk splits each block's calibration
+batches, layers and routed experts among the ranks (compress/walk_dist.py) and ends with the
+bits one process computes; with one process the code below runs exactly as it always did.
+
 Memory of the statistics: a float32 (in × in) Hessian per non-expert layer of the current block
 (DeepSeek-V3: 7168² · 4 B = 205 MB each, the 16384-wide o_proj 1 GB) and two for the one expert
 being compressed; never every layer's, never every expert's.
