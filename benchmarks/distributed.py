@@ -19,8 +19,9 @@ benchmarks/results/distributed_deepseek-v3-bench.md):
 
     python benchmarks/distributed.py --layers 3 --ranks 1 2
 
-The recipe is GPTQ alone (4-bit g128) by default, so that the run takes minutes on CPU; any run
-override can be added (e.g. `recipe=ciuic` for the default recipe with its profile passes).
+The recipe is GPTQ alone (4-bit g128) by default, so that the run takes minutes on CPU;
+`--recipe ciuic` runs the default recipe, profile passes (OWL, Fisher) included, and writes
+distributed_<shape>_ciuic.md. Any run override can be added after the options.
 On a multi-GPU machine: `--device cuda --ranks 1 2 4 8`.
 """
 
@@ -40,18 +41,24 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from random_checkpoint import write  # noqa: E402  (a sibling script)
 
 SHAPE = "deepseek-v3-bench"
-RUN = ["compress.stream=true", "eval.stream=true", "recipe=none", "prune=none", "lowrank=none",
-       "quant=gptq", "quant.bits=4", "quant.group_size=128", "data.calib_samples=8",
+RECIPES = {  # --recipe: what is compressed
+    "gptq": ["recipe=none", "prune=none", "lowrank=none", "quant=gptq", "quant.bits=4",
+             "quant.group_size=128"],
+    "ciuic": ["recipe=ciuic"],  # the default recipe: OWL and Fisher profile passes included
+}
+RUN = ["compress.stream=true", "eval.stream=true", "data.calib_samples=8",
        "data.calib_seqlen=512", "compress.batch_size=2", "eval.seqlen=512", "eval.max_windows=4",
        "eval.batch_size=1", "eval.lm_eval.enabled=false", "eval.generate.enabled=false",
        "eval.speed=false", "eval.serve_memory=false", "tracker=none", "progress=false"]
 
 
-def compress(src: Path, run: Path, ranks: int, device: str, extra: list[str]) -> dict:
+def compress(src: Path, run: Path, ranks: int, device: str, recipe: str,
+             extra: list[str]) -> dict:
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     cmd = [*launcher, "-m", "ciuic_lab.run", "model=hub", f"model.name_or_path={src}",
-           f"device={device}", *RUN, *extra, f"hydra.run.dir={run}", "+force=true"]
+           f"device={device}", *RECIPES[recipe], *RUN, *extra, f"hydra.run.dir={run}",
+           "+force=true"]
     run.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                CIUIC_LAB_CACHE=str(run / "cache"))  # the dense baseline measured in every run
@@ -111,6 +118,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="gptq")
     ap.add_argument("--out", type=Path, default=Path("/tmp/dist_bench"))
     ap.add_argument("overrides", nargs="*", help="extra run overrides for every run")
     args = ap.parse_args()
@@ -124,7 +132,8 @@ def main() -> None:
     runs = {}
     for n in args.ranks:
         print(f"compressing on {n} process(es)...", flush=True)
-        runs[n] = compress(src, args.out / f"run-{n}", n, args.device, args.overrides)
+        runs[n] = compress(src, args.out / f"run-{args.recipe}-{n}", n, args.device,
+                           args.recipe, args.overrides)
     rows = [summary(n, runs[n], runs[1]) for n in args.ranks]
     text = table(rows, args.device)
     print("\n" + text)
@@ -135,11 +144,14 @@ def main() -> None:
     cmd = " ".join(["python benchmarks/distributed.py", f"--layers {args.layers}",
                     "--ranks " + " ".join(map(str, args.ranks)),
                     *([f"--device {args.device}"] if args.device != "cpu" else []),
+                    *([f"--recipe {args.recipe}"] if args.recipe != "gptq" else []),
                     *args.overrides])
-    out = ROOT / "benchmarks" / "results" / f"distributed_{SHAPE}.md"
+    tail = "" if args.recipe == "gptq" else f"_{args.recipe}"
+    out = ROOT / "benchmarks" / "results" / f"distributed_{SHAPE}{tail}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        f"# One compression on several processes: {SHAPE}, {args.layers} layers, {args.device}\n\n"
+        f"# One compression on several processes: {SHAPE}, {args.layers} layers, "
+        f"{args.recipe}, {args.device}\n\n"
         f"`{cmd}` (checkpoint {size / 2**30:.2f} GiB; each run: `{runs[1]['cmd']}`; "
         f"{'one thread per rank' if args.device == 'cpu' else 'one GPU per rank'})\n\n"
         f"{text}\n\n"

@@ -57,11 +57,18 @@ def _saved_model(path: Path) -> Path:
 _VOLATILE = {"block_s", "layer_s", "dist_rank", "kernel"}
 
 
-@pytest.mark.parametrize("mode", ["resident", "streamed"])
+@pytest.mark.parametrize("mode", ["resident", "streamed",
+                                  pytest.param("weights-only policy", marks=pytest.mark.slow)])
 def test_two_ranks_store_the_bytes_and_measure_the_perplexity_of_one(tmp_path, mode):
-    model = (["model=tiny-random-deepseek-v3"] if mode == "resident" else
-             ["model=hub", f"model.name_or_path={_saved_model(tmp_path / 'src')}",
-              "compress.stream=true"])
+    model = {"resident": ["model=tiny-random-deepseek-v3"],
+             "streamed": ["model=hub", f"model.name_or_path={tmp_path / 'src'}",
+                          "compress.stream=true"],
+             # a profile pass without a forward: each rank reads its share of the weights
+             "weights-only policy": ["model=tiny-random-deepseek-v3", "recipe=none",
+                                     "prune=none", "quant=rtn", "lowrank=svd",
+                                     "lowrank.policy=global"]}[mode]
+    if mode == "streamed":
+        _saved_model(tmp_path / "src")
     runs = {}
     for n in (1, 2):
         r = _launch(n, tmp_path / f"n{n}", *model)
