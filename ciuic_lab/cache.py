@@ -47,14 +47,25 @@ def path_for(namespace: str, parts: list) -> Path:
 
 def cached(namespace: str, parts: list, compute: Callable[[], dict]) -> dict:
     """compute() once per key, then read back from disk."""
-    path = path_for(namespace, parts)
+    value = lookup(namespace, parts)
+    if value is not None:
+        return value
+    value = dict(compute())
+    store(namespace, parts, value)
+    return value
+
+
+def lookup(namespace: str, parts: list) -> dict | None:
+    """The value stored under the key, or None (absent, torn or foreign: recompute)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path_for(namespace, parts).read_text())
         return dict(record["value"])
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent, torn or foreign: recompute
-    value = dict(compute())
+        return None
+
+
+def store(namespace: str, parts: list, value: dict) -> None:
+    path = path_for(namespace, parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"parts": [str(p) for p in parts], "value": value}
     write_atomic(path, lambda f: json.dump(record, f, indent=1))
-    return value

@@ -120,6 +120,7 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     if cfg.compress.activations not in ("auto", "device", "host", "disk"):
         raise ConfigError(f"compress.activations: must be auto, device, host or disk, got "
                           f"{cfg.compress.activations!r}")
+    _check_distributed(cfg, tune)
     if int(cfg.compress.expert_chunk) < 1:
         raise ConfigError(f"compress.expert_chunk: must be >= 1, got {cfg.compress.expert_chunk}")
     if cfg.eval.stream not in ("auto", True, False):
@@ -148,6 +149,18 @@ def _check_e2e(cfg: DictConfig, tune) -> None:
                               "a model that is not would need block-by-block forward and "
                               "backward with its inputs on disk (not built yet); use "
                               f"compress.{key}=false or tune=block")
+
+
+def _check_distributed(cfg: DictConfig, tune) -> None:
+    """`compress.distributed`'s value, and what a distributed run cannot do yet."""
+    from ciuic_lab import dist
+
+    if not dist.wanted(cfg.compress.distributed):  # raises on a bad value
+        return
+    if tune is not None:
+        raise ConfigError("compress.distributed: tuning (tune=block|e2e|full) is not split "
+                          "among processes yet; use tune=none, or run in one process "
+                          "(without torchrun, or compress.distributed=false)")
 
 
 def rotations_on(cfg: DictConfig) -> bool:

@@ -14,12 +14,14 @@ import logging
 import os
 import socket
 import traceback
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from ciuic_lab import dist
 from ciuic_lab.config import to_container, validate
 from ciuic_lab.errors import CheckpointError, JobLocked
 
@@ -132,9 +134,80 @@ def run_job(cfg: DictConfig, out_dir: str | Path, job_name: str | None = None,
     skipped (sweep resume); `+force=true` recomputes it.
     """
     out_dir = Path(out_dir)
+    rank = dist.planned(cfg.compress.get("distributed", "auto"))
+    if rank:  # a follower of a distributed run: rank 0 holds the job directory and writes it
+        return _follow(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_lock(out_dir):
         return _run_locked(cfg, out_dir, job_name, overrides)
+
+
+def _follow(cfg: DictConfig) -> dict:
+    """Rank > 0 of a distributed run: the same checks, then rank 0's job directory and whether
+    the point is already done, then its share of the run. It writes result.json only if it
+    fails first (`_record_failure`), so the failing rank's own error is the one recorded."""
+    from ciuic_lab.models.loader import pick_device
+    from ciuic_lab.runner import run
+
+    validate(cfg)  # fails as rank 0 fails: the same config
+    world = dist.init(cfg.compress.distributed, pick_device(cfg.device))
+    out_dir, done, token, chash = dist.broadcast_object(None)
+    if done is not None:
+        return done
+    metrics: dict = {}
+    try:
+        return run(cfg, out_dir=Path(out_dir), metrics=metrics).metrics
+    except BaseException as e:
+        _record_failure(Path(out_dir), token, world, config=_config(cfg), metrics=metrics,
+                        layers=[], error=_error_text(e),
+                        extra={"config_hash": chash, "overrides": []})
+        raise
+
+
+def _config(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    try:
+        return to_container(cfg)
+    except Exception:  # an unresolvable interpolation: keep the raw config
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _error_text(e: BaseException) -> str:
+    error = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    if isinstance(e, torch.OutOfMemoryError):
+        error = f"{OOM_HINT}\n\n{error}"
+    return error
+
+
+FAILURE = ".dist_failure"
+
+
+def _record_failure(out_dir: Path, token: str | None, world, **result) -> None:
+    """result.json of a failed run. In a distributed run the first rank to fail writes it,
+    naming itself; ranks that fail after it (their peers' sockets closed under them) leave it
+    alone: the launcher (torchrun) then stops every rank. `token` tells this run's record from
+    a previous run's in the same directory."""
+    from ciuic_lab.track.result import write_result
+
+    if not world.on:
+        write_result(out_dir, status="failed", **result)
+        return
+    result["error"] = f"rank {world.rank} of {world.size} failed:\n{result['error']}"
+    result["metrics"]["dist/world_size"] = world.size
+    result["metrics"]["dist/failed_rank"] = world.rank
+    fd = os.open(out_dir / FAILURE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.pread(fd, 200, 0).decode(errors="replace").strip() == token:
+            log.error("rank %d failed after another rank did (recorded there): %s", world.rank,
+                      result["error"].strip().splitlines()[-1])
+            return
+        write_result(out_dir, status="failed", **result)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(token).encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def _run_locked(cfg: DictConfig, out_dir: Path, job_name: str | None,
@@ -143,22 +216,31 @@ def _run_locked(cfg: DictConfig, out_dir: Path, job_name: str | None,
 
     from ciuic_lab.track.result import write_result
 
-    try:
-        config = to_container(cfg)
-    except Exception:  # an unresolvable interpolation: keep the raw config
-        config = OmegaConf.to_container(cfg, resolve=False)
+    config = _config(cfg)
     chash = config_hash(config)
+    done = None
     if not OmegaConf.select(cfg, "force", default=False):
         done = completed(out_dir, chash)
-        if done is not None:
-            print(f"skipped: {out_dir} already holds a complete result for this config (+force=true reruns it)")
-            return done
+    distributed = dist.planned(cfg.compress.get("distributed", "auto")) is not None
+    if done is not None and not distributed:
+        print(f"skipped: {out_dir} already holds a complete result for this config (+force=true reruns it)")
+        return done
     extra = {"overrides": list(overrides or []), "config_hash": chash}
     metrics: dict = {}
     layers: list[dict] = []
     tracker = None
+    world, token = dist.SINGLE, None
     try:
         validate(cfg)  # before anything expensive (run() checks again, cheaply)
+        if distributed:  # the followers learn where the job writes, and if it is done already
+            from ciuic_lab.models.loader import pick_device
+
+            world = dist.init(cfg.compress.distributed, pick_device(cfg.device))
+            token = uuid.uuid4().hex
+            dist.broadcast_object((str(out_dir), done, token, chash))
+            if done is not None:
+                print(f"skipped: {out_dir} already holds a complete result for this config")
+                return done
         from ciuic_lab.track.tracker import Tracker
 
         tracker = Tracker(mode=cfg.tracker.mode, project=cfg.tracker.project,
@@ -178,11 +260,8 @@ def _run_locked(cfg: DictConfig, out_dir: Path, job_name: str | None,
         _print_summary(metrics)
         return metrics
     except BaseException as e:
-        error = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        if isinstance(e, torch.OutOfMemoryError):
-            error = f"{OOM_HINT}\n\n{error}"
-        write_result(out_dir, config=config, metrics=metrics, layers=layers, status="failed",
-                     error=error, extra=extra)
+        _record_failure(out_dir, token, world, config=config, metrics=metrics, layers=layers,
+                        error=_error_text(e), extra=extra)
         raise
     finally:
         if tracker is not None:

@@ -1,7 +1,8 @@
 """Hydra entry point: `python -m ciuic_lab.run [overrides]`, `-m` for sweeps. Wiring only.
 
 In a sweep a failing point is recorded in its result.json and the sweep goes on; a single run
-exits non-zero with the error.
+exits non-zero with the error. Under torchrun (several processes, ciuic_lab/dist.py) every
+process runs this entry point; a point failing on any rank ends them all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ciuic_lab import dist
 from ciuic_lab.errors import ConfigError, JobLocked, ModelNotFound
 from ciuic_lab.track import FRONTIER
 from ciuic_lab.track.tracker import sweep_group
@@ -55,7 +57,10 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(3)
     except Exception as e:
         log.exception("job failed: %s", e)
-        if not multirun:
+        # Distributed, the other ranks may be waiting in a collective this rank will never
+        # join: end the process, so the launcher (torchrun) stops them all. The point's
+        # result.json says which rank failed and why; a rerun into the sweep dir redoes it.
+        if not multirun or dist.world().on:
             sys.exit(1)
     return None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ciuic_lab import dist
 from ciuic_lab.compress.pipeline import (
     CompressionReport,
     compress_model,
@@ -73,6 +74,14 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     methods = validate(cfg, None if model is None else model.config)  # before anything expensive
     torch.manual_seed(int(cfg.seed))
     device = pick_device(cfg.device)
+    # Several processes (torchrun): every rank runs this function; the walks and perplexity
+    # split their work (ciuic_lab/dist.py), rank 0 writes and measures what is not split.
+    world = dist.init(cfg.compress.distributed, device)
+    device = dist.local_device(device)
+    if world.on and not world.main and cfg.progress:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, {"progress": False})  # one set of progress bars: rank 0's
     dtype = pick_dtype(cfg.model.dtype, device)
     stream = bool(cfg.compress.stream)
     offload = bool(cfg.compress.offload) and device.type != "cpu"
@@ -169,6 +178,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
                 e2e_s = time.perf_counter() - t_teacher
             if stream:
                 compressed_dir = _stream_dir(out_dir)
+                if world.on:  # rank 0 writes it, every rank reads it
+                    compressed_dir = Path(dist.broadcast_object(str(compressed_dir)))
                 report = compress_streamed(m.name_or_path, compressed_dir, calib, methods, device,
                                            dtype, trust_remote_code=m.trust_remote_code,
                                            revision=m.revision, source=source,
@@ -190,6 +201,12 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
         metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes
         metrics["calib/tokens"] = int(calib.numel())
+        if world.on:  # each rank's own peaks and time: the balance of the split, and its cost
+            mine = (dev_peak.peak_bytes, host_peak.peak_bytes, metrics["time/compress_s"])
+            for r, (dev_b, host_b, secs) in enumerate(dist.gather_objects(mine)):
+                metrics[f"dist/rank{r}/compress_peak_device_bytes"] = dev_b
+                metrics[f"dist/rank{r}/compress_peak_host_bytes"] = host_b
+                metrics[f"dist/rank{r}/compress_s"] = secs
     else:
         if stream:
             raise ConfigError("compress.stream: every stage is none, there is nothing to stream")
@@ -203,6 +220,8 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         if transform is not None:  # known once the walk has loaded (and untied) the ends
             metrics["rotate/untied_head_bytes"] = transform.untied_head_bytes
         resident = _fits(size, device) if cfg.eval.stream == "auto" else not cfg.eval.stream
+        if world.on:  # one decision for every rank: the two evaluations split differently
+            resident = dist.broadcast_object(resident)
         if resident:
             model = checkpoint.load(compressed_dir, device)
         else:
@@ -216,14 +235,14 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     else:
         if not walk_eval:  # its blocks visit the device one at a time
             model.to(device)  # packed: fits where the dense model may not
-        if cfg.save and out_dir is not None:
+        if cfg.save and out_dir is not None and world.main:
             from ciuic_lab.compress.checkpoint import save
 
             compressed_dir = save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
                                   run_config=to_container(cfg))
         weight_bytes = stored_bytes(model)
 
-    if suite is not None and cfg.eval.serve_memory:
+    if suite is not None and cfg.eval.serve_memory and world.main:
         from ciuic_lab.eval.serve_memory import serving_memory
 
         # Before the compressed evaluation: it prepares kernels in place, and a prepared model
@@ -243,6 +262,13 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         for row in report.layers:  # what each layer computes with once prepared
             row["kernel"] = suite.kernels.get(row["name"], "reference")
     metrics.update(_sizes(report, weight_bytes, dense_params))
+    metrics["dist/world_size"] = world.size
+    if world.on:
+        notes.append(f"distributed over {world.size} processes: calibration batches and "
+                     "perplexity windows split among ranks, layers and routed experts divided "
+                     "by cost (the per-layer table's `dist_rank` and `layer_s`); lm-eval, "
+                     "generations, speed and serving memory measured by rank 0 alone")
+        dist.barrier()  # no rank leaves while another may still need it
     for note in notes:
         log.warning(note)
     return Outcome(model, tokenizer, report, metrics, generations, notes)

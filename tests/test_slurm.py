@@ -45,7 +45,9 @@ def test_slurm_preset_reaches_the_sbatch_script(tmp_path, monkeypatch):
         HydraConfig.instance().cfg = None  # process-wide: leave no Hydra run behind
     assert seen["jobs"] == 2
     script = seen["executor"]._executor._make_submission_file_text("python -u -m x", "0")
-    for line in ("--partition=gpu", "--gpus-per-node=2", "--time=30", "--cpus-per-task=8",
+    # two GPUs per node: two tasks, one distributed rank each (ciuic_lab/dist.py)
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--ntasks-per-node=2", "--time=30",
+                 "--cpus-per-task=8",
                  "--mem=64GB", f"--output={tmp_path / 'sweep'}/.submitit/"):
         assert f"#SBATCH {line}" in script, line
 

@@ -206,9 +206,13 @@ class ExpertWeights:
     fetch: object  # fetch(ids) -> (gate_up (c, 2I, H), down (c, H, I)) on the working device
     act_fn: object
 
-    def chunks(self, size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        for start in range(0, self.n, size):
-            ids = list(range(start, min(start + size, self.n)))
+    def chunks(self, size: int, only: list[int] | None = None
+               ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Chunks of `size` experts in ascending order; `only`: just these experts (a rank's
+        share in a distributed walk: the others are never read)."""
+        every = list(range(self.n)) if only is None else sorted(only)
+        for start in range(0, len(every), size):
+            ids = every[start:start + size]
             gate_up, down = self.fetch(ids)
             yield ids, gate_up, down
             del gate_up, down

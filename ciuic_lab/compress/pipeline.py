@@ -15,6 +15,10 @@ the activations it will really see, errors of earlier layers included. Where a b
 come from and where its compressed form goes is the provider's and the sink's business
 (compress/blocks.py): the walk holds one block, one chunk of experts and the activations.
 
+Several processes (torchrun; ciuic_lab/dist.py): every walk splits each block's calibration
+batches, layers and routed experts among the ranks (compress/walk_dist.py) and ends with the
+bits one process computes; with one process the code below runs exactly as it always did.
+
 Memory of the statistics: a float32 (in × in) Hessian per non-expert layer of the current block
 (DeepSeek-V3: 7168² · 4 B = 205 MB each, the 16384-wide o_proj 1 GB) and two for the one expert
 being compressed; never every layer's, never every expert's.
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ciuic_lab import dist
+from ciuic_lab.compress import walk_dist
 from ciuic_lab.compress.base import Method
 from ciuic_lab.compress.blocks import (
     Activations,
@@ -161,7 +167,9 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
     by_name = {p.name: p for p in profiles}
     want_stats = bool(needs & {"act_norm", "hessian"})
     hessian = "hessian" in needs
-    inputs = capture(provider, windows, batch_size, activations) if want_stats else None
+    w = dist.world()  # distributed: this rank's batches, layers and experts (walk_dist.py)
+    inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
+                     batch_size, activations) if want_stats else None
     for i in tqdm(range(len(provider)), desc="profile", unit="block", disable=not progress):
         block = provider.load(i)
         prefix = ad.block_name(i)
@@ -170,13 +178,20 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
             for m in users:
                 m.summarize(by_name[f"{prefix}.{name}"], weight, stats)
 
-        if want_stats:
+        here = {x.name: by_name[f"{prefix}.{x.name}"] for x in ad.layers(block)}
+        if want_stats and w.on:
+            walk_dist.profile_block(provider, i, block, inputs.at(i), keep, here, hessian,
+                                    expert_chunk, min_expert_tokens,
+                                    -(-windows.shape[0] // batch_size), windows.numel())
+        elif want_stats:
             _profile_block(provider, i, block, inputs.at(i), keep, hessian, expert_chunk,
                            min_expert_tokens)
+        elif w.on:
+            walk_dist.profile_weights_block(provider, i, block, keep, here, expert_chunk)
         else:
-            for name, w in _block_weights(provider, i, block, expert_chunk):
-                keep(name, w, None)
-        block_profiles = [by_name[f"{prefix}.{x.name}"] for x in ad.layers(block)]
+            for name, wt in _block_weights(provider, i, block, expert_chunk):
+                keep(name, wt, None)
+        block_profiles = list(here.values())
         for m in users:
             m.summarize_block(block_profiles, prefix,
                               lambda i=i, block=block: _block_weights(provider, i, block,
@@ -248,6 +263,10 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     `Activations(allow_host=False)`, as host memory is bounded by one block) and one block's
     autograd graph for all calibration batches.
     """
+    w = dist.world()
+    if w.on:  # this rank's batches; their Fisher terms are added in batch order (walk_dist.py)
+        own = dist.batches(windows.shape[0], batch_size)
+        windows = dist.my_windows(windows, batch_size)
     inputs = capture(provider, windows, batch_size, activations)
     stored = [inputs.hidden]
     n = len(provider)
@@ -276,8 +295,11 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     for i in tqdm(reversed(range(n)), total=n, desc="fisher (backward)", unit="block",
                   disable=not progress):
         block = provider.load(i)
-        grads = _block_backward(provider, i, block, inputs.at(i, stored[i]), grads, fisher,
+        acc = walk_dist.PerBatch() if w.on else fisher
+        grads = _block_backward(provider, i, block, inputs.at(i, stored[i]), grads, acc,
                                 expert_chunk)
+        if w.on:
+            walk_dist.merge_fisher(acc, own, fisher)
         stored[i + 1] = None
         provider.release(i, block)
     return fisher
@@ -317,7 +339,8 @@ def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
     passes = []
     try:
         with torch.enable_grad(), _linear_grads(ad, block, prefix, fisher):
-            for (x0, kw), g in zip(inputs, grads):
+            for b, ((x0, kw), g) in enumerate(zip(inputs, grads)):
+                _at_batch(fisher, b)
                 x = x0.detach().requires_grad_(True)
                 out = block(x, **kw)
                 y = out[0] if isinstance(out, tuple) else out
@@ -332,6 +355,7 @@ def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
                     for k, name in enumerate(replays)}
             new = []
             for b, (x, y, g, calls, _) in enumerate(passes):
+                _at_batch(fisher, b)
                 outs, grad_outs = [y], [g]
                 for k, name in enumerate(replays):
                     d_hidden, d_weights = back[name][b]
@@ -354,7 +378,8 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
     out = [(torch.zeros_like(h), torch.zeros_like(w)) for h, _, w, _ in calls]
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
         for j, e in enumerate(ids):
-            for (h, index, w, g), (d_h, d_w) in zip(calls, out):
+            for b, ((h, index, w, g), (d_h, d_w)) in enumerate(zip(calls, out)):
+                _at_batch(fisher, b)
                 tok, kpos = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
@@ -374,7 +399,16 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
 
 def _add_sq(fisher: dict, name: str, g: torch.Tensor) -> None:
     sq = (g.detach().float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    if isinstance(fisher, walk_dist.PerBatch):  # distributed: summed later, in batch order
+        fisher.add(name, sq)
+        return
     fisher[name] = fisher[name] + sq if name in fisher else sq
+
+
+def _at_batch(fisher, b: int) -> None:
+    """Tell a distributed run's accumulator which of its batches the next terms belong to."""
+    if isinstance(fisher, walk_dist.PerBatch):
+        fisher.batch = b
 
 
 class _linear_grads:
@@ -404,14 +438,19 @@ class _Compressor:
     """One layer through the stages, packed, with its row of the per-layer table."""
 
     def __init__(self, methods: list[Method], allocations: dict, store_dtype: torch.dtype,
-                 device: torch.device, report: CompressionReport, keep_states: bool = False):
+                 device: torch.device, report: CompressionReport, keep_states: bool = False,
+                 rank: int | None = None):
         self.methods, self.allocations = methods, allocations
         self.store_dtype, self.device, self.report = store_dtype, device, report
         # tuning needs each layer's unpacked parts until its block is tuned: one block's worth
         self.keep_states, self.states = keep_states, {}
+        # distributed: each row says which rank compressed the layer and how long it took, so
+        # the balance of the split can be read from the table
+        self.rank = rank
 
     def __call__(self, full: str, kind: str, weight: torch.Tensor, bias, stats: LayerStats,
                  fallback: bool, own_tokens: int) -> nn.Module:
+        t0 = time.perf_counter()
         state = LayerState.from_linear(weight, bias, name=full)
         for method in self.methods:
             budget = self.allocations[method.stage][full]
@@ -429,6 +468,8 @@ class _Compressor:
             "rel_error": relative_error(state.weight, layer.dequantized_weight(), stats),
             "calib_tokens": own_tokens, "fallback": fallback,
         })
+        if self.rank is not None:
+            self.report.layers[-1].update(dist_rank=self.rank, layer_s=time.perf_counter() - t0)
         return layer
 
 
@@ -443,9 +484,15 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
     path's activations beside the compressed path's)."""
     ad = provider.adapter
     want_hessian = any("hessian" in m.needs for m in methods)
+    w = dist.world()
+    if w.on and tune is not None:
+        raise ValueError("tune: block tuning is not distributed yet; run it in one process")
     compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
-                               provider.device, report, keep_states=tune is not None)
-    inputs = capture(provider, windows, batch_size, activations)
+                               provider.device, report, keep_states=tune is not None,
+                               rank=w.rank if w.on else None)
+    # Distributed: this rank's calibration batches only (data-parallel; walk_dist.py).
+    inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
+                     batch_size, activations)
     dense_path = None
     if tune is not None:  # a second copy of the activations: the dense model's own
         dense_path = Activations(provider.device, activations).fill(
@@ -462,20 +509,26 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
         if tune is not None:  # what the dense block outputs on the dense path
             targets = Activations(provider.device, activations).fill(dense_forward(
                 block, i, provider, inputs.at(i, dense_path), expert_chunk))
-        dense = [x for x in layers if x.expert is None]
-        stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
-        with collect_stats(dense, stats), recording(block, ad) as rec:
-            run_block(block, here)
-        packed = {}
-        for x in dense:
-            st = stats.pop(x.name)
-            packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias, st,
-                                              False, st.tokens))
-        tuned = {}
-        for owner, mod in experts_modules(ad, block):
-            packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
-                                            compress_one, prefix, want_hessian,
-                                            min_expert_tokens, expert_chunk, tune, tuned))
+        if w.on:
+            stats = rec = None
+            packed = walk_dist.compress_block(provider, i, block, here, prefix, compress_one,
+                                              want_hessian, min_expert_tokens, expert_chunk,
+                                              -(-windows.shape[0] // batch_size), windows.numel())
+        else:
+            dense = [x for x in layers if x.expert is None]
+            stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
+            with collect_stats(dense, stats), recording(block, ad) as rec:
+                run_block(block, here)
+            packed = {}
+            for x in dense:
+                st = stats.pop(x.name)
+                packed[x.name] = (x, compress_one(f"{prefix}.{x.name}", x.kind, x.weight, x.bias,
+                                                  st, False, st.tokens))
+            tuned = {}
+            for owner, mod in experts_modules(ad, block):
+                packed.update(_compress_experts(provider, i, owner, mod, rec.calls[owner],
+                                                compress_one, prefix, want_hessian,
+                                                min_expert_tokens, expert_chunk, tune, tuned))
         ad.install(block, packed, CompressedExperts)
         if tune is not None:
             states = {name: compress_one.states.pop(f"{prefix}.{name}") for name in packed
@@ -505,15 +558,16 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
 def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[MoECall],
                       compress_one: _Compressor, prefix: str, hessian: bool,
                       min_expert_tokens: int, chunk: int, tune=None,
-                      tuned: dict | None = None) -> dict:
+                      tuned: dict | None = None, only: list[int] | None = None) -> dict:
     """Each routed expert of one MoE layer, calibrated on the tokens its router sent it: gate/up
     on those tokens, down on act(gate)·up of its own compressed gate/up. An expert with fewer
     than `min_expert_tokens` falls back to every token that entered the layer. Two Hessians
     alive at a time; a chunk of experts' dense weights in memory. With `tune`, each expert is
-    then tuned on the same tokens against its dense output (`tuned` gets its losses)."""
+    then tuned on the same tokens against its dense output (`tuned` gets its losses). `only`:
+    just these experts (a rank's share; the others are not even read)."""
     everyone = torch.cat([c.hidden for c in calls])
     packed = {}
-    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
+    for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk, only):
         for j, e in enumerate(ids):
             x, own, fallback = _expert_tokens(calls, e, everyone, min_expert_tokens)
             names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
@@ -636,6 +690,12 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
     ad = provider.adapter
+    if not dist.world().main:  # rank 0 writes the checkpoint; every rank holds the same blocks
+        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                      min_expert_tokens, expert_chunk, progress, activations, None, tune)
+        dist.barrier()  # rank 0 has written it: it can be read from here on
+        report.seconds = time.perf_counter() - t0
+        return report
     with CheckpointWriter(out_dir, model.config, dtype) as writer:
 
         def sink(i: int, block: nn.Module) -> None:
@@ -646,5 +706,6 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
                       min_expert_tokens, expert_chunk, progress, activations, sink, tune)
         writer.add_tensors(REST, outside_blocks(model))
         writer.finish()
+    dist.barrier()
     report.seconds = time.perf_counter() - t0
     return report

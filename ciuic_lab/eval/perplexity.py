@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ciuic_lab import dist
+
 # Positions per float32 log-softmax: a 2048 x 129k-vocab logit block in float32 is 1 GB, so the
 # upcast is done in slices to keep evaluation memory close to the model's own activations.
 _LOSS_CHUNK = 512
@@ -50,8 +52,12 @@ def shifted_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[floa
 
 @torch.no_grad()
 def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1,
-            progress: bool = True) -> tuple[float, int]:
-    """(sum of NLL in nats, number of predicted tokens) of `model` over `windows` (n, seqlen)."""
+            progress: bool = True, split: bool = False) -> tuple[float, int]:
+    """(sum of NLL in nats, number of predicted tokens) of `model` over `windows` (n, seqlen).
+
+    `split` (in a distributed run): each rank scores its own batches (batch b on rank b mod N)
+    and the per-batch sums are added in batch order on every rank, as one process adds them:
+    the same perplexity to the last bit."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n, seqlen>=2), got {tuple(windows.shape)}")
     if batch_size < 1:
@@ -60,24 +66,33 @@ def nll_sum(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1,
     model.eval()
     dev = model_device(model)
     total, count = 0.0, 0
+    split = split and dist.world().on
+    starts = ([b * batch_size for b in dist.batches(windows.shape[0], batch_size)] if split
+              else range(0, windows.shape[0], batch_size))
+    parts = []
     try:
-        for i in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity",
-                      disable=not progress, leave=False):
+        for i in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
             ids = windows[i:i + batch_size].to(dev)
             logits = logits_of(model(input_ids=ids, use_cache=False))
             s, c = shifted_nll_sum(logits, ids)
+            if split:
+                parts.append((i // batch_size, s, c))
             total += s
             count += c
             del logits
     finally:
         model.train(was_training)
+    if split:
+        return dist.sum_in_order(parts)
     return total, count
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1,
-               progress: bool = True) -> float:
-    """exp(mean NLL) over all predicted tokens of all windows; inf if the mean overflows."""
-    total, count = nll_sum(model, windows, batch_size=batch_size, progress=progress)
+               progress: bool = True, split: bool = False) -> float:
+    """exp(mean NLL) over all predicted tokens of all windows; inf if the mean overflows.
+    `split`: share the windows among the ranks of a distributed run (see `nll_sum`)."""
+    total, count = nll_sum(model, windows, batch_size=batch_size, progress=progress,
+                           split=split)
     mean = total / count
     if math.isnan(mean):
         return float("nan")

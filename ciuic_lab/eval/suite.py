@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 from omegaconf import DictConfig
 
-from ciuic_lab import cache
+from ciuic_lab import cache, dist
 from ciuic_lab.eval.memory import PeakMemory
 from ciuic_lab.eval.perplexity import model_device, perplexity
 
@@ -97,6 +97,8 @@ class Suite:
         if which == "compressed" or ev.dense_baseline:
             out.update(self._perplexity(model, which))
         le = ev.lm_eval
+        if not dist.world().main:  # rank 0 alone runs what is not split among ranks
+            return out
         if le.enabled and (which == "compressed" or le.dense_baseline):
             t0 = time.perf_counter()
             out.update(self._lm_eval(model, which))
@@ -118,7 +120,7 @@ class Suite:
         with torch.no_grad(), PeakMemory(dev) as pm:
             model(input_ids=batch, use_cache=False)
         out = {f"mem/peak_bytes{s}": pm.peak_bytes, f"mem/peak_kind{s}": pm.kind}
-        if ev.speed:
+        if ev.speed and dist.world().main:  # timed by rank 0 alone, the others idle meanwhile
             from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second
 
             out[f"speed/tokens_per_s{s}"] = tokens_per_second(
@@ -141,7 +143,7 @@ class Suite:
             with PeakMemory(provider.device) as pm:
                 ppl = streamed_perplexity(provider, self.windows, bs,
                                           int(self.cfg.compress.expert_chunk), self.progress,
-                                          str(self.cfg.compress.activations))
+                                          str(self.cfg.compress.activations), split=True)
             return {f"ppl/wikitext2{s}": ppl, f"mem/peak_bytes{s}": pm.peak_bytes,
                     f"mem/peak_kind{s}": pm.kind, f"time/eval_s{s}": time.perf_counter() - t0}
 
@@ -151,7 +153,7 @@ class Suite:
             windows = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
             key = self._key_of(next(provider.model.parameters()).dtype, provider.device, bs,
                                windows, "streamed")
-            out.update(cache.cached("dense_ppl", key, measure))
+            out.update(_cached("dense_ppl", key, measure))
         ev = self.cfg.eval
         skipped = [name for name, on in (("lm-eval", ev.lm_eval.enabled and (
             which == "compressed" or ev.lm_eval.dense_baseline)), ("generations", ev.generate.enabled),
@@ -177,13 +179,14 @@ class Suite:
 
         def measure() -> dict:
             t0 = time.perf_counter()
-            ppl = perplexity(model, self.windows, batch_size=bs, progress=self.progress)
+            ppl = perplexity(model, self.windows, batch_size=bs, progress=self.progress,
+                             split=True)
             return {f"ppl/wikitext2{s}": ppl, f"time/eval_s{s}": time.perf_counter() - t0}
 
         if which == "compressed":
             return measure()
         windows = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
-        return cache.cached("dense_ppl", self._key(model, bs, windows), measure)
+        return _cached("dense_ppl", self._key(model, bs, windows), measure)
 
     def _lm_eval(self, model, which: str) -> dict:
         from ciuic_lab.eval.lm_eval_bridge import evaluate_tasks, lm_eval_version, task_files_hash
@@ -202,6 +205,20 @@ class Suite:
         parts = self._key(model, tasks, sorted((k, str(v)) for k, v in kw.items() if k != "progress"),
                           task_files_hash(le.include_path), lm_eval_version())
         return {f"{k}_dense": v for k, v in cache.cached("dense_lm_eval", parts, measure).items()}
+
+
+def _cached(namespace: str, parts: list, measure) -> dict:
+    """`cache.cached`; in a distributed run, where `measure` is collective (perplexity split
+    among ranks), rank 0 decides hit or miss for everyone, so no rank measures alone."""
+    w = dist.world()
+    if not w.on:
+        return cache.cached(namespace, parts, measure)
+    value = dist.broadcast_object(cache.lookup(namespace, parts) if w.main else None)
+    if value is None:
+        value = dict(measure())
+        if w.main:
+            cache.store(namespace, parts, value)
+    return value
 
 
 def dense_key(cfg, dtype, device, *extra) -> list:
