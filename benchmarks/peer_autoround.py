@@ -11,6 +11,8 @@ Per width (symmetric grid, groups of --group, so every row stores the same bits/
     gptq + tune=block@rtn  GPTQ's model, tuning started from round-to-nearest (tune.start=rtn);
                            kept per block only where it beats GPTQ's codes
     rtn + tune=block       tuning on round-to-nearest codes (as AutoRound does)
+    rtn + tune=full@rtn    tune=block, then tune=e2e: scales, factors and norm gains distilled
+                           on the dense model's next-token distribution (its own defaults)
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -43,13 +45,16 @@ from ciuic_lab.models.loader import load
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def lab_row(model_name: str, bits: int, group: int, tune: bool, iters: int, lr: float,
+def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int, lr: float,
             calib: tuple[int, int], quant: str = "gptq", extra: tuple[str, ...] = ()):
     model, tok = load(model_name, device="cpu")
     overrides = ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}", f"quant.bits={bits}",
                  f"quant.group_size={group}", "quant.sym=true", f"model.name_or_path={model_name}",
                  f"data.calib_samples={calib[0]}", f"data.calib_seqlen={calib[1]}"]
-    if tune:
+    if tune == "full":  # block tuning, then distillation of scales and norms (tune=e2e)
+        overrides += ["tune=full", f"tune.block.iters={iters}", f"tune.block.lr={lr}",
+                      *(e.replace("tune.", "tune.block.", 1) for e in extra)]
+    elif tune:
         overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}", *extra]
     t0 = time.perf_counter()
     model, report = compress(model, tok, compose(overrides), progress=False)
@@ -142,12 +147,16 @@ def main() -> None:
                 quant, _, tune = name.partition("+")
                 tune, _, start = tune.partition("@")
                 extra = (*a.tune, f"tune.start={start or 'stage'}")
-                m, _, bpp, secs = lab_row(a.model, bits, a.group, tune == "tune", a.iters,
+                kind = {"": False, "tune": True, "full": "full"}[tune]
+                m, _, bpp, secs = lab_row(a.model, bits, a.group, kind, a.iters,
                                           a.lr, tuple(a.calib), quant, extra)
             ppl = perplexity(m, windows, batch_size=1, progress=False)
             label = {"gptq": "lab gptq", "rtn": "lab rtn", "gptq+tune": "lab gptq + tune=block",
                      "gptq+tune@rtn": "lab gptq + tune=block from rtn",
-                     "rtn+tune": "lab rtn + tune=block", "autoround": "AutoRound 0.16.1"}[name]
+                     "rtn+tune": "lab rtn + tune=block",
+                     "rtn+full@rtn": "lab rtn + tune=full (block, then e2e distillation)",
+                     "gptq+full@rtn": "lab gptq + tune=full from rtn",
+                     "autoround": "AutoRound 0.16.1"}[name]
             line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
                     f" | {secs:.0f} |")
             lines.append(line)
