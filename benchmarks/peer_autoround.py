@@ -136,8 +136,7 @@ def main() -> None:
             f"{a.iters} steps, lr {a.lr}; fp32 on CPU; full-range symmetric grid (code 0 on "
             f"each group's largest magnitude, AutoRound's `int_sym`)"
             + (f"; lab tuning overrides: {' '.join(a.tune)}" if a.tune else ""))
-    lines = [head, "", "| method | bits | bits/param | ppl | Δppl vs dense | time s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    rows: list[str] = []
     print(head, flush=True)
     for bits in a.bits:
         for name in a.rows:
@@ -158,8 +157,8 @@ def main() -> None:
                      "gptq+full@rtn": "lab gptq + tune=full from rtn",
                      "autoround": "AutoRound 0.16.1"}[name]
             line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
-                    f" | {secs:.0f} |")
-            lines.append(line)
+                    f" | {secs:.0f} | {time.strftime('%Y-%m-%d')} |")
+            rows.append(line)
             print(line, flush=True)
             del m
     RESULTS.mkdir(exist_ok=True)
@@ -167,8 +166,37 @@ def main() -> None:
     command = (f"python benchmarks/peer_autoround.py --model {a.model} --bits "
                f"{' '.join(map(str, a.bits))} --group {a.group} --iters {a.iters} --lr {a.lr} "
                f"--rows {' '.join(a.rows)}" + (f" --tune {' '.join(a.tune)}" if a.tune else ""))
-    out.write_text("\n".join([f"Written by `{command}`.", "", *lines, ""]))
+    merge_table(out, head, command, rows)
     print(f"wrote {out}")
+
+
+TABLE = ["| method | bits | bits/param | ppl | Δppl vs dense | time s | measured |",
+         "| --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def merge_table(path: Path, head: str, command: str, rows: list[str]) -> None:
+    """Write `rows` into the table at `path`, replacing rows of the same method and width and
+    keeping the others, when the file was written under the same settings (`head`: model,
+    windows, calibration, grid, steps); otherwise start a new table. Several runs (one row
+    each, hours apart) thus build one side-by-side table; each command is listed."""
+    old_rows, commands = [], []
+    if path.is_file():
+        text = path.read_text().splitlines()
+        if head in text:
+            commands = [ln for ln in text if ln.startswith("- `python benchmarks/")]
+            old_rows = [ln for ln in text if ln.startswith("| ") and ln not in TABLE]
+
+    def key(line: str) -> tuple[str, str]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        return cells[0], cells[1]
+
+    new_keys = {key(r) for r in rows}
+    kept = [r for r in old_rows if key(r) not in new_keys]
+    table = sorted(kept + rows, key=lambda r: (-int(key(r)[1]), key(r)[0]))
+    cmd = f"- `{command}`"
+    commands = [c for c in commands if c != cmd] + [cmd]
+    path.write_text("\n".join(["Written by (each run replaces its own rows):", *commands, "",
+                               head, "", *TABLE, *table, ""]))
 
 
 if __name__ == "__main__":
