@@ -26,7 +26,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ciuic_lab.errors import ConfigError
 
@@ -255,34 +254,3 @@ def barrier() -> None:
         import torch.distributed as td
 
         td.barrier()
-
-
-# ---------------------------------------------------------------- packed layers
-
-
-def packed_payload(mods: dict[str, nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """({name: spec}, {name/buffer: tensor}) of packed layers (the checkpoint's contract:
-    `spec()` and the buffers `shell(spec, shapes)` loads), ready for `share`."""
-    specs, tensors = {}, {}
-    for name, mod in mods.items():
-        specs[name] = mod.spec()
-        for k, t in mod.state_dict().items():
-            tensors[f"{name}/{k}"] = t
-    return specs, tensors
-
-
-def packed_modules(specs: dict, tensors: dict[str, torch.Tensor],
-                   device: torch.device) -> dict[str, nn.Module]:
-    """The packed layers `packed_payload` described, rebuilt from their bits on `device` (an
-    empty shell of each format, then a strict load of its buffers: nothing is recompressed)."""
-    from ciuic_lab.compress.formats import format_class
-
-    out = {}
-    for name, spec in specs.items():
-        prefix = f"{name}/"
-        state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items() if "." not in k}
-        mod = format_class(spec["format"]).shell(spec, shapes)
-        mod.load_state_dict(state, strict=True, assign=True)
-        out[name] = mod.to(device)
-    return out

@@ -183,7 +183,7 @@ def test_streaming_keeps_routed_experts_on_meta_and_reads_them_a_chunk_at_a_time
 
         return blocks.ExpertWeights(w.n, counted, w.act_fn)
 
-    real_stats_of = pipeline._stats_of
+    real_stats_of = pipeline.stats_of
 
     def stats_of(x, hessian, rows=4096):
         alive_max[0] = max(alive_max[0], len(alive))
@@ -191,7 +191,7 @@ def test_streaming_keeps_routed_experts_on_meta_and_reads_them_a_chunk_at_a_time
 
     monkeypatch.setattr(LayerStats, "__init__", tracked)
     monkeypatch.setattr(Streamed, "experts", experts)
-    monkeypatch.setattr(pipeline, "_stats_of", stats_of)
+    monkeypatch.setattr(pipeline, "stats_of", stats_of)
     compress_streamed(str(src), tmp_path / "out", CALIB, recipe(), torch.device("cpu"),
                       torch.float32, batch_size=2, progress=False, expert_chunk=3)
     assert chunks and max(chunks) == 3 and set(chunks) == {3, 2}  # 8 experts: 3 + 3 + 2

@@ -550,3 +550,13 @@ def dense_forward(block: nn.Module, i: int, provider, inputs: BlockInputs,
                                    expert_chunk) for name, mod in owners}
     with recording(block, ad, replay):
         return run_block(block, inputs)
+
+
+def expert_tokens(calls: list[MoECall], e: int, everyone: torch.Tensor,
+                   min_tokens: int) -> tuple[torch.Tensor, int, bool]:
+    """(calibration inputs, own token count, fallback) of routed expert e: the tokens its router
+    sent it over the recorded calls, or every token that entered the layer (`everyone`) when
+    it got fewer than `min_tokens` (its statistics would be too thin to trust)."""
+    x = torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
+    fallback = x.shape[0] < min_tokens
+    return (everyone if fallback else x), x.shape[0], fallback

@@ -46,6 +46,7 @@ from ciuic_lab.compress.blocks import (
     add_routed,
     capture,
     dense_forward,
+    expert_tokens,
     experts_modules,
     recording,
     routed_outputs,
@@ -55,7 +56,7 @@ from ciuic_lab.compress.experts import CompressedExperts
 from ciuic_lab.compress.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.state import LayerState
-from ciuic_lab.compress.stats import LayerStats, relative_error
+from ciuic_lab.compress.stats import LayerStats, relative_error, stats_of
 from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats, set_submodule
 
 
@@ -126,23 +127,6 @@ def _make_layer(methods: list[Method], state: LayerState, dtype: torch.dtype) ->
 
 
 # ---------------------------------------------------------------- routed experts' statistics
-
-
-def _expert_tokens(calls: list[MoECall], e: int, everyone: torch.Tensor,
-                   min_tokens: int) -> tuple[torch.Tensor, int, bool]:
-    """(calibration inputs, own token count, fallback) of routed expert e: the tokens its router
-    sent it over the recorded calls, or every token that entered the layer (`everyone`) when
-    it got fewer than `min_tokens` (its statistics would be too thin to trust)."""
-    x = torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
-    fallback = x.shape[0] < min_tokens
-    return (everyone if fallback else x), x.shape[0], fallback
-
-
-def _stats_of(x: torch.Tensor, hessian: bool, rows: int = 4096) -> LayerStats:
-    st = LayerStats(x.shape[-1], hessian, x.device)
-    for start in range(0, x.shape[0], rows):  # bounded temporaries for large token counts
-        st.add_batch(x[start:start + rows])
-    return st
 
 
 # ---------------------------------------------------------------- profile walk
@@ -217,10 +201,10 @@ def _profile_block(provider, i: int, block: nn.Module, inputs, keep, hessian: bo
         outs = [torch.zeros_like(c.hidden) for c in calls]
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(expert_chunk):
             for j, e in enumerate(ids):
-                x, _, _ = _expert_tokens(calls, e, everyone, min_expert_tokens)
-                keep(f"{owner}.{e}.gate_up_proj", gate_up[j], _stats_of(x, hessian))
+                x, _, _ = expert_tokens(calls, e, everyone, min_expert_tokens)
+                keep(f"{owner}.{e}.gate_up_proj", gate_up[j], stats_of(x, hessian))
                 inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
-                keep(f"{owner}.{e}.down_proj", down[j], _stats_of(inter, hessian))
+                keep(f"{owner}.{e}.down_proj", down[j], stats_of(inter, hessian))
                 add_routed(ad, outs, calls, e, gate_up[j], down[j], mod.act_fn)
         replay[owner] = outs
     with recording(block, ad, replay):
@@ -513,7 +497,8 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
             stats = rec = None
             packed = walk_dist.compress_block(provider, i, block, here, prefix, compress_one,
                                               want_hessian, min_expert_tokens, expert_chunk,
-                                              -(-windows.shape[0] // batch_size), windows.numel())
+                                              -(-windows.shape[0] // batch_size), windows.numel(),
+                                              _compress_experts)
         else:
             dense = [x for x in layers if x.expert is None]
             stats = {x.name: LayerStats(x.shape[1], want_hessian, provider.device) for x in dense}
@@ -569,14 +554,14 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
     packed = {}
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk, only):
         for j, e in enumerate(ids):
-            x, own, fallback = _expert_tokens(calls, e, everyone, min_expert_tokens)
+            x, own, fallback = expert_tokens(calls, e, everyone, min_expert_tokens)
             names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
             gu = compress_one(f"{prefix}.{names[0]}", "expert", gate_up[j], None,
-                              _stats_of(x, hessian), fallback, own)
+                              stats_of(x, hessian), fallback, own)
             inter = provider.adapter.expert_intermediate(x, gu.dequantized_weight(x.dtype),
                                                          mod.act_fn)
             dn = compress_one(f"{prefix}.{names[1]}", "expert", down[j], None,
-                              _stats_of(inter, hessian), fallback, own)
+                              stats_of(inter, hessian), fallback, own)
             if tune is not None and f"{prefix}.{names[0]}" in compress_one.states:
                 full = [f"{prefix}.{n}" for n in names]
                 ad = provider.adapter

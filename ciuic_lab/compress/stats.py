@@ -82,3 +82,11 @@ def damped_cholesky(h: torch.Tensor, percdamp: float, floor: float,
                 return out
         frac = max(frac * 10, floor)
     raise RuntimeError("XᵀX is not positive definite even with heavy damping")
+
+
+def stats_of(x: torch.Tensor, hessian: bool, rows: int = 4096) -> LayerStats:
+    """Statistics of the rows of x (tokens, in), accumulated a bounded slice at a time."""
+    st = LayerStats(x.shape[-1], hessian, x.device)
+    for start in range(0, x.shape[0], rows):  # bounded temporaries for large token counts
+        st.add_batch(x[start:start + rows])
+    return st

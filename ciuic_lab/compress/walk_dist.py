@@ -31,11 +31,13 @@ from ciuic_lab.compress.blocks import (
     BlockInputs,
     MoECall,
     add_routed,
+    expert_tokens,
     experts_modules,
     recording,
     run_block,
 )
-from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.formats import format_class
+from ciuic_lab.compress.stats import LayerStats, stats_of
 from ciuic_lab.models.adapters import Layer, collect_stats
 
 
@@ -137,14 +139,13 @@ def expert_owners(block: nn.Module, ad, calls: dict[str, list[MoECall]], min_exp
 
 def compress_block(provider, i: int, block: nn.Module, here: BlockInputs, prefix: str,
                    compress_one, hessian: bool, min_expert_tokens: int, chunk: int,
-                   n_batches: int, tokens: int) -> dict:
+                   n_batches: int, tokens: int, compress_experts) -> dict:
     """{layer name: (Layer, packed layer)} for every layer of block i, the same bits on every
     rank as one process computes: statistics exchanged, this rank's layers and experts
     compressed (only its own experts' weights are read), then every rank's packed layers
     shared from it in rank order and rebuilt from their bits (nothing is recompressed); the
-    rows of the per-layer table travel with them."""
-    from ciuic_lab.compress.pipeline import _compress_experts
-
+    rows of the per-layer table travel with them. `compress_experts` is the walk's own
+    routed-expert step (pipeline._compress_experts), restricted here to this rank's experts."""
     w = dist.world()
     ad = provider.adapter
     layers = ad.layers(block)
@@ -162,21 +163,21 @@ def compress_block(provider, i: int, block: nn.Module, here: BlockInputs, prefix
     moe = dict(experts_modules(ad, block))
     for name, mod in moe.items():
         if own_experts[name]:
-            packed.update(_compress_experts(provider, i, name, mod, ex.calls[name], compress_one,
-                                            prefix, hessian, min_expert_tokens, chunk,
-                                            only=own_experts[name]))
+            packed.update(compress_experts(provider, i, name, mod, ex.calls[name], compress_one,
+                                           prefix, hessian, min_expert_tokens, chunk,
+                                           only=own_experts[name]))
     del ex
     rows = report.layers[first_row:]
     del report.layers[first_row:]
     for r in range(w.size):  # every rank's packed layers, on every rank, in rank order
-        specs, tensors = dist.packed_payload({n: m for n, (_, m) in packed.items()}) \
+        specs, tensors = packed_payload({n: m for n, (_, m) in packed.items()}) \
             if r == w.rank else (None, None)
         (specs, their_rows), tensors = dist.share((specs, rows) if r == w.rank else None,
                                                   tensors, src=r)
         report.layers.extend(their_rows)
         if r == w.rank:
             continue
-        for n, m in dist.packed_modules(specs, tensors, provider.device).items():
+        for n, m in packed_modules(specs, tensors, provider.device).items():
             if n in dense:
                 packed[n] = (dense[n], m)
             else:
@@ -206,8 +207,6 @@ def profile_block(provider, i: int, block: nn.Module, here: BlockInputs, keep, p
     own_experts = expert_owners(block, ad, ex.calls, min_expert_tokens, ex.loads)
     replay = {}
     for owner, mod in experts_modules(ad, block):
-        from ciuic_lab.compress.pipeline import _expert_tokens, _stats_of
-
         calls, local = ex.calls[owner], ex.local[owner]
         everyone = torch.cat([c.hidden for c in calls])
         outs = [torch.zeros_like(c.hidden) for c in local]
@@ -215,10 +214,10 @@ def profile_block(provider, i: int, block: nn.Module, here: BlockInputs, keep, p
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
             for j, e in enumerate(ids):
                 if e in mine:
-                    x, _, _ = _expert_tokens(calls, e, everyone, min_expert_tokens)
-                    keep(f"{owner}.{e}.gate_up_proj", gate_up[j], _stats_of(x, hessian))
+                    x, _, _ = expert_tokens(calls, e, everyone, min_expert_tokens)
+                    keep(f"{owner}.{e}.gate_up_proj", gate_up[j], stats_of(x, hessian))
                     inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
-                    keep(f"{owner}.{e}.down_proj", down[j], _stats_of(inter, hessian))
+                    keep(f"{owner}.{e}.down_proj", down[j], stats_of(inter, hessian))
                 add_routed(ad, outs, local, e, gate_up[j], down[j], mod.act_fn)
         replay[owner] = outs
     del ex
@@ -314,3 +313,32 @@ def merge_fisher(acc: PerBatch, own: list[int], fisher: dict) -> None:
         for b in sorted(by_b):
             for _, sq in sorted(by_b[b], key=lambda t: t[0]):
                 fisher[name] = fisher[name] + sq if name in fisher else sq
+
+
+# ---------------------------------------------------------------- packed layers
+
+
+def packed_payload(mods: dict[str, nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """({name: spec}, {name/buffer: tensor}) of packed layers (the checkpoint's contract:
+    `spec()` and the buffers `shell(spec, shapes)` loads), ready for `share`."""
+    specs, tensors = {}, {}
+    for name, mod in mods.items():
+        specs[name] = mod.spec()
+        for k, t in mod.state_dict().items():
+            tensors[f"{name}/{k}"] = t
+    return specs, tensors
+
+
+def packed_modules(specs: dict, tensors: dict[str, torch.Tensor],
+                   device: torch.device) -> dict[str, nn.Module]:
+    """The packed layers `packed_payload` described, rebuilt from their bits on `device` (an
+    empty shell of each format, then a strict load of its buffers: nothing is recompressed)."""
+    out = {}
+    for name, spec in specs.items():
+        prefix = f"{name}/"
+        state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items() if "." not in k}
+        mod = format_class(spec["format"]).shell(spec, shapes)
+        mod.load_state_dict(state, strict=True, assign=True)
+        out[name] = mod.to(device)
+    return out
