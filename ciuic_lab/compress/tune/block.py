@@ -58,7 +58,7 @@ class BlockTune:
     batch_size: int = 8  # calibration windows per step
     samples: int | None = None  # calibration windows tuned on (null: all of them)
     expert_tokens: int = 1024  # routed-expert tokens per step
-    start: str = "stage"  # "stage": from the stage's codes (GPTQ's); "rtn": round-to-nearest
+    start: str = "rtn"  # "rtn": round-to-nearest (SignRound; measured better); "stage": its codes
     keep: str = "best"  # "best": the step with the lowest loss seen (as AutoRound); "last"
     seed: int = 0
 
