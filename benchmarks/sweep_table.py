@@ -28,14 +28,29 @@ def rows(root: Path, knobs: tuple[str, ...] = ("tune", "rotate=")) -> list[dict]
         if r.get("status") != "ok":
             continue
         m, ov = r["metrics"], r.get("overrides", [])
-        point = next((o.split("=", 1)[1] for o in ov if o.startswith("+experiment/")), "?")
+        point = next((o.split("=", 1)[1] for o in ov if o.startswith("+experiment/")), "-")
         label = " ".join(o for o in ov if o.startswith(knobs)) or "-"
         out.append({"point": point, "knobs": label,
                     "bpp": m.get("size/bits_per_param"), "ppl": m.get("ppl/wikitext2"),
                     "dense": m.get("ppl/wikitext2_dense"), "acc": m.get("acc/mean"),
                     "compress_s": m.get("time/compress_s"), "tune_s": m.get("time/tune_s"),
-                    "ratio": m.get("tune/loss_ratio"), "model": r["config"]["model"]["name_or_path"]})
+                    "ratio": m.get("tune/loss_ratio"), "model": r["config"]["model"]["name_or_path"],
+                    "decode": _ratio(m.get("speed/decode_tokens_per_s"),
+                                     m.get("speed/decode_tokens_per_s_dense")),
+                    "kernels": _kernels(r.get("layers", []))})
     return sorted(out, key=lambda x: (x["point"], x["knobs"]))
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def _kernels(layers: list[dict]) -> str | None:
+    """Layers on a fused kernel (int4 / int8) out of all, as served in the run."""
+    names = [row.get("kernel") for row in layers if row.get("kernel")]
+    if not names:
+        return None
+    return f"{sum(k.startswith(('int4', 'int8')) for k in names)}/{len(names)}"
 
 
 def fmt(v, spec: str) -> str:
@@ -51,12 +66,14 @@ def main() -> None:
     a = ap.parse_args()
     table = rows(a.root, tuple(a.knobs))
     lines = ["| point | overrides | bits/param | ppl | dense ppl | acc/mean | compress s | tune s | "
-             "tune loss after/before |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "tune loss after/before | decode vs dense | layers on int4/int8 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in table:
         lines.append(f"| {x['point']} | {x['knobs']} | {fmt(x['bpp'], '.3f')} | "
                      f"{fmt(x['ppl'], '.2f')} | {fmt(x['dense'], '.2f')} | {fmt(x['acc'], '.3f')} "
                      f"| {fmt(x['compress_s'], '.0f')} | {fmt(x['tune_s'], '.0f')} | "
-                     f"{fmt(x['ratio'], '.3f')} |")
+                     f"{fmt(x['ratio'], '.3f')} | {fmt(x['decode'], '.2f')} | "
+                     f"{x['kernels'] or ''} |")
     model = table[0]["model"] if table else "?"
     text = "\n".join([f"Written by `python benchmarks/sweep_table.py {a.root} --knobs "
                       f"{' '.join(a.knobs)}` ({model}; times "
