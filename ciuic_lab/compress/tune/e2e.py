@@ -282,6 +282,13 @@ class _Trainable(nn.Module):
         self.factor_quant = None if lr is None else lr["quant"]
         if self.quant is not None:
             self.scale = nn.Parameter(packed.scale.float().clone())
+            # The codes are frozen: unpack them once (int16: 2 bytes per weight, one layer's
+            # worth per layer while distilling) instead of on every forward.
+            with torch.no_grad():
+                dense = packed.dense_codes()  # pruned entries at their zero code: offset 0
+                zero = grid.expand_groups(dense.zero, packed.in_features, self.quant["group_size"])
+                offsets = (dense.codes.float() - zero).to(torch.int16)
+            self.register_buffer("offsets", offsets, persistent=False)
         if lr is not None:
             u, v = packed.lowrank_factors()
             self.u, self.v = nn.Parameter(u.clone()), nn.Parameter(v.clone())
@@ -289,12 +296,9 @@ class _Trainable(nn.Module):
     def weight(self) -> torch.Tensor:
         p = self.packed
         w = None
-        if self.quant is not None:
-            with torch.no_grad():  # frozen: the codes and zero points, pruned entries at 0
-                dense = p.dense_codes()
-                offsets = dense.codes.float() - grid.expand_groups(dense.zero, p.in_features,
-                                                                   self.quant["group_size"])
-            w = offsets * grid.expand_groups(self.scale, p.in_features, self.quant["group_size"])
+        if self.quant is not None:  # frozen codes and zero points, trained scales
+            w = self.offsets.float() * grid.expand_groups(self.scale, p.in_features,
+                                                          self.quant["group_size"])
         elif p.meta["base"] is not None:
             w = p.base_weight()  # 16-bit kept values: not trained
         if p.meta["lowrank"] is not None:
