@@ -118,7 +118,7 @@ def main() -> None:
              f"{args.threads}` on {args.device} ({torch.get_num_threads()} threads); batch 1; "
              "dense in bf16; decode greedy with KV cache after a 128-token prompt.", "",
              "| model | variant | prefill tok/s | decode tok/s | wiki s | ppl | MiB stored | "
-             "prefill vs dense | decode vs dense | layers on a kernel |",
+             "prefill vs dense | decode vs dense | layers prepared (int4/int8/bytes) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.models:
         model, tok = build(name, args.device)
@@ -147,7 +147,7 @@ def main() -> None:
             table.append(
                 f"| {name} | {label} | {r['prefill']:.1f} | {r['decode']:.2f} | "
                 f"{r['wiki_s']:.1f} | {r['ppl']:.2f} | {r['bytes'] / 2**20:.1f} | "
-                + ("| | | |" if label == "dense" else
+                + ("| | |" if label == "dense" else
                    f"{r['prefill'] / d['prefill']:.2f}x | {r['decode'] / d['decode']:.2f}x | "
                    f"{r['kernels'][0]}/{r['kernels'][1]} |"))
         del model
