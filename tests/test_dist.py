@@ -57,12 +57,14 @@ def _saved_model(path: Path) -> Path:
 _VOLATILE = {"block_s", "layer_s", "dist_rank", "kernel"}
 
 
-@pytest.mark.parametrize("mode", ["resident", "streamed",
+@pytest.mark.parametrize("mode", ["resident", "streamed", "offload",
                                   pytest.param("weights-only policy", marks=pytest.mark.slow)])
 def test_two_ranks_store_the_bytes_and_measure_the_perplexity_of_one(tmp_path, mode):
     model = {"resident": ["model=tiny-random-deepseek-v3"],
              "streamed": ["model=hub", f"model.name_or_path={tmp_path / 'src'}",
                           "compress.stream=true"],
+             # the model waits in host memory, a block at a time moves to the device
+             "offload": ["model=tiny-random-deepseek-v3", "compress.offload=true"],
              # a profile pass without a forward: each rank reads its share of the weights
              "weights-only policy": ["model=tiny-random-deepseek-v3", "recipe=none",
                                      "prune=none", "quant=rtn", "lowrank=svd",
