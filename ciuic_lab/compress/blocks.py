@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ciuic_lab.compress.stats import stats_of
 from ciuic_lab.models.adapters import DecoderAdapter, adapter_for, set_submodule
 
 
@@ -560,3 +561,15 @@ def expert_tokens(calls: list[MoECall], e: int, everyone: torch.Tensor,
     x = torch.cat([c.hidden[(c.index == e).any(-1)] for c in calls])
     fallback = x.shape[0] < min_tokens
     return (everyone if fallback else x), x.shape[0], fallback
+
+
+def keep_expert_stats(keep, adapter: DecoderAdapter, owner: str, e: int, calls: list[MoECall],
+                      everyone: torch.Tensor, min_tokens: int, gate_up: torch.Tensor,
+                      down: torch.Tensor, act_fn, hessian: bool) -> None:
+    """Hand routed expert e's two projections and their input statistics to `keep` (a
+    profile walk's summariser): its routed tokens for gate_up, their intermediate for down."""
+    gu_name, down_name = adapter.expert_projs
+    x, _, _ = expert_tokens(calls, e, everyone, min_tokens)
+    keep(f"{owner}.{e}.{gu_name}", gate_up, stats_of(x, hessian))
+    inter = adapter.expert_intermediate(x, gate_up, act_fn)
+    keep(f"{owner}.{e}.{down_name}", down, stats_of(inter, hessian))

@@ -48,6 +48,7 @@ from ciuic_lab.compress.blocks import (
     dense_forward,
     expert_tokens,
     experts_modules,
+    keep_expert_stats,
     recording,
     routed_outputs,
     run_block,
@@ -201,10 +202,8 @@ def _profile_block(provider, i: int, block: nn.Module, inputs, keep, hessian: bo
         outs = [torch.zeros_like(c.hidden) for c in calls]
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(expert_chunk):
             for j, e in enumerate(ids):
-                x, _, _ = expert_tokens(calls, e, everyone, min_expert_tokens)
-                keep(f"{owner}.{e}.gate_up_proj", gate_up[j], stats_of(x, hessian))
-                inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
-                keep(f"{owner}.{e}.down_proj", down[j], stats_of(inter, hessian))
+                keep_expert_stats(keep, ad, owner, e, calls, everyone, min_expert_tokens,
+                                  gate_up[j], down[j], mod.act_fn, hessian)
                 add_routed(ad, outs, calls, e, gate_up[j], down[j], mod.act_fn)
         replay[owner] = outs
     with recording(block, ad, replay):

@@ -31,13 +31,13 @@ from ciuic_lab.compress.blocks import (
     BlockInputs,
     MoECall,
     add_routed,
-    expert_tokens,
     experts_modules,
+    keep_expert_stats,
     recording,
     run_block,
 )
 from ciuic_lab.compress.formats import format_class
-from ciuic_lab.compress.stats import LayerStats, stats_of
+from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.models.adapters import Layer, collect_stats
 
 
@@ -214,10 +214,8 @@ def profile_block(provider, i: int, block: nn.Module, here: BlockInputs, keep, p
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
             for j, e in enumerate(ids):
                 if e in mine:
-                    x, _, _ = expert_tokens(calls, e, everyone, min_expert_tokens)
-                    keep(f"{owner}.{e}.gate_up_proj", gate_up[j], stats_of(x, hessian))
-                    inter = ad.expert_intermediate(x, gate_up[j], mod.act_fn)
-                    keep(f"{owner}.{e}.down_proj", down[j], stats_of(inter, hessian))
+                    keep_expert_stats(keep, ad, owner, e, calls, everyone, min_expert_tokens,
+                                      gate_up[j], down[j], mod.act_fn, hessian)
                 add_routed(ad, outs, local, e, gate_up[j], down[j], mod.act_fn)
         replay[owner] = outs
     del ex
