@@ -13,6 +13,10 @@ Per width (symmetric grid, groups of --group, so every row stores the same bits/
     rtn + tune=block       tuning on round-to-nearest codes (as AutoRound does)
     rtn + tune=full@rtn    tune=block, then tune=e2e: scales, factors and norm gains distilled
                            on the dense model's next-token distribution (its own defaults)
+    recipe, recipe+full@rtn  the default `ciuic` recipe (50 % OWL SparseGPT, GPTQ widths by
+                           sensitivity averaging 4 bits per kept value, 2 % residual rank) at its
+                           own budget (about 3.3 bits/param: its bits column reads "mix"), then
+                           with the same tuning; set beside the 3-bit rows it should beat
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -48,9 +52,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int, lr: float,
             calib: tuple[int, int], quant: str = "gptq", extra: tuple[str, ...] = ()):
     model, tok = load(model_name, device="cpu")
-    overrides = ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}", f"quant.bits={bits}",
-                 f"quant.group_size={group}", "quant.sym=true", f"model.name_or_path={model_name}",
-                 f"data.calib_samples={calib[0]}", f"data.calib_seqlen={calib[1]}"]
+    overrides = [f"model.name_or_path={model_name}", f"data.calib_samples={calib[0]}",
+                 f"data.calib_seqlen={calib[1]}"]
+    if quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
+        overrides += ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}",
+                      f"quant.bits={bits}", f"quant.group_size={group}", "quant.sym=true"]
     if tune == "full":  # block tuning, then distillation of scales and norms (tune=e2e)
         overrides += ["tune=full", f"tune.block.iters={iters}", f"tune.block.lr={lr}",
                       *(e.replace("tune.", "tune.block.", 1) for e in extra)]
@@ -155,8 +161,11 @@ def main() -> None:
                      "rtn+tune": "lab rtn + tune=block",
                      "rtn+full@rtn": "lab rtn + tune=full (block, then e2e distillation)",
                      "gptq+full@rtn": "lab gptq + tune=full from rtn",
+                     "recipe": "lab recipe ciuic",
+                     "recipe+full@rtn": "lab recipe ciuic + tune=full",
                      "autoround": "AutoRound 0.16.1"}[name]
-            line = (f"| {label} | {bits} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
+            shown = "mix" if name.startswith("recipe") else bits
+            line = (f"| {label} | {shown} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
                     f" | {secs:.0f} | {time.strftime('%Y-%m-%d')} |")
             rows.append(line)
             print(line, flush=True)
@@ -192,7 +201,10 @@ def merge_table(path: Path, head: str, command: str, rows: list[str]) -> None:
 
     new_keys = {key(r) for r in rows}
     kept = [r for r in old_rows if key(r) not in new_keys]
-    table = sorted(kept + rows, key=lambda r: (-int(key(r)[1]), key(r)[0]))
+    def width(line: str) -> float:  # the recipe's "mix" (about 3.3) sorts between 4 and 3
+        return float(key(line)[1]) if key(line)[1].isdigit() else 3.5
+
+    table = sorted(kept + rows, key=lambda r: (-width(r), key(r)[0]))
     cmd = f"- `{command}`"
     commands = [c for c in commands if c != cmd] + [cmd]
     path.write_text("\n".join(["Written by (each run replaces its own rows):", *commands, "",
