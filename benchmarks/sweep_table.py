@@ -1,5 +1,6 @@
 """Per-point table of a study (any sweeps under one directory): bits/param, perplexity, acc/mean,
-compression and tuning time, and tuning's own loss ratio, one row a point, labelled by the
+compression and tuning time, tuning's own loss ratio, decode speed and serving memory (peak of a
+fresh process that loads the saved model and runs the evaluation windows, `mem/serve_peak_bytes`), one row a point, labelled by the
 study's point and the overrides that start with one of `--knobs`.
 
     python -m ciuic_lab.run -m +experiment=tuning model=deepseek-v3-tiny eval.seqlen=512 \\
@@ -37,12 +38,18 @@ def rows(root: Path, knobs: tuple[str, ...] = ("tune", "rotate=")) -> list[dict]
                     "ratio": m.get("tune/loss_ratio"), "model": r["config"]["model"]["name_or_path"],
                     "decode": _ratio(m.get("speed/decode_tokens_per_s"),
                                      m.get("speed/decode_tokens_per_s_dense")),
-                    "kernels": _kernels(r.get("layers", []))})
+                    "kernels": _kernels(r.get("layers", [])),
+                    "serve": _mib(m.get("mem/serve_peak_bytes")),
+                    "serve_dense": _mib(m.get("mem/serve_peak_bytes_dense"))})
     return sorted(out, key=lambda x: (x["point"], x["knobs"]))
 
 
 def _ratio(a, b):
     return None if a is None or not b else a / b
+
+
+def _mib(b):
+    return None if b is None else b / 2**20
 
 
 def _kernels(layers: list[dict]) -> str | None:
@@ -66,14 +73,15 @@ def main() -> None:
     a = ap.parse_args()
     table = rows(a.root, tuple(a.knobs))
     lines = ["| point | overrides | bits/param | ppl | dense ppl | acc/mean | compress s | tune s | "
-             "tune loss after/before | decode vs dense | layers on int4/int8 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "tune loss after/before | decode vs dense | layers on int4/int8 | serving MiB (dense) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in table:
         lines.append(f"| {x['point']} | {x['knobs']} | {fmt(x['bpp'], '.3f')} | "
                      f"{fmt(x['ppl'], '.2f')} | {fmt(x['dense'], '.2f')} | {fmt(x['acc'], '.3f')} "
                      f"| {fmt(x['compress_s'], '.0f')} | {fmt(x['tune_s'], '.0f')} | "
                      f"{fmt(x['ratio'], '.3f')} | {fmt(x['decode'], '.2f')} | "
-                     f"{x['kernels'] or ''} |")
+                     f"{x['kernels'] or ''} | {fmt(x['serve'], '.0f')}"
+                     + (f" ({x['serve_dense']:.0f})" if x["serve_dense"] is not None else "") + " |")
     model = table[0]["model"] if table else "?"
     text = "\n".join([f"Written by `python benchmarks/sweep_table.py {a.root} --knobs "
                       f"{' '.join(a.knobs)}` ({model}; times "
