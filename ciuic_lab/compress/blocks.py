@@ -274,6 +274,15 @@ class Resident:
     def release(self, i: int, block: nn.Module) -> None:
         block.to(self.home)
 
+    def rewrite(self, edit_block, edit_post) -> None:
+        """Edit the model in place: `edit_block(i, block)` with each block on the device in
+        turn, then `edit_post(post modules)`."""
+        for i in range(len(self)):
+            block = self.load(i)
+            edit_block(i, block)
+            self.release(i, block)
+        edit_post(self.post())
+
     def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
         return in_memory_experts(module, self.device)
 

@@ -323,6 +323,28 @@ class Stored:
     def experts(self, i: int, owner: str, module: nn.Module):
         return in_memory_experts(module, self.device)  # experts left dense: stored fused
 
+    def rewrite(self, edit_block, edit_post) -> Path:
+        """A new checkpoint: `edit_block(i, block)` on each block as it is read, `edit_post(post
+        modules)` on the ends, written beside this one block by block and swapped in whole
+        (CheckpointWriter), so a failure leaves this checkpoint as it was. The tokenizer and any
+        other file beside the shards are carried over; the run config is kept."""
+        old = self.manifest
+        dtype = getattr(torch, old["dtype"])
+        with CheckpointWriter(self.path, self.model.config, dtype) as writer:
+            for i in range(len(self)):
+                block = self.load(i)
+                edit_block(i, block)
+                writer.add(block_shard(i), block, self.adapter.block_name(i))
+                self.release(i, block)
+            edit_post(self.post())
+            writer.add_tensors(REST, outside_blocks(self.model))
+            for f in self.path.iterdir():
+                if f.is_file() and f.name not in old["shards"] and f.name != MANIFEST:
+                    shutil.copy2(f, writer.tmp / f.name)
+            out = writer.finish(None, old.get("run_config"))
+        self.manifest = read_manifest(self.path)
+        return out
+
     def pre_on_device(self):
         return nullcontext()
 

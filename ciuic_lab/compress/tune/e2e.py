@@ -32,8 +32,8 @@ Adam's step of each trained tensor is `lr` × its RMS (scale-free across layers,
 buffers (scales through `.half()`), so bits/param is unchanged, and kept only if they lower the
 KL on the windows trained on: tuning never increases the loss it minimises.
 
-A model that is not resident (compress.stream, compress.offload) would need block-by-block
-forward and backward with the inputs on disk; the run refuses that combination (config.validate).
+A model that is not resident (compress.stream, compress.offload) is distilled block by block,
+with the same loss, tensors and steps: e2e_walk.py.
 """
 
 from __future__ import annotations
@@ -125,24 +125,9 @@ class E2ETune:
         body, head = _body_head(model)
         k = min(self.topk, head.out_features - 1)  # at least one token in the bucket
         dev = _device(model)
-        logps, indices, rests = [], [], []
-        for i in range(0, windows.shape[0], self.batch_size):
-            h = _hidden(body, windows[i:i + self.batch_size].to(dev))
-            flat = h.reshape(-1, h.shape[-1])
-            lp, ix, rest = [], [], []
-            for s, e in _chunks(flat.shape[0], head.out_features):
-                logits = head(flat[s:e]).float()
-                logz = logits.logsumexp(-1, keepdim=True)
-                top, idx = logits.topk(k, dim=-1)
-                lp.append((top - logz).cpu())
-                ix.append(idx.to(torch.int32).cpu())
-                rest.append((logits.scatter(-1, idx, float("-inf")).logsumexp(-1)
-                             - logz.squeeze(-1)).cpu())
-            shape = h.shape[:2]
-            logps.append(torch.cat(lp).view(*shape, k))
-            indices.append(torch.cat(ix).view(*shape, k))
-            rests.append(torch.cat(rest).view(*shape))
-        return Teacher(windows.cpu(), torch.cat(logps), torch.cat(indices), torch.cat(rests))
+        parts = [_coarsen(_hidden(body, windows[i:i + self.batch_size].to(dev)), head, k)
+                 for i in range(0, windows.shape[0], self.batch_size)]
+        return Teacher(windows.cpu(), *(torch.cat(p) for p in zip(*parts)))
 
     # ---- the distillation -----------------------------------------------------------------
     def run(self, model: nn.Module, teacher: Teacher, progress: bool = False) -> dict:
@@ -352,9 +337,35 @@ def _hidden(body: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _norms(model: nn.Module) -> list[nn.Parameter]:
     """Every normalisation gain (RMSNorm / LayerNorm weights), the final norm included."""
-    return [m.weight for m in model.modules()
+    return [m.weight for _, m in _norm_modules(model)]
+
+
+def _norm_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every normalisation layer with a gain vector in `module`."""
+    return [(n, m) for n, m in module.named_modules()
             if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), nn.Parameter)
             and m.weight.dim() == 1]
+
+
+@torch.no_grad()
+def _coarsen(h: torch.Tensor, head: nn.Linear, k: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next-token distributions of final hidden states `h` (B, T, H) as the teacher keeps
+    them: (top-k log-probabilities (B, T, k), their token ids int32, log of the rest (B, T)), on
+    the host, the head's float32 logits taken a chunk of positions at a time."""
+    flat = h.reshape(-1, h.shape[-1])
+    lp, ix, rest = [], [], []
+    for s, e in _chunks(flat.shape[0], head.out_features):
+        logits = head(flat[s:e]).float()
+        logz = logits.logsumexp(-1, keepdim=True)
+        top, idx = logits.topk(k, dim=-1)
+        lp.append((top - logz).cpu())
+        ix.append(idx.to(torch.int32).cpu())
+        rest.append((logits.scatter(-1, idx, float("-inf")).logsumexp(-1)
+                     - logz.squeeze(-1)).cpu())
+    shape = h.shape[:2]
+    return (torch.cat(lp).view(*shape, k), torch.cat(ix).view(*shape, k),
+            torch.cat(rest).view(*shape))
 
 
 def _device(model: nn.Module) -> torch.device:

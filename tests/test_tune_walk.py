@@ -1,0 +1,132 @@
+"""tune=e2e walked block by block (compress/tune/e2e_walk.py): the same distillation as the
+resident form, for a model held by a provider (offloaded, or a compressed checkpoint on disk)."""
+
+import copy
+import hashlib
+
+import pytest
+import torch
+
+from ciuic_lab.compress import checkpoint
+from ciuic_lab.compress.blocks import Resident
+from ciuic_lab.compress.lowrank.svdllm import SVDLLM
+from ciuic_lab.compress.pipeline import compress_model, compress_streamed
+from ciuic_lab.compress.prune.sparsegpt import SparseGPT
+from ciuic_lab.compress.quant.gptq import GPTQ
+from ciuic_lab.compress.tune import e2e_walk
+from ciuic_lab.compress.tune.e2e import E2ETune
+from ciuic_lab.models import tiny
+
+CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+CPU = torch.device("cpu")
+
+
+def _methods():
+    return [SparseGPT(0.5), GPTQ(3, 32), SVDLLM(ratio=0.05, factor_bits=8)]
+
+
+def _tiny(arch):
+    torch.manual_seed(0)
+    return tiny.build(arch, vocab=256)
+
+
+def _compressed(model):
+    compress_model(model, CALIB, _methods(), batch_size=2, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-deepseek-v3"])
+def test_the_walked_teacher_is_the_resident_teacher(arch):
+    e2e = E2ETune(topk=16, batch_size=4)
+    model = _tiny(arch)
+    resident = e2e.teacher(model, CALIB)
+    walked = e2e_walk.teacher(e2e, Resident(model, CPU), CALIB, expert_chunk=3)
+    assert torch.equal(walked.windows, resident.windows)
+    torch.testing.assert_close(walked.logp, resident.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(walked.rest, resident.rest, atol=1e-5, rtol=0)
+    assert (walked.index == resident.index).float().mean() > 0.99  # ties may swap order
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-deepseek-v3"])
+def test_the_block_walk_distils_as_the_resident_form_does(arch):
+    """Same windows, same steps, same Adam: the same KL before and after and the same stored
+    values (to float rounding: the backward is split at block boundaries)."""
+    e2e = E2ETune(iters=6, batch_size=4, topk=16, lr=1e-2)
+    dense = _tiny(arch)
+    teacher = e2e.teacher(dense, CALIB)
+    a = _compressed(dense)
+    b = copy.deepcopy(a)
+    ra = e2e.run(a, teacher)
+    rb = e2e_walk.run(e2e, Resident(b, CPU), teacher)
+    assert ra["kept"] and rb["kept"]
+    assert rb["kl_before"] == pytest.approx(ra["kl_before"], rel=1e-6)
+    assert rb["kl_after"] == pytest.approx(ra["kl_after"], rel=1e-4)
+    assert rb["kl_after"] < rb["kl_before"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        if sa[k].is_floating_point():
+            torch.testing.assert_close(sb[k].float(), sa[k].float(), atol=2e-3, rtol=2e-3,
+                                       msg=k)
+        else:  # codes, masks, zero points: frozen, identical
+            assert torch.equal(sa[k], sb[k]), k
+    assert e2e.kl(b, teacher) == pytest.approx(rb["kl_after"], rel=1e-5)
+
+
+def _digests(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+            if p.is_file()}
+
+
+def test_a_stored_checkpoint_is_distilled_and_rewritten_whole(tmp_path):
+    """compress.stream's form: the compressed model is a checkpoint; the walk reads it block by
+    block and writes the distilled one in its place (other files carried over). Its KL is what
+    the walk reports, and it is the in-memory distillation's to float rounding."""
+    e2e = E2ETune(iters=5, batch_size=4, topk=16, lr=1e-2)
+    dense = _tiny("tiny-random-deepseek-v3")
+    dense.save_pretrained(tmp_path / "src")
+    teacher = e2e.teacher(dense, CALIB)
+    out = tmp_path / "ckpt"
+    compress_streamed(str(tmp_path / "src"), out, CALIB, _methods(), CPU, torch.float32,
+                      batch_size=2, progress=False)
+    (out / "tokenizer.json").write_text("{}")  # stands for the tokenizer saved beside the shards
+    before, nbytes = _digests(out), checkpoint.stored_bytes(out)
+    info = e2e_walk.run(e2e, checkpoint.Stored(out, CPU), teacher)
+    assert info["kept"] and info["kl_after"] < info["kl_before"]
+    assert checkpoint.stored_bytes(out) == nbytes  # values change, bits/param does not
+    checkpoint.verify(out)
+    after = _digests(out)
+    assert after["tokenizer.json"] == before["tokenizer.json"]
+    assert after.keys() == before.keys()
+    assert any(after[k] != before[k] for k in after if k.startswith("blocks-"))
+    loaded = checkpoint.load(out, CPU)
+    assert e2e.kl(loaded, teacher) == pytest.approx(info["kl_after"], rel=1e-5)
+    in_memory = _compressed(copy.deepcopy(dense))
+    ref = e2e.run(in_memory, teacher)
+    assert info["kl_after"] == pytest.approx(ref["kl_after"], rel=1e-3)
+
+
+def test_a_walk_that_hurts_leaves_the_checkpoint_untouched(tmp_path, monkeypatch):
+    def scramble(e2e, provider, teacher, state, progress, activations):
+        for i in range(len(provider)):  # every trained tensor flipped: a much worse model
+            block = provider.load(i)
+            trained = state.block(i, block)
+            provider.release(i, block)
+            with torch.no_grad():
+                for ps in trained.layers.values():
+                    for p in ps.values():
+                        p.mul_(-3)
+
+    monkeypatch.setattr(e2e_walk, "_fit", scramble)
+    e2e = E2ETune(iters=1, batch_size=4, topk=16)
+    dense = _tiny("tiny-random-llama")
+    dense.save_pretrained(tmp_path / "src")
+    teacher = e2e.teacher(dense, CALIB)
+    out = tmp_path / "ckpt"
+    compress_streamed(str(tmp_path / "src"), out, CALIB, _methods(), CPU, torch.float32,
+                      batch_size=2, progress=False)
+    before = _digests(out)
+    info = e2e_walk.run(e2e, checkpoint.Stored(out, CPU), teacher)
+    assert not info["kept"] and info["kl_after"] == info["kl_before"]
+    assert _digests(out) == before
