@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ciuic_lab.compress.kernels import base_weight, choose_kernel, kernel_name
-from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.store.kernels import base_weight, choose_kernel, kernel_name
+from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.quant.rtn import RTN
 

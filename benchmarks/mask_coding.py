@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from ciuic_lab.compress import coding, packing
+from ciuic_lab.compress.store import coding, packing
 
 
 def best_ms(fn, repeat):

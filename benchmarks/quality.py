@@ -82,7 +82,7 @@ ROWS: dict[str, list[str]] = {
     "gptq sensitivity 2.45 mean (only)": row("quant=gptq", "quant.policy=sensitivity",
                                              "quant.avg_bits=2.45"),
     "gptq 2-bit g32 (only)": row("quant=gptq", "quant.bits=2", "quant.group_size=32"),
-    # masks at their entropy limit (compress/coding.py): 2:4 above costs log2 C(4,2)/4 = 0.65
+    # masks at their entropy limit (compress/store/coding.py): 2:4 above costs log2 C(4,2)/4 = 0.65
     # bit per weight for its index; an 80 % unstructured mask H(0.8) = 0.72 instead of 1
     "sparsegpt 80% (entropy-coded mask)": row("prune=sparsegpt", "prune.sparsity=0.8"),
     "sparsegpt 4:8": row("prune=sparsegpt", "prune.pattern=4:8"),

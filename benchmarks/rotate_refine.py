@@ -35,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT

@@ -6,7 +6,7 @@ WikiText-2 evaluation's wall time.
 
 For each model: the dense model in bf16 (the dtype the int4/int8 kernels compute in, so the
 comparison is like for like), then compressed copies held as they are served (packed layers
-prepared for their kernels, compress/serve.py):
+prepared for their kernels, compress/store/serve.py):
   - rtn 4-bit g128: every layer on PyTorch's int4 kernel (where N % 16 == 0)
   - the default `ciuic` recipe (calibrated on the model's own activations: on the random 1 B
     shapes the values mean nothing, but speed does not depend on them): mixed widths; layers
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ciuic_lab.compress.serve import materialized, prepare_for_inference
+from ciuic_lab.compress.store.serve import materialized, prepare_for_inference
 from ciuic_lab.eval.memory import stored_bytes
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second

@@ -117,9 +117,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ciuic_lab.compress import packing
+from ciuic_lab.compress.store import packing
 from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.state import QuantPart
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
@@ -715,7 +715,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "compressed-t
     RUN_DIR itself when it is that checkpoint directory."""
     from transformers import AutoTokenizer
 
-    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.compress.store import checkpoint
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")

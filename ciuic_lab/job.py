@@ -61,7 +61,7 @@ def completed(out_dir: Path, chash: str) -> dict | None:
 def _broken_artefacts(out_dir: Path, config: dict) -> str | None:
     """Why the checkpoint a finished job must have left is unusable, or None. A killed rerun or
     a full disk can leave a result.json whose checkpoint is gone, and export would fail later."""
-    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.compress.store import checkpoint
 
     if not (config.get("save") or (config.get("compress") or {}).get("stream")):
         return None

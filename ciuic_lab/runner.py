@@ -214,7 +214,7 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         metrics["time/compress_s"] = 0.0
 
     if stream:
-        from ciuic_lab.compress import checkpoint
+        from ciuic_lab.compress.store import checkpoint
 
         size = checkpoint.stored_bytes(compressed_dir)
         if transform is not None:  # known once the walk has loaded (and untied) the ends
@@ -236,7 +236,7 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
         if not walk_eval:  # its blocks visit the device one at a time
             model.to(device)  # packed: fits where the dense model may not
         if cfg.save and out_dir is not None and world.main:
-            from ciuic_lab.compress.checkpoint import save
+            from ciuic_lab.compress.store.checkpoint import save
 
             compressed_dir = save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
                                   run_config=to_container(cfg))

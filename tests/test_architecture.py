@@ -130,7 +130,7 @@ def test_runtime_never_imports_the_offline_tools():
 def test_every_packed_format_implements_the_contract():
     import torch
 
-    from ciuic_lab.compress.formats import FORMATS, PackedLayer, format_class, is_packed
+    from ciuic_lab.compress.store.formats import FORMATS, PackedLayer, format_class, is_packed
 
     for key in FORMATS:
         cls = format_class(key)

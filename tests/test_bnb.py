@@ -69,7 +69,7 @@ def test_cli_baseline_run_measures_real_bytes_with_experts_included(tmp_path, q,
     assert {row["bits"] for row in res["layers"]} == {4 if q == "bnb_nf4" else 8}
     assert m["ppl/wikitext2"] < 1.5 * m["ppl/wikitext2_dense"]
     # the checkpoint holds bitsandbytes' own format and reloads to the same perplexity
-    from ciuic_lab.compress.checkpoint import load
+    from ciuic_lab.compress.store.checkpoint import load
     from ciuic_lab.data.wikitext import test_windows
     from ciuic_lab.eval.perplexity import perplexity
     from ciuic_lab.models.loader import load_tokenizer

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ciuic_lab.compress import checkpoint
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.magnitude import Magnitude

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress import coding, packing
+from ciuic_lab.compress.store import coding, packing
 
 NM_PATTERNS = [(2, 4), (4, 8), (1, 4), (3, 8), (2, 8), (8, 16), (1, 2), (5, 16), (3, 20), (4, 4),
                (7, 9)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress import checkpoint
+from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.models import tiny
@@ -72,7 +72,7 @@ def test_a_packed_format_is_a_class_and_one_line(contrib, tmp_path, monkeypatch)
         import torch.nn.functional as F
         from torch import nn
 
-        from ciuic_lab.compress.formats import buffer_nbytes
+        from ciuic_lab.compress.store.formats import buffer_nbytes
 
 
         class RowInt8(nn.Module):
@@ -115,7 +115,7 @@ def test_a_packed_format_is_a_class_and_one_line(contrib, tmp_path, monkeypatch)
     '''))
     from contrib.rowint8 import RowInt8
 
-    from ciuic_lab.compress import formats
+    from ciuic_lab.compress.store import formats
 
     monkeypatch.setitem(formats.FORMATS, "contrib.rowint8", "contrib.rowint8:RowInt8")
 

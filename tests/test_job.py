@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from ciuic_lab.compress import checkpoint
+from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.job import completed
 from ciuic_lab.track.result import write_result
 

@@ -6,15 +6,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress import kernels
-from ciuic_lab.compress.kernels import (
+from ciuic_lab.compress.store import kernels
+from ciuic_lab.compress.store.kernels import (
     Int4Layout,
     Int8Layout,
     choose_kernel,
     kernel_group_size,
     kernel_name,
 )
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.policies import LayerProfile
@@ -329,7 +329,7 @@ def test_prepared_factors_are_decoded_once_not_per_call(monkeypatch, factor_bits
     """After prepare, U and V are held decoded in the compute dtype: the forward unpacks
     nothing (the per-call dequantisation that made the recipe decode slower than dense), and
     computes what the reference forward does."""
-    from ciuic_lab.compress import packing
+    from ciuic_lab.compress.store import packing
 
     w = torch.randn(32, 64)
     s = LayerState.from_linear(w)

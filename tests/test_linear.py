@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.magnitude import Magnitude
@@ -57,7 +57,7 @@ def test_nbytes_counts_every_buffer_and_meets_4p5x():
 
 
 def test_state_dict_holds_the_packed_parts():
-    from ciuic_lab.compress import coding
+    from ciuic_lab.compress.store import coding
 
     _, layer = _packed([Magnitude(pattern="2:4"), RTN(3, 32, sym=False)], torch.randn(8, 64))
     sd = layer.state_dict()

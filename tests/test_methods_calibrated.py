@@ -9,7 +9,7 @@ error ‖(W − Ŵ)X‖ / ‖WX‖. GPTQ and SparseGPT are also checked against 
 import pytest
 import torch
 
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM, whitened_svd, whitening
 from ciuic_lab.compress.policies import LayerProfile

@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress import packing
+from ciuic_lab.compress.store import packing
 
 
 @settings(max_examples=60, deadline=None)

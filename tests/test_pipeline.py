@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.pipeline import compress_model, profile
 from ciuic_lab.compress.prune.magnitude import Magnitude

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ciuic_lab.errors import ConfigError
-from ciuic_lab.compress.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT

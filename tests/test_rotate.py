@@ -202,7 +202,7 @@ def test_tied_embeddings_are_untied_counted_and_survive_a_checkpoint(tmp_path, k
     """SmolLM2's layout: the head shares the embedding. Rotating unties it (E Q at the input,
     E diag(g_final) Q at the head), the function is kept, the copy's bytes are counted once in
     `stored_bytes`, and save -> load keeps the two apart."""
-    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.compress.store import checkpoint
     from ciuic_lab.eval.memory import stored_bytes
 
     m = scrambled("tiny-random-llama", tied=True)
@@ -338,7 +338,7 @@ def test_online_rotations_keep_the_model_and_show_in_stored_bytes(name):
 def test_every_stage_runs_in_the_rotated_basis():
     """The walk finds `<site>.linear` inside RotatedLinear, calibrates it on rotated inputs and
     replaces it by a CompressedLinear; the rotation stays in front."""
-    from ciuic_lab.compress.linear import CompressedLinear
+    from ciuic_lab.compress.store.linear import CompressedLinear
     from ciuic_lab.compress.lowrank.svdllm import SVDLLM
     from ciuic_lab.compress.pipeline import compress_model
     from ciuic_lab.compress.prune.sparsegpt import SparseGPT

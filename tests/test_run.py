@@ -54,7 +54,7 @@ def test_single_run_writes_result_with_every_metric(tmp_path):
     assert {"name", "kind", "sparsity", "rank", "bits", "rel_error"} <= set(res["layers"][0])
     assert "bits/param" in r.stdout or "bits/param" in r.stderr  # the summary table
     # the saved checkpoint reloads to the same perplexity on the same windows
-    from ciuic_lab.compress.checkpoint import load
+    from ciuic_lab.compress.store.checkpoint import load
     from ciuic_lab.data.wikitext import test_windows
     from ciuic_lab.eval.perplexity import perplexity
     from ciuic_lab.models.loader import load_tokenizer
@@ -70,7 +70,7 @@ def test_gemma3_default_recipe_runs_streamed_and_its_checkpoint_reloads(tmp_path
     default recipe in memory with save=true, then streamed from the saved dense model; both
     checkpoints reload to their runs' perplexity. Windows (128) are longer than the tiny model's
     sliding window (8), so the two kinds of layer really differ."""
-    from ciuic_lab.compress.checkpoint import load
+    from ciuic_lab.compress.store.checkpoint import load
     from ciuic_lab.data.wikitext import test_windows
     from ciuic_lab.eval.perplexity import perplexity
     from ciuic_lab.models import tiny
@@ -195,7 +195,7 @@ def test_python_api_honours_device_and_expert_fallback():
 def test_python_api_compresses_and_reports():
     import ciuic_lab
     from ciuic_lab.api import compress
-    from ciuic_lab.compress.linear import CompressedLinear
+    from ciuic_lab.compress.store.linear import CompressedLinear
 
     model, tok = ciuic_lab.load("tiny-random-llama", device="cpu")
     x = torch.randint(0, 100, (1, 16))

@@ -37,7 +37,7 @@ def test_a_4bit_model_serves_in_less_memory_than_the_dense_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_child_is_recorded_and_the_run_keeps_its_metrics(tmp_path, monkeypatch):
-    from ciuic_lab.compress import checkpoint
+    from ciuic_lab.compress.store import checkpoint
     from ciuic_lab.job import run_job
 
     real_save = checkpoint.save

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ciuic_lab.compress import blocks, checkpoint, pipeline
+from ciuic_lab.compress import blocks, pipeline
 from ciuic_lab.compress.blocks import Resident, Streamed
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.pipeline import compress_model, compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.streamed import streamed_perplexity

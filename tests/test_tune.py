@@ -6,8 +6,8 @@ import hashlib
 import pytest
 import torch
 
-from ciuic_lab.compress import checkpoint
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.pipeline import compress_model, compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from ciuic_lab.compress import checkpoint
+from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.compress.blocks import Resident
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.pipeline import compress_model, compress_streamed

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.models.adapters import DecoderAdapter
 
 

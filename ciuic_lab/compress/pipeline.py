@@ -54,7 +54,7 @@ from ciuic_lab.compress.blocks import (
     run_block,
 )
 from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats, relative_error, stats_of
@@ -663,7 +663,8 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
     depth; the profile walk (when a policy needs it) reads every block once more.
     """
     from ciuic_lab.compress.blocks import Streamed
-    from ciuic_lab.compress.checkpoint import REST, CheckpointWriter, block_shard, outside_blocks
+    from ciuic_lab.compress.store.checkpoint import (REST, CheckpointWriter, block_shard,
+                                                     outside_blocks)
     from ciuic_lab.models.loader import skeleton
     from ciuic_lab.models.source import CheckpointSource
 

@@ -3,7 +3,7 @@
     W ≈ dequant(Q) masked by M  +  U·V        (each part optional)
 
 Stages (prune → lowrank → quant by default) edit a LayerState in float32; a packed format
-(`compress/formats.py`) then stores it. Pure data and tensor maths: no modules, no I/O.
+(`compress/store/formats.py`) then stores it. Pure data and tensor maths: no modules, no I/O.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from ciuic_lab.compress.blocks import (
     recording,
     run_block,
 )
-from ciuic_lab.compress.formats import format_class
+from ciuic_lab.compress.store.formats import format_class
 from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.models.adapters import Layer, collect_stats
 

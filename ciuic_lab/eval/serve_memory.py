@@ -71,7 +71,7 @@ def serving_memory(cfg, windows, model, tokenizer, checkpoint_dir: str | Path | 
                          "was not held whole")
         else:
             if checkpoint_dir is None:
-                from ciuic_lab.compress.checkpoint import save
+                from ciuic_lab.compress.store.checkpoint import save
 
                 checkpoint_dir = save(model, tmp / "compressed", tokenizer=None)
             out.update(_measure("compressed", ["--checkpoint", str(checkpoint_dir), *common],
@@ -159,9 +159,9 @@ def _model_code(config) -> None:
 def _prepare(args) -> Callable[[], object]:
     """Everything imported and read that the measured part needs but is not the model: returns
     the loader to call inside the measurement."""
-    import ciuic_lab.compress.kernels  # noqa: F401 (prepare imports it lazily)
-    from ciuic_lab.compress import checkpoint
-    from ciuic_lab.compress.serve import prepare_for_inference
+    import ciuic_lab.compress.store.kernels  # noqa: F401 (prepare imports it lazily)
+    from ciuic_lab.compress.store import checkpoint
+    from ciuic_lab.compress.store.serve import prepare_for_inference
     from ciuic_lab.models import loader
 
     if args.checkpoint is not None:

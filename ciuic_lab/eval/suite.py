@@ -69,7 +69,7 @@ class Suite:
         compressed model really holds and how fast it really runs. `eval/path/*` records which
         path computed what.
         """
-        from ciuic_lab.compress.serve import materialized, prepare_for_inference
+        from ciuic_lab.compress.store.serve import materialized, prepare_for_inference
 
         s, ev = SUFFIX[which], self.cfg.eval
         out: dict = {}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.base import Method
-from ciuic_lab.compress.formats import buffer_nbytes
+from ciuic_lab.compress.store.formats import buffer_nbytes
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.errors import ConfigError
@@ -42,7 +42,7 @@ def _bnb():
 class BnbLinear(nn.Module):
     """One weight as bitsandbytes stores it. scheme 'nf4': packed 4-bit codes (uint8, two per
     byte) + fp32 absmax per block + the 16-entry NF4 code table; 'int8': int8 codes (out, in) +
-    fp32 scale per row. Implements the packed-layer contract (compress/formats.py)."""
+    fp32 scale per row. Implements the packed-layer contract (compress/store/formats.py)."""
 
     format = "bnb"
 

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab.compress.blocks import Activations, capture, dense_forward, run_block
-from ciuic_lab.compress.linear import CompressedLinear
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.tune.e2e import (
     E2ETune,
     Teacher,

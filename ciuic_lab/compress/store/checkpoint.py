@@ -34,7 +34,7 @@ from torch import nn
 from ciuic_lab.atomic import swap_in_dir, temp_dir_beside, write_text_atomic
 from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent, return_freed_memory
 from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.formats import format_class, is_packed
+from ciuic_lab.compress.store.formats import format_class, is_packed
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
 from ciuic_lab.models.source import check_complete, shard_path

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.formats import is_packed
+from ciuic_lab.compress.store.formats import is_packed
 from ciuic_lab.models.adapters import set_submodule
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 # format key -> "module:Class". Keys are stable names written into checkpoints.
 FORMATS = {
-    "ciuic.packed": "ciuic_lab.compress.linear:CompressedLinear",
+    "ciuic.packed": "ciuic_lab.compress.store.linear:CompressedLinear",
     "bnb": "ciuic_lab.compress.quant.bnb:BnbLinear",
 }
 

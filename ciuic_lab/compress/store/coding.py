@@ -45,13 +45,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ciuic_lab.compress import packing
+from ciuic_lab.compress.store import packing
 
 VERSION = 1
 
 # Streams are defined byte by byte (little-endian); the int64 <-> 8-byte views below rely on it.
 if sys.byteorder != "little":
-    raise ImportError("ciuic_lab.compress.coding needs a little-endian host")
+    raise ImportError("ciuic_lab.compress.store.coding needs a little-endian host")
 
 # ---------------------------------------------------------------------------------------------
 # N:M: combinatorial number system + mixed-radix words

@@ -6,7 +6,7 @@ Stages edit a LayerState (compress/state.py) in float32; `CompressedLinear.pack`
 packed parts as persistent buffers, so `nbytes()` and the model-level byte count are read from
 what is really stored:
 
-    mask_code   uint8   the kept-entry mask at its entropy limit (compress/coding.py): an N:M
+    mask_code   uint8   the kept-entry mask at its entropy limit (compress/store/coding.py): an N:M
                         pattern in log2 C(M,N) bits per group (2:4: 0.65 bit per weight), an
                         unstructured mask near H(density) bits per weight (1 bit at 50 %)
     values      16-bit  kept weights                 (base part, not quantised)
@@ -17,7 +17,7 @@ what is really stored:
 
 Forward: the reference path rebuilds the dense weight transiently in the input's dtype and device;
 it is the oracle. `prepare(device, dtype)` re-encodes the base part for a fused kernel where one
-fits (compress/kernels.py: PyTorch's int4/int8 weight-only matmuls) and drops the packed base
+fits (compress/store/kernels.py: PyTorch's int4/int8 weight-only matmuls) and drops the packed base
 buffers it replaces, so the layer then holds (and `nbytes()` counts) the kernel's layout; the
 low-rank part runs as two small matmuls U·(V·x), never as a dense U·V. A prepared layer is for
 inference: save checkpoints before preparing.
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress import coding, packing
-from ciuic_lab.compress.formats import buffer_nbytes
+from ciuic_lab.compress.store import coding, packing
+from ciuic_lab.compress.store.formats import buffer_nbytes
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.state import LayerState, QuantPart
 
@@ -39,7 +39,7 @@ _BASE_BUFFERS = ("mask_code", "values", "codes", "scale", "zero")
 
 class CompressedLinear(nn.Module):
     """A linear layer whose weight lives only in packed parts (see module docstring).
-    Implements the packed-layer contract of compress/formats.py."""
+    Implements the packed-layer contract of compress/store/formats.py."""
 
     format = "ciuic.packed"
 
@@ -210,10 +210,10 @@ class CompressedLinear(nn.Module):
 
     # ---- computing ------------------------------------------------------------------------
     def prepare(self, device: torch.device | str, dtype: torch.dtype, **flags) -> str:
-        """Re-encode the base part for the fastest kernel on `device` (compress/kernels.py), if
-        one fits, and drop the packed base buffers it replaces. Returns the kernel's name
+        """Re-encode the base part for the fastest kernel on `device` (compress/store/kernels.py),
+        if one fits, and drop the packed base buffers it replaces. Returns the kernel's name
         ("reference" when none fits: the layer is unchanged)."""
-        from ciuic_lab.compress.kernels import choose_kernel
+        from ciuic_lab.compress.store.kernels import choose_kernel
 
         if self.kernel is None:
             layout = choose_kernel(self, device, dtype, **flags)
