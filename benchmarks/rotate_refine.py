@@ -15,8 +15,9 @@ online Hadamards in front of o_proj and every dense / shared down_proj
 perplexity after each transform (must not move) and the prefill speed cost of the online ones.
 
 Part B (issue #13 item 5): SparseGPT → GPTQ → SVD-LLM residual in one pass (the `ciuic`
-composition) vs the same stored budget refined by alternation (`ciuic_lab.compress.refine`,
-OATS arXiv 2409.13652 / SLiM arXiv 2410.09615 ideas), on the plain and the rotated model.
+composition) vs the same stored budget refined by alternation
+(`ciuic_lab.compress.lowrank.alternating`, OATS arXiv 2409.13652 / SLiM arXiv 2410.09615 ideas),
+on the plain and the rotated model.
 
 Every row compresses a fresh copy with `compress_model` (the block walk: each block calibrated
 on the outputs of the already compressed blocks before it). Perplexity: WikiText-2 test,
@@ -220,7 +221,7 @@ ROWS_B_ROTATED = ("sgpt 50% + gptq3 + lr 2% fb8",)
 
 
 def part_refine(base, calib, windows, only, iters: int = 2):
-    from ciuic_lab.compress.refine import AlternatingRefine
+    from ciuic_lab.compress.lowrank.alternating import AlternatingRefine
 
     dense = evaluate(copy.deepcopy(base), windows, check=False)
     print(f"\npart B: one pass (SVD-LLM residual) vs AlternatingRefine(iters={iters}, "

@@ -13,7 +13,8 @@ from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.prune.wanda import Wanda
 from ciuic_lab.compress.quant.gptq import GPTQ
-from ciuic_lab.compress.refine import AlternatingRefine, alternate, base_step, output_error
+from ciuic_lab.compress.lowrank.alternating import (AlternatingRefine, alternate, base_step,
+                                                    output_error)
 from ciuic_lab.compress.stats import LayerStats, relative_error
 
 
