@@ -42,7 +42,8 @@ from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.quant.rtn import RTN
-from ciuic_lab.compress.rotate import add_online_rotations, rotate_model
+from ciuic_lab.compress.rotate.fused import rotate_model
+from ciuic_lab.compress.rotate.online import add_online_rotations
 from ciuic_lab.data.calibration import calibration_windows
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity
@@ -135,7 +136,7 @@ def table(title, cols, rows, cell):
 
 def op_cost() -> None:
     """One OnlineRotation vs the linear it precedes (best of 50 runs each, 5 for the big ones)."""
-    from ciuic_lab.compress.rotate import OnlineRotation
+    from ciuic_lab.compress.rotate.online import OnlineRotation
 
     for n, out in ((768, 256), (256, 256), (7168, 2048), (18432, 7168)):
         x = torch.randn(256 if n > 4096 else 2048, n)

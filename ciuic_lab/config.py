@@ -169,7 +169,8 @@ def rotations_on(cfg: DictConfig) -> bool:
 
 
 def _check_rotate(cfg: DictConfig, model_config) -> None:
-    from ciuic_lab.compress.rotate import NO_RESIDUAL, ONLINE_SITES, RESIDUAL, VALUE_PATH
+    from ciuic_lab.compress.rotate.fused import NO_RESIDUAL, RESIDUAL, VALUE_PATH
+    from ciuic_lab.compress.rotate.online import ONLINE_SITES
 
     if not rotations_on(cfg):
         return
@@ -186,7 +187,7 @@ def _check_rotate(cfg: DictConfig, model_config) -> None:
                           f"rotate.online still apply)")
     if r.residual and mt not in RESIDUAL or r.value_path and mt not in VALUE_PATH:
         raise ConfigError(f"rotate: no rotation layout for model_type {mt!r} "
-                          f"(compress/rotate.py RESIDUAL knows {sorted(RESIDUAL)})")
+                          f"(compress/rotate/fused.py RESIDUAL knows {sorted(RESIDUAL)})")
     # A streamed run applies the fused rotations to each block as it loads and always writes a
     # checkpoint, which has no place for run-time rotation modules (below).
     if cfg.compress.stream and r.online:

@@ -144,7 +144,7 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
 
     transform = None
     if rotations_on(cfg) and stream:  # applied to each part as it loads, inside the walks
-        from ciuic_lab.compress.rotate import StreamedRotation
+        from ciuic_lab.compress.rotate.streamed import StreamedRotation
 
         r = cfg.rotate
         transform = StreamedRotation(model.config, r.residual, bool(r.value_path), int(r.seed))

@@ -149,7 +149,9 @@ LAYOUT_NAMES = {"layers", "embed_tokens", "norm", "rotary_emb", "lm_head", "self
                 "shared_experts", "gate_up_proj", "down_proj", "o_proj", "v_proj", "kv_b_proj"}
 # Files that once walked the layout themselves and now ask the adapter. (compress/pipeline.py and
 # compress/blocks.py still read fused experts' `gate_up_proj` / `down_proj`: to join this list.)
-ASK_THE_ADAPTER = ("compress/rotate/__init__.py", "compress/experts.py", "export.py")
+ROTATE = tuple(f"compress/rotate/{m}.py"
+               for m in ("__init__", "matrices", "fused", "online", "streamed"))
+ASK_THE_ADAPTER = (*ROTATE, "compress/experts.py", "export.py")
 
 
 def layout_accesses(source: str) -> list[str]:

@@ -8,22 +8,23 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.rotate import (
+from ciuic_lab.compress.rotate import apply_rotations
+from ciuic_lab.compress.rotate.fused import (RotationUnsupported, rotate_model,
+                                             rotate_value_path)
+from ciuic_lab.compress.rotate.matrices import (
     HadamardRotation,
-    OnlineRotation,
     RandomOrthogonal,
-    RotatedLinear,
-    RotationUnsupported,
-    add_online_rotations,
-    apply_rotations,
     fwht,
     hadamard_factor,
     kron_matmul,
     make_rotation,
     paley_hadamard,
+)
+from ciuic_lab.compress.rotate.online import (
+    OnlineRotation,
+    RotatedLinear,
+    add_online_rotations,
     rotate_linear_input,
-    rotate_model,
-    rotate_value_path,
 )
 from ciuic_lab.compress.state import rtn_quantize
 from ciuic_lab.compress.stats import LayerStats, relative_error
@@ -60,10 +61,10 @@ def test_kron_matmul_is_the_kronecker_product():
 @pytest.mark.parametrize("k", [2, 64, 256, 8192])
 def test_sylvester_factors_in_any_grouping_are_the_same_hadamard(k):
     """H_k applied as narrow-first factors equals the butterfly fwht."""
-    from ciuic_lab.compress.rotate import _sylvester_factors
+    from ciuic_lab.compress.rotate.matrices import sylvester_factors
 
     x = torch.randn(3, k, dtype=torch.float64)
-    assert torch.allclose(kron_matmul(x, _sylvester_factors(k)), fwht(x) / math.sqrt(k), atol=1e-12)
+    assert torch.allclose(kron_matmul(x, sylvester_factors(k)), fwht(x) / math.sqrt(k), atol=1e-12)
 
 
 def test_fwht_rejects_other_widths():
@@ -263,7 +264,7 @@ def test_unsupported_architecture():
 def test_every_adapter_has_its_rotation_layouts():
     """Every supported architecture's adapter has a residual-stream layout or a stated reason why
     it cannot, and a value path; the config check's views are read from the adapters."""
-    from ciuic_lab.compress.rotate import NO_RESIDUAL, RESIDUAL, VALUE_PATH
+    from ciuic_lab.compress.rotate.fused import NO_RESIDUAL, RESIDUAL, VALUE_PATH
     from ciuic_lab.models.adapters import ADAPTERS, SUPPORTED
 
     for mt in SUPPORTED:

@@ -301,7 +301,8 @@ def test_cli_streamed_run_measures_the_dense_baseline_and_compression_costs(tmp_
 @pytest.mark.parametrize("arch, tied", [("tiny-random-deepseek-v3", False),
                                         ("tiny-random-llama", False), ("tiny-random-llama", True)])
 def test_streamed_rotated_run_stores_what_the_in_memory_rotated_run_stores(tmp_path, arch, tied):
-    from ciuic_lab.compress.rotate import StreamedRotation, apply_rotations
+    from ciuic_lab.compress.rotate import apply_rotations
+    from ciuic_lab.compress.rotate.streamed import StreamedRotation
 
     model, src = _saved(tmp_path, arch, tied=tied)
     rotation = StreamedRotation(model.config, "hadamard", value_path=True, seed=3)
@@ -327,7 +328,7 @@ def test_streamed_rotated_run_stores_what_the_in_memory_rotated_run_stores(tmp_p
 def test_streamed_rotation_reads_experts_rotated_and_keeps_the_dense_function(tmp_path):
     """A streamed, rotated, uncompressed walk of the blocks computes the dense model's
     perplexity: every part (ends, blocks, expert chunks) got its share of Q and Qᵀ."""
-    from ciuic_lab.compress.rotate import StreamedRotation
+    from ciuic_lab.compress.rotate.streamed import StreamedRotation
 
     model, src = _saved(tmp_path, "tiny-random-deepseek-v3")
     want = perplexity(model, EVAL, batch_size=2, progress=False)

@@ -23,7 +23,7 @@ model's adapter:
     checkpoint_tensors       how a block's checkpoint tensors (per-expert, official layout) map
                              onto the module's parameters (fused experts)
     residual / no_residual / value_rows(config) / online_sites
-                             the rotation layouts (`compress/rotate.py` holds the maths only):
+                             the rotation layouts (`compress/rotate/` holds the maths only):
                              which paths of a block read and write the residual stream (or why a
                              rotation cannot pass), where each head's value rows are, which
                              linears may get a run-time rotation in front
@@ -81,8 +81,8 @@ class Layer:
 @dataclass(frozen=True)
 class ResidualLayout:
     """Which modules of a decoder block touch the residual stream (paths below the block), for the
-    fused residual-stream rotation (`compress/rotate.py:rotate_model`; QuaRot, arXiv 2404.00456
-    §4.1).
+    fused residual-stream rotation (`compress/rotate/fused.py:rotate_model`; QuaRot, arXiv
+    2404.00456 §4.1).
 
     readers_*: linears reading the output of that sub-layer's RMSNorm (W ← W diag(g) Q);
     writers:   linears whose output is added to the stream (W ← Qᵀ W, b ← Qᵀ b);
@@ -126,7 +126,7 @@ DEEPSEEK_RESIDUAL = ResidualLayout(
 @dataclass(frozen=True)
 class ValueRows:
     """Where each attention head's value rows are in a block, for the fused per-head rotation of
-    values and of the output projection's input (`compress/rotate.py:rotate_value_path`)."""
+    values and of the output projection's input (`compress/rotate/fused.py:rotate_value_path`)."""
 
     src: str        # the linear producing the values, below the block
     heads: int      # attention heads (the output projection's input blocks)
