@@ -21,9 +21,10 @@ on the plain and the rotated model.
 
 Every row compresses a fresh copy with `compress_model` (the block walk: each block calibrated
 on the outputs of the already compressed blocks before it). Perplexity: WikiText-2 test,
-`--windows` windows of 512 tokens. For evaluation speed only, each CompressedLinear is swapped
-for an nn.Linear holding `dequantized_weight()` — the very tensor its reference forward
-rebuilds on every call — so the perplexity is that of the packed model (checked on one window).
+`--windows` windows of 512 tokens. For evaluation speed only, each CompressedLinear computes
+with its `dequantized_weight()` rebuilt once (`materialized`) — the very tensor its reference
+forward rebuilds on every call — so the perplexity is that of the packed model (checked on one
+window).
 bits/param are read from the packed layers; "+rot" adds the bytes of online rotations.
 """
 
@@ -36,7 +37,6 @@ import time
 import torch
 from torch import nn
 
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
@@ -44,6 +44,7 @@ from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.rotate.fused import rotate_model
 from ciuic_lab.compress.rotate.online import add_online_rotations
+from ciuic_lab.compress.store.serve import materialized
 from ciuic_lab.data.calibration import calibration_windows
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity
@@ -91,29 +92,18 @@ ROWS_A = {
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def densify(model: nn.Module) -> None:
-    """Replace every CompressedLinear by an nn.Linear of its dequantised weight (evaluation speed
-    only: the same weight its forward rebuilds on every call)."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.meta["bias"])
-            with torch.no_grad():
-                lin.weight.copy_(mod.dequantized_weight(torch.float32))
-                if mod.meta["bias"]:
-                    lin.bias.copy_(mod.bias.float())
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
-
-
 @torch.no_grad()
 def evaluate(model, windows, check=True) -> float:
-    if check:  # the swap must not change the model's outputs
-        ids = windows[:1, :64]
-        before = model(input_ids=ids).logits
-        densify(model)
-        after = model(input_ids=ids).logits
-        assert torch.allclose(before, after, rtol=1e-5, atol=1e-5), "densify changed the model"
-    return perplexity(model, windows, batch_size=4, progress=False)
+    """Perplexity with every packed layer computing with its dequantised weight, rebuilt once
+    (`materialized`; evaluation speed only: the same weight its forward rebuilds on every call)."""
+    ids = windows[:1, :64]
+    before = model(input_ids=ids).logits if check else None
+    with materialized(model, torch.float32):
+        if check:  # the swap must not change the model's outputs
+            after = model(input_ids=ids).logits
+            assert torch.allclose(before, after, rtol=1e-5, atol=1e-5), \
+                "materializing changed the model"
+        return perplexity(model, windows, batch_size=4, progress=False)
 
 
 def compress_row(base, transform, stages, calib, windows):

@@ -41,7 +41,7 @@ never compressed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -397,6 +397,21 @@ def _linear(x: torch.Tensor, w: torch.Tensor | nn.Module) -> torch.Tensor:
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+@contextmanager
+def swapped(root: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[dict]:
+    """Within the block, each submodule of `root` named in `replacements` (dotted paths below
+    `root`) is that replacement; the originals are put back on exit, an exception included.
+    Yields {name: original}."""
+    originals = {name: root.get_submodule(name) for name in replacements}
+    try:
+        for name, new in replacements.items():
+            set_submodule(root, name, new)
+        yield originals
+    finally:
+        for name, mod in originals.items():
+            set_submodule(root, name, mod)
 
 
 @contextmanager

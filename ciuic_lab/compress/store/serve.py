@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciuic_lab.compress.store.formats import is_packed
-from ciuic_lab.models.adapters import set_submodule
+from ciuic_lab.models.adapters import swapped
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: torch.dtype,
@@ -54,11 +54,6 @@ def materialized(model: nn.Module, dtype: torch.dtype):
 
     Costs the dense model's memory for the duration; the outputs are the packed layers' own up
     to float rounding (the same `dequantized_weight`)."""
-    packed = [(name, mod) for name, mod in model.named_modules() if is_packed(mod)]
-    try:
-        for name, mod in packed:
-            set_submodule(model, name, _Dense(mod, dtype))
+    dense = {name: _Dense(mod, dtype) for name, mod in model.named_modules() if is_packed(mod)}
+    with swapped(model, dense):
         yield model
-    finally:
-        for name, mod in packed:
-            set_submodule(model, name, mod)

@@ -44,7 +44,7 @@ from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.tune.rounding import TunableLinear
 from ciuic_lab.errors import check as _check
 from ciuic_lab.errors import check_positive_ints
-from ciuic_lab.models.adapters import set_submodule
+from ciuic_lab.models.adapters import set_submodule, swapped
 
 
 @dataclass
@@ -145,16 +145,11 @@ class BlockTune:
 
         before = _mean_loss(loss_of, units)
         tunables = {n: TunableLinear(states[n], self.start) for n in names}
-        for n, t in tunables.items():
-            set_submodule(block, n, t)
-        try:
+        with swapped(block, tunables):
             self.fit(list(tunables.values()), loss_of, units,
                      max(1, math.ceil(self.batch_size / _windows_per_unit(inputs))))
             new = {n: CompressedLinear.pack(t.tuned_state(), store_dtype).to(_device(packed[n][1]))
                    for n, t in tunables.items()}
-        finally:
-            for n in names:
-                set_submodule(block, n, packed[n][1])
         for n, mod in new.items():
             set_submodule(block, n, mod)
         after = _mean_loss(loss_of, units)

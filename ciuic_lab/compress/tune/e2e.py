@@ -60,7 +60,7 @@ from ciuic_lab.compress.tune.block import BlockTune
 from ciuic_lab.compress.tune.rounding import fake_quant
 from ciuic_lab.errors import ConfigError, check_positive_ints
 from ciuic_lab.errors import check as _check
-from ciuic_lab.models.adapters import adapter_for, set_submodule
+from ciuic_lab.models.adapters import adapter_for, swapped
 
 # float32 logits per chunk: 2^26 values (256 MB: 512 positions of a 128k vocabulary), with a few
 # same-sized temporaries (log-sum-exp, the bucket's masked copy, the gradient).
@@ -143,22 +143,19 @@ class E2ETune:
         before = self.kl(model, teacher)
         saved = _snapshot(packed, norms)
         was = {p: p.requires_grad for p in model.parameters()}
-        trainables = [(n, _Trainable(m)) for n, m in packed]
+        trainables = {n: _Trainable(m) for n, m in packed}
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for name, t in trainables:
-                set_submodule(model, name, t)
-            self._fit(model, teacher, [t for _, t in trainables], norms, progress)
-            with torch.no_grad():
-                for _, t in trainables:
-                    t.write_back()
+            with swapped(model, trainables):
+                self._fit(model, teacher, list(trainables.values()), norms, progress)
+                with torch.no_grad():
+                    for t in trainables.values():
+                        t.write_back()
         except BaseException:  # an interrupted fit leaves half-trained norms and buffers
             _restore(saved)
             raise
         finally:
-            for name, mod in packed:
-                set_submodule(model, name, mod)
             for p, flag in was.items():
                 p.requires_grad_(flag)
                 p.grad = None

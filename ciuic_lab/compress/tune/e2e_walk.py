@@ -55,7 +55,7 @@ from ciuic_lab.compress.tune.e2e import (
     _snapshot,
     _Trainable,
 )
-from ciuic_lab.models.adapters import set_submodule
+from ciuic_lab.models.adapters import swapped
 
 
 @torch.no_grad()
@@ -236,25 +236,24 @@ def _installed(block: nn.Module, trained: _Trained, device: torch.device, grad: 
         p.requires_grad_(False)
     saved = []
     try:
+        trainables = {}
         for name, mod in packed:
-            t = _Trainable(mod)
+            t = trainables[name] = _Trainable(mod)
             for pn, p in trained.layers[name].items():
                 setattr(t, pn, p)
-            set_submodule(block, name, t)
-        for name, m in _norm_modules(block):
-            saved.append((m.weight, m.weight.data))
-            m.weight.data = trained.norms[name].detach().to(m.weight.dtype, copy=True)
-            m.weight.requires_grad_(grad)
-        yield
-        if grad:
+        with swapped(block, trainables):
             for name, m in _norm_modules(block):
-                if m.weight.grad is not None:
-                    trained.norms[name].grad = m.weight.grad.float()
+                saved.append((m.weight, m.weight.data))
+                m.weight.data = trained.norms[name].detach().to(m.weight.dtype, copy=True)
+                m.weight.requires_grad_(grad)
+            yield
+            if grad:
+                for name, m in _norm_modules(block):
+                    if m.weight.grad is not None:
+                        trained.norms[name].grad = m.weight.grad.float()
     finally:
         for w, data in saved:
             w.data, w.grad = data, None
-        for name, mod in packed:
-            set_submodule(block, name, mod)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         trained.to(torch.device("cpu"))
