@@ -17,6 +17,8 @@ Per width (symmetric grid, groups of --group, so every row stores the same bits/
                            sensitivity averaging 4 bits per kept value, 2 % residual rank) at its
                            own budget (about 3.3 bits/param: its bits column reads "mix"), then
                            with the same tuning; set beside the 3-bit rows it should beat
+    recipe-serve           the recipe with quant.kernel_widths=true quant.fuse_siblings=true:
+                           what serving constraints cost it
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -54,7 +56,9 @@ def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int
     model, tok = load(model_name, device="cpu")
     overrides = [f"model.name_or_path={model_name}", f"data.calib_samples={calib[0]}",
                  f"data.calib_seqlen={calib[1]}"]
-    if quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
+    if quant == "recipe-serve":  # the recipe under the serving constraints (quant.* knobs)
+        overrides += ["quant.kernel_widths=true", "quant.fuse_siblings=true"]
+    elif quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
         overrides += ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}",
                       f"quant.bits={bits}", f"quant.group_size={group}", "quant.sym=true"]
     if tune == "full":  # block tuning, then distillation of scales and norms (tune=e2e)
@@ -163,6 +167,9 @@ def main() -> None:
                      "gptq+full@rtn": "lab gptq + tune=full from rtn",
                      "recipe": "lab recipe ciuic",
                      "recipe+full@rtn": "lab recipe ciuic + tune=full",
+                     "recipe-serve": "lab recipe ciuic, kernel widths + fused siblings",
+                     "recipe-serve+full@rtn": "lab recipe ciuic, kernel widths + fused "
+                                              "siblings + tune=full",
                      "autoround": "AutoRound 0.16.1"}[name]
             shown = "mix" if name.startswith("recipe") else bits
             line = (f"| {label} | {shown} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
