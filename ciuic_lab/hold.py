@@ -93,8 +93,7 @@ class Held:
 
             path = save(model, Path(out_dir) / "compressed", tokenizer=self.tokenizer,
                         run_config=to_container(cfg))
-        provider = Resident(model, device)
-        return Compressed(model, (lambda: provider) if walk else None,
+        return Compressed(model, (lambda: Resident(model, device)) if walk else None,
                           "eval.stream=true" if walk else None, stored_bytes(model), path)
 
 

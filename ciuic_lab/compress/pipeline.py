@@ -12,8 +12,9 @@
 
 Re-running the compressed block (GPTQ, arXiv 2210.17323, §4) makes every later layer calibrate on
 the activations it will really see, errors of earlier layers included. Where a block's weights
-come from and where its compressed form goes is the provider's and the sink's business
-(compress/blocks.py): the walk holds one block, one chunk of experts and the activations.
+come from and where its compressed form goes is the provider's (compress/blocks.py) and the
+sink's (`InPlace`, `ToCheckpoint` below) business, both picked once per run (ciuic_lab/hold.py):
+the walk holds one block, one chunk of experts and the activations.
 
 Several processes (torchrun; ciuic_lab/dist.py): every walk splits each block's calibration
 batches, layers and routed experts among the ranks (compress/walk_dist.py) and ends with the
