@@ -117,6 +117,8 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
         raise ConfigError(f"compress.stream: {cfg.model.name_or_path} is built in memory and has "
                           "no checkpoint to stream from; save it (save_pretrained) and stream that "
                           "directory")
+    if cfg.compress.stream and not methods:
+        raise ConfigError("compress.stream: every stage is none, there is nothing to stream")
     if cfg.compress.activations not in ("auto", "device", "host", "disk"):
         raise ConfigError(f"compress.activations: must be auto, device, host or disk, got "
                           f"{cfg.compress.activations!r}")

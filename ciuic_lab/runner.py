@@ -18,20 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ciuic_lab import dist
-from ciuic_lab.compress.pipeline import (
-    CompressionReport,
-    compress_model,
-    compress_streamed,
-    dense_report,
-    profile,
-)
+from ciuic_lab.compress.pipeline import CompressionReport, compress, dense_report, profile
 from ciuic_lab.compress.tune.e2e import split_tune
-from ciuic_lab.config import build_tune, rotations_on, to_container, validate
+from ciuic_lab.config import build_tune, validate
 from ciuic_lab.errors import ConfigError
-from ciuic_lab.eval.memory import PeakMemory, stored_bytes
+from ciuic_lab.eval.memory import PeakMemory
+from ciuic_lab.hold import Compressed, Held, hold
 
 log = logging.getLogger("ciuic_lab")
 
@@ -59,14 +54,28 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     """`metrics`, if given, is filled as measurements arrive, so a caller that records a failure
     keeps everything measured before it.
 
-    Three ways to hold the model (`compress.stream`, `compress.offload`):
-      memory   the model on the device (the default)
-      offload  the model in host memory, one block at a time on the device
-      stream   never the whole model: a meta skeleton, blocks read from the checkpoint's shards
-               and the compressed blocks written to `<out_dir>/compressed` as they finish
-    The dense baseline is measured in every mode (block by block when the model is not resident).
+    How the model is held (`compress.stream`, `compress.offload`, else whole on the device) is
+    chosen once, by `hold` (ciuic_lab/hold.py); what follows reads its provider and sink and never
+    asks which. The dense baseline is measured in every mode (block by block when the model is not
+    resident).
     """
-    from ciuic_lab.models.loader import load, load_tokenizer, pick_device, pick_dtype, skeleton
+    metrics = {} if metrics is None else metrics
+    cfg, methods, device, world, held = load(cfg, model, tokenizer, out_dir, evaluate)
+    notes = held.notes
+    metrics["mem/weight_bytes_dense"] = held.dense_bytes
+    suite = evaluate_dense(cfg, held, metrics, notes) if evaluate else None
+    held.rotate(cfg, metrics, notes)
+    report = compress_held(cfg, held, methods, device, world, metrics)
+    done = held.compressed(cfg, device, out_dir, world, metrics)
+    generations = evaluate_compressed(cfg, suite, held, done, report, out_dir, world, metrics,
+                                      notes)
+    return finish(held, done, report, world, metrics, generations, notes)
+
+
+def load(cfg: DictConfig, model, tokenizer, out_dir, evaluate: bool):
+    """Config checks (no weights read), the processes, then the model as `hold` picks, and the
+    shape checks: (cfg, methods, device, world, held)."""
+    from ciuic_lab.models.loader import pick_device, pick_dtype
 
     if cfg.compress.stream and model is not None:
         raise ConfigError("compress.stream: a streamed run reads the checkpoint itself; pass a "
@@ -79,199 +88,124 @@ def run(cfg: DictConfig, *, model=None, tokenizer=None, out_dir: str | Path | No
     world = dist.init(cfg.compress.distributed, device)
     device = dist.local_device(device)
     if world.on and not world.main and cfg.progress:
-        from omegaconf import OmegaConf
-
         cfg = OmegaConf.merge(cfg, {"progress": False})  # one set of progress bars: rank 0's
     dtype = pick_dtype(cfg.model.dtype, device)
-    stream = bool(cfg.compress.stream)
-    offload = bool(cfg.compress.offload) and device.type != "cpu"
-    notes: list[str] = []
-    # eval.stream=true on a model held in memory: walk it block by block all the same (as a model
-    # too large for the device would be), rather than ignore the setting.
-    walk_eval = evaluate and not stream and cfg.eval.stream is True
-    if walk_eval:
-        notes.append("eval.stream=true: the dense and compressed models were evaluated block by "
-                     "block from memory (Resident), not as whole models")
     m = cfg.model
     if m.get("gguf_file") and model is None:
-        from omegaconf import OmegaConf
-
         from ciuic_lab.models.fetch import convert_cached
 
         # A GGUF is converted once into the cache; from then on the run reads that directory.
         converted = convert_cached(m.name_or_path, m.gguf_file, revision=m.revision)
         cfg = OmegaConf.merge(cfg, {"model": {"name_or_path": str(converted), "gguf_file": None}})
-        m = cfg.model
-    source = None
-    if stream:
-        from ciuic_lab.models.source import CheckpointSource
-
-        source = CheckpointSource.open(m.name_or_path, m.revision)  # every shard checked first
-        model = skeleton(m.name_or_path, dtype, m.trust_remote_code, m.revision)
-        tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
-    elif model is None:
-        model, tokenizer = load(m.name_or_path, dtype=dtype, device="cpu" if offload else str(device),
-                                trust_remote_code=m.trust_remote_code,
-                                experts_implementation=m.experts_implementation,
-                                seed=int(cfg.seed), revision=m.revision)
-    profiles = profile(model)
+    held = hold(cfg, device, dtype, model=model, tokenizer=tokenizer, out_dir=out_dir,
+                evaluate=evaluate)
+    profiles = profile(held.model)
     for method in methods:  # shape errors now: before the dense baseline and calibration
         method.check_shapes(profiles)
+    return cfg, methods, device, world, held
 
-    metrics = {} if metrics is None else metrics
-    metrics["mem/weight_bytes_dense"] = stored_bytes(model)
-    dense_params = sum(p.numel() for p in model.parameters())
-    suite = None
-    if evaluate:
-        from ciuic_lab.eval.suite import Suite
 
-        suite = Suite(cfg, tokenizer, model.config)
-        metrics.update(suite.header())
-        if stream:
-            from ciuic_lab.compress.blocks import Streamed
+def evaluate_dense(cfg: DictConfig, held: Held, metrics: dict, notes: list[str]):
+    """The dense baseline, on the model as published: whole, or walked through the provider."""
+    from ciuic_lab.eval.suite import Suite
 
-            dense = Streamed(skeleton(m.name_or_path, dtype, m.trust_remote_code, m.revision),
-                             source, device)
-            metrics.update(suite.run_streamed(dense, "dense", notes, "compress.stream=true"))
-            del dense
-        elif offload or walk_eval:
-            from ciuic_lab.compress.blocks import Resident
-
-            why = "eval.stream=true" if walk_eval else "compress.offload=true"
-            metrics.update(suite.run_streamed(Resident(model, device), "dense", notes, why))
-        else:
-            metrics.update(suite.run(model, "dense"))
-
-    transform = None
-    if rotations_on(cfg) and stream:  # applied to each part as it loads, inside the walks
-        from ciuic_lab.compress.rotate.streamed import StreamedRotation
-
-        r = cfg.rotate
-        transform = StreamedRotation(model.config, r.residual, bool(r.value_path), int(r.seed))
-        metrics["rotate/runtime_bytes"] = 0
-        notes.append("rotate: fused rotations applied to each block as it loads (their time is "
-                     "part of time/compress_s)")
-    elif rotations_on(cfg):  # after the dense baseline: it is measured on the model as published
-        from hydra.utils import instantiate
-
-        t0 = time.perf_counter()
-        info = instantiate(cfg.rotate)(model)
-        metrics["rotate/runtime_bytes"] = int(info["runtime_bytes"])
-        metrics["rotate/untied_head_bytes"] = int(info["untied_head_bytes"])
-        metrics["time/rotate_s"] = time.perf_counter() - t0
-
-    compressed_dir = None
-    if methods:
-        calib = calibration(tokenizer, cfg)
-        # the walk runs the block part; the e2e part distils the compressed model afterwards
-        # against the dense model's distributions, taken before the walk replaces its weights
-        block_tune, e2e = split_tune(build_tune(cfg))
-        knobs = {"batch_size": int(cfg.compress.batch_size), "progress": bool(cfg.progress),
-                 "min_expert_tokens": int(cfg.compress.min_expert_tokens),
-                 "expert_chunk": int(cfg.compress.expert_chunk),
-                 "activations": str(cfg.compress.activations), "tune": block_tune}
-        t0 = time.perf_counter()
-        with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
-            if e2e is not None:
-                t_teacher = time.perf_counter()
-                teacher = e2e.teacher(model, calib)
-                e2e_s = time.perf_counter() - t_teacher
-            if stream:
-                compressed_dir = _stream_dir(out_dir)
-                if world.on:  # rank 0 writes it, every rank reads it
-                    compressed_dir = Path(dist.broadcast_object(str(compressed_dir)))
-                report = compress_streamed(m.name_or_path, compressed_dir, calib, methods, device,
-                                           dtype, trust_remote_code=m.trust_remote_code,
-                                           revision=m.revision, source=source,
-                                           transform=transform, **knobs)
-            else:
-                report = compress_model(model, calib, methods, device=device, **knobs)
-            if e2e is not None:
-                info = e2e.run(model, teacher, progress=bool(cfg.progress))
-                del teacher
-                e2e_s += info["seconds"]
-                metrics["tune/e2e_kl_before"] = info["kl_before"]
-                metrics["tune/e2e_kl_after"] = info["kl_after"]
-                metrics["tune/e2e_kept"] = int(info["kept"])
-        metrics["time/compress_s"] = time.perf_counter() - t0
-        metrics["time/profile_s"] = report.profile_seconds
-        if block_tune is not None or e2e is not None:
-            metrics["time/tune_s"] = report.tune_seconds + (e2e_s if e2e is not None else 0.0)
-            _tune_metrics(report, metrics)
-        metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
-        metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes
-        metrics["calib/tokens"] = int(calib.numel())
-        if world.on:  # each rank's own peaks and time: the balance of the split, and its cost
-            mine = (dev_peak.peak_bytes, host_peak.peak_bytes, metrics["time/compress_s"])
-            for r, (dev_b, host_b, secs) in enumerate(dist.gather_objects(mine)):
-                metrics[f"dist/rank{r}/compress_peak_device_bytes"] = dev_b
-                metrics[f"dist/rank{r}/compress_peak_host_bytes"] = host_b
-                metrics[f"dist/rank{r}/compress_s"] = secs
+    suite = Suite(cfg, held.tokenizer, held.model.config)
+    metrics.update(suite.header())
+    if held.walk_why is not None:
+        metrics.update(suite.run_streamed(held.provider, "dense", notes, held.walk_why))
     else:
-        if stream:
-            raise ConfigError("compress.stream: every stage is none, there is nothing to stream")
-        report = dense_report(model)  # nothing to compress: no calibration, no walk
+        metrics.update(suite.run(held.model, "dense"))
+    return suite
+
+
+def compress_held(cfg: DictConfig, held: Held, methods: list, device: torch.device, world,
+                  metrics: dict) -> CompressionReport:
+    """Calibrate, walk the provider's blocks into the sink (block tuning inside the walk), then
+    distil end to end (`tune=e2e`, resident models only); the time and peak memory of it all."""
+    if not methods:
         metrics["time/compress_s"] = 0.0
+        return dense_report(held.model)  # nothing to compress: no calibration, no walk
+    calib = calibration(held.tokenizer, cfg)
+    # the walk runs the block part; the e2e part distils the compressed model afterwards
+    # against the dense model's distributions, taken before the walk replaces its weights
+    block_tune, e2e = split_tune(build_tune(cfg))
+    c = cfg.compress
+    knobs = {"batch_size": int(c.batch_size), "progress": bool(cfg.progress),
+             "min_expert_tokens": int(c.min_expert_tokens), "expert_chunk": int(c.expert_chunk),
+             "activations": str(c.activations), "tune": block_tune}
+    t0 = time.perf_counter()
+    with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
+        if e2e is not None:
+            t_teacher = time.perf_counter()
+            teacher = e2e.teacher(held.model, calib)
+            e2e_s = time.perf_counter() - t_teacher
+        report = compress(held.provider, calib, methods, held.sink, **knobs)
+        if e2e is not None:
+            info = e2e.run(held.model, teacher, progress=bool(cfg.progress))
+            del teacher
+            e2e_s += info["seconds"]
+            metrics["tune/e2e_kl_before"] = info["kl_before"]
+            metrics["tune/e2e_kl_after"] = info["kl_after"]
+            metrics["tune/e2e_kept"] = int(info["kept"])
+    metrics["time/compress_s"] = time.perf_counter() - t0
+    metrics["time/profile_s"] = report.profile_seconds
+    if block_tune is not None or e2e is not None:
+        metrics["time/tune_s"] = report.tune_seconds + (e2e_s if e2e is not None else 0.0)
+        _tune_metrics(report, metrics)
+    metrics["mem/compress_peak_device_bytes"] = dev_peak.peak_bytes
+    metrics["mem/compress_peak_host_bytes"] = host_peak.peak_bytes
+    metrics["calib/tokens"] = int(calib.numel())
+    if world.on:  # each rank's own peaks and time: the balance of the split, and its cost
+        mine = (dev_peak.peak_bytes, host_peak.peak_bytes, metrics["time/compress_s"])
+        for r, (dev_b, host_b, secs) in enumerate(dist.gather_objects(mine)):
+            metrics[f"dist/rank{r}/compress_peak_device_bytes"] = dev_b
+            metrics[f"dist/rank{r}/compress_peak_host_bytes"] = host_b
+            metrics[f"dist/rank{r}/compress_s"] = secs
+    return report
 
-    if stream:
-        from ciuic_lab.compress.store import checkpoint
 
-        size = checkpoint.stored_bytes(compressed_dir)
-        if transform is not None:  # known once the walk has loaded (and untied) the ends
-            metrics["rotate/untied_head_bytes"] = transform.untied_head_bytes
-        resident = _fits(size, device) if cfg.eval.stream == "auto" else not cfg.eval.stream
-        if world.on:  # one decision for every rank: the two evaluations split differently
-            resident = dist.broadcast_object(resident)
-        if resident:
-            model = checkpoint.load(compressed_dir, device)
-        else:
-            model = None
-            if suite is not None:
-                why = ("eval.stream=true" if cfg.eval.stream is True
-                       else f"{size / 2**30:.1f} GiB does not fit {device}")
-                metrics.update(suite.run_streamed(checkpoint.Stored(compressed_dir, device),
-                                                  "compressed", notes, why))
-        weight_bytes = size
-    else:
-        if not walk_eval:  # its blocks visit the device one at a time
-            model.to(device)  # packed: fits where the dense model may not
-        if cfg.save and out_dir is not None and world.main:
-            from ciuic_lab.compress.store.checkpoint import save
-
-            compressed_dir = save(model, Path(out_dir) / "compressed", tokenizer=tokenizer,
-                                  run_config=to_container(cfg))
-        weight_bytes = stored_bytes(model)
-
-    if suite is not None and cfg.eval.serve_memory and world.main:
+def evaluate_compressed(cfg: DictConfig, suite, held: Held, done: Compressed,
+                        report: CompressionReport, out_dir, world, metrics: dict,
+                        notes: list[str]) -> list[dict]:
+    """Serving memory in a fresh process, then the compressed model's evaluation: whole (its
+    generations, and each layer's kernel in the table) or walked block by block."""
+    if suite is None:
+        return []
+    if done.model is None:  # held nowhere whole: the walk is all there is to measure
+        metrics.update(suite.run_streamed(done.walk(), "compressed", notes, done.why))
+    if cfg.eval.serve_memory and world.main:
         from ciuic_lab.eval.serve_memory import serving_memory
 
         # Before the compressed evaluation: it prepares kernels in place, and a prepared model
         # cannot be saved for the fresh process to load.
-        metrics.update(serving_memory(cfg, suite.windows, model, tokenizer, compressed_dir, notes,
-                                      out_dir, dense=not (stream or offload)))
+        metrics.update(serving_memory(cfg, suite.windows, done.model, held.tokenizer, done.path,
+                                      notes, out_dir, dense=held.on_device))
+    if done.model is None:
+        return []
+    if done.walk is not None:
+        metrics.update(suite.run_streamed(done.walk(), "compressed", notes, done.why))
+        return []
+    metrics.update(suite.run(done.model, "compressed"))
+    for row in report.layers:  # what each layer computes with once prepared
+        row["kernel"] = suite.kernels.get(row["name"], "reference")
+    return suite.generations()
 
-    generations: list[dict] = []
-    if suite is not None and walk_eval:
-        from ciuic_lab.compress.blocks import Resident
 
-        metrics.update(suite.run_streamed(Resident(model, device), "compressed", notes,
-                                          "eval.stream=true"))
-    elif suite is not None and model is not None:
-        metrics.update(suite.run(model, "compressed"))
-        generations = suite.generations()
-        for row in report.layers:  # what each layer computes with once prepared
-            row["kernel"] = suite.kernels.get(row["name"], "reference")
-    metrics.update(_sizes(report, weight_bytes, dense_params))
+def finish(held: Held, done: Compressed, report: CompressionReport, world, metrics: dict,
+           generations: list[dict], notes: list[str]) -> Outcome:
+    """Sizes, the distributed note, and the outcome; no rank leaves while another may still
+    need it."""
+    metrics.update(_sizes(report, done.weight_bytes, held.dense_params))
     metrics["dist/world_size"] = world.size
     if world.on:
         notes.append(f"distributed over {world.size} processes: calibration batches and "
                      "perplexity windows split among ranks, layers and routed experts divided "
                      "by cost (the per-layer table's `dist_rank` and `layer_s`); lm-eval, "
                      "generations, speed and serving memory measured by rank 0 alone")
-        dist.barrier()  # no rank leaves while another may still need it
+        dist.barrier()
     for note in notes:
         log.warning(note)
-    return Outcome(model, tokenizer, report, metrics, generations, notes)
+    return Outcome(done.model, held.tokenizer, report, metrics, generations, notes)
 
 
 def _tune_metrics(report: CompressionReport, metrics: dict) -> None:
@@ -282,26 +216,6 @@ def _tune_metrics(report: CompressionReport, metrics: dict) -> None:
         metrics["tune/loss_ratio"] = sum(ratios) / len(ratios)
         metrics["tune/units_kept"] = sum(bool(u["kept"]) for u in report.tuned)
         metrics["tune/units"] = len(report.tuned)
-
-
-def _stream_dir(out_dir) -> Path:
-    """Where a streamed run writes its compressed model: <out_dir>/compressed, or a temporary
-    directory (kept: it is the run's result) when there is no run directory."""
-    if out_dir is not None:
-        return Path(out_dir) / "compressed"
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="ciuic_compressed_"))
-
-
-def _fits(nbytes: int, device: torch.device) -> bool:
-    """Whether a model of `nbytes` weights can be evaluated resident on `device` (with room for
-    activations: a fifth more on a GPU, half more on the host)."""
-    if device.type == "cuda":
-        return nbytes * 1.2 < torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return nbytes * 1.5 < psutil.virtual_memory().available
 
 
 def _sizes(report: CompressionReport, weight_bytes: int, dense_params: int) -> dict:

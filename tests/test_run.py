@@ -151,7 +151,7 @@ def test_out_of_memory_is_recorded_with_what_to_change(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(runner, "compress_model", oom)
+    monkeypatch.setattr(runner, "compress", oom)
     cfg = compose([*QUICK, "tracker=none", "eval.dense_baseline=false",
                    "eval.generate.enabled=false"])
     with open_dict(cfg):

@@ -9,12 +9,13 @@ Every walk (profile, compress, streamed evaluation) visits decoder blocks one at
         inputs = run(block, inputs.at(i))         # its outputs feed block i+1
         provider.release(i, block)
 
-Providers:
-    Resident   the model is in memory (on the device, or on the host with `offload`): a block
-               moves to the device and back.
+Providers (`BlockProvider`), one chosen per run (ciuic_lab/hold.py) so no walk asks which:
+    Resident   the model is in memory on the device: a block is already where it computes.
+    Offloaded  the model is in host memory: a block visits the device for its turn and goes back.
     Streamed   only a skeleton exists (meta tensors); each block's tensors are read from the
                safetensors shards when the walk reaches it (FP8 dequantised on the device) and
                dropped after. Embeddings, rotary tables, final norm and head load once.
+    Stored     a compressed checkpoint (compress/checkpoint.py), one packed block at a time.
 
 Routed experts never need their whole layer at once: a fused experts module is replaced, during
 a block's forward, by a recorder that keeps the MoE layer's inputs and routing (`MoECalls`); the
@@ -32,9 +33,10 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -72,6 +74,17 @@ def return_freed_memory(fix_threshold: bool = False) -> None:
         pass
 
 
+def fits(nbytes: int, device: torch.device, headroom: float) -> bool:
+    """The one memory rule: whether `nbytes`, `headroom` times over, fit in what `device` has free
+    now (a GPU's free memory; else the host's available memory). Callers pick the headroom for
+    what grows beside the bytes (activations, a forward's temporaries)."""
+    if torch.device(device).type == "cuda":
+        return nbytes * headroom < torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return nbytes * headroom < psutil.virtual_memory().available
+
+
 # ---------------------------------------------------------------- activations
 
 
@@ -99,11 +112,9 @@ class Activations:
             return self.where
         if self.device.type == "cpu":
             return "device" if self.allow_host else "disk"
-        if total_bytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]:
+        if fits(total_bytes, self.device, 2):  # half the free memory: the block computes there too
             return "device"
-        import psutil
-
-        host_ok = self.allow_host and total_bytes < 0.5 * psutil.virtual_memory().available
+        host_ok = self.allow_host and fits(total_bytes, torch.device("cpu"), 2)
         return "host" if host_ok else "disk"
 
     def fill(self, tensors: list[torch.Tensor]) -> Activations:
@@ -253,9 +264,38 @@ def in_memory_experts(module: nn.Module, device: torch.device) -> ExpertWeights:
     return ExpertWeights(module.gate_up_proj.shape[0], fetch, module.act_fn)
 
 
+class BlockProvider(Protocol):
+    """What every walk (profile, Fisher, compress, streamed evaluation, tuning) reads a model
+    through, block by block, whatever holds it. A walk holds at most one block, one chunk of its
+    routed experts and the activations: never the whole model, never every block's statistics
+    (DeepSeek-V3: 61 blocks × 256 experts)."""
+
+    model: nn.Module  # the model, or a skeleton whose blocks are meta until loaded
+    device: torch.device  # where a loaded block computes
+    adapter: DecoderAdapter
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> nn.Module:
+        """Block i with its weights on `device` (routed experts may stay behind: `experts`)."""
+
+    def release(self, i: int, block: nn.Module) -> None:
+        """Block i is done with (dense, or compressed in place): back where it lives, or gone."""
+
+    def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
+        """Block i's fused experts module `owner`, a chunk of experts at a time."""
+
+    def pre_on_device(self) -> AbstractContextManager:
+        """Context: the modules before block 0 (embeddings, rotary tables) on `device`."""
+
+    def post(self) -> list[nn.Module]:
+        """The modules after the last block (final norm, head), in order, on `device`."""
+
+
 @dataclass
 class Resident:
-    """The whole model in memory on `home`; each block visits `device` for its turn."""
+    """The whole model in memory on `home`; each block visits `device` for its turn (a no-op
+    when the model lives there)."""
 
     model: nn.Module
     device: torch.device
@@ -294,6 +334,11 @@ class Resident:
         return [m for _, m in self.adapter.post_blocks(self.model)]
 
 
+class Offloaded(Resident):
+    """The whole model in host memory, one block at a time on the device (`compress.offload`): the
+    device holds one block and the activations, the host the model."""
+
+
 class _Moved:
     def __init__(self, mods, device, home):
         self.mods, self.device, self.home = mods, device, home
@@ -321,7 +366,7 @@ class Streamed:
 
     def __init__(self, skeleton: nn.Module, source, device: torch.device, transform=None):
         return_freed_memory(fix_threshold=True)
-        self.model, self.source, self.transform = skeleton, source, transform
+        self.model, self.source, self.transform = skeleton, source, None
         self.device = torch.device(device)
         self.adapter = adapter_for(skeleton)
         self.tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
@@ -331,10 +376,16 @@ class Streamed:
         if self.tied:
             skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
         if transform is not None:
-            transform.ends(skeleton)
+            self.transform_with(transform)
 
     def __len__(self) -> int:
         return len(self.adapter.blocks(self.model))
+
+    def transform_with(self, transform) -> None:
+        """Edit weights with `transform` from now on (the dense baseline is walked before: it is
+        measured on the model as published)."""
+        self.transform = transform
+        transform.ends(self.model)
 
     def _materialize(self, module: nn.Module, prefix: str, skip_experts: bool) -> None:
         """Replace the module's meta tensors by the checkpoint's (routed experts excepted when

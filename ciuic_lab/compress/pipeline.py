@@ -12,8 +12,9 @@
 
 Re-running the compressed block (GPTQ, arXiv 2210.17323, §4) makes every later layer calibrate on
 the activations it will really see, errors of earlier layers included. Where a block's weights
-come from and where its compressed form goes is the provider's and the sink's business
-(compress/blocks.py): the walk holds one block, one chunk of experts and the activations.
+come from and where its compressed form goes is the provider's (compress/blocks.py) and the
+sink's (`InPlace`, `ToCheckpoint` below) business, both picked once per run (ciuic_lab/hold.py):
+the walk holds one block, one chunk of experts and the activations.
 
 Several processes (torchrun; ciuic_lab/dist.py): every walk splits each block's calibration
 batches, layers and routed experts among the ranks (compress/walk_dist.py) and ends with the
@@ -29,6 +30,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +44,11 @@ from ciuic_lab.compress.base import Method
 from ciuic_lab.compress.blocks import (
     Activations,
     BlockInputs,
+    BlockProvider,
     MoECall,
+    Offloaded,
     Resident,
+    Streamed,
     add_routed,
     capture,
     dense_forward,
@@ -460,11 +466,12 @@ class _Compressor:
 def compress_walk(provider, windows: torch.Tensor, methods: list[Method], allocations: dict,
                   report: CompressionReport, batch_size: int = 1, min_expert_tokens: int = 16,
                   expert_chunk: int = 8, progress: bool = True, activations: str = "auto",
-                  sink: Callable[[int, nn.Module], None] | None = None, tune=None) -> None:
-    """Compress every block of `provider` in order; `sink(i, block)` takes each finished block
-    (default: the provider keeps it). `tune` (a `tune.block.BlockTune`): after each block's
-    stages, tune its packed layers against the dense block's output (which needs the dense
-    path's activations beside the compressed path's)."""
+                  sink: Sink | None = None, tune=None) -> None:
+    """Compress every block of `provider` in order; `sink.put(i, block)` takes each finished
+    block (default: `InPlace`, the provider keeps it). `tune` (a `tune.block.BlockTune`): after
+    each block's stages, tune its packed layers against the dense block's output (which needs the
+    dense path's activations beside the compressed path's)."""
+    sink = sink or InPlace(provider)
     ad = provider.adapter
     want_hessian = any("hessian" in m.needs for m in methods)
     w = dist.world()
@@ -532,7 +539,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
         del stats, rec, packed
         # Feed the next block with what the compressed block really outputs.
         inputs.hidden.replace(run_block(block, here))
-        (sink or provider.release)(i, block)
+        sink.put(i, block)
         seconds = time.perf_counter() - t0
         report.layers[first_row:] = sorted(report.layers[first_row:], key=lambda r: order[r["name"]])
         for row in report.layers[first_row:]:
@@ -595,6 +602,88 @@ def _tuned_rows(rows: list[dict], tuned: dict, packed: dict, prefix: str) -> Non
             row["bytes"] = mod.nbytes()
 
 
+# ---------------------------------------------------------------- where compressed blocks go
+
+
+class Sink(Protocol):
+    """Where the compress walk puts each finished block, so the walk never asks how the model is
+    held. A context: a write that fails leaves nothing half-made behind."""
+
+    path: Path | None  # the compressed checkpoint, once finished (None: none is written)
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def put(self, i: int, block: nn.Module) -> None:
+        """Block i, compressed: the walk is done with it."""
+
+    def finish(self) -> None:
+        """Every block is in: complete the result."""
+
+
+class InPlace:
+    """The compressed layers stay installed in the model the provider holds (memory, offload):
+    the model is the result."""
+
+    path = None
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def put(self, i: int, block: nn.Module) -> None:
+        self.provider.release(i, block)
+
+    def finish(self) -> None:
+        pass
+
+
+class ToCheckpoint:
+    """Each compressed block written as its own shard the moment it is finished, then dropped
+    (compress.stream): host memory holds one packed block whatever the depth, and the model is
+    never whole anywhere. `path`, or a function giving it (resolved when the write starts, so a
+    run that fails before writes nothing). Rank 0 writes; the other ranks walk the same blocks
+    and wait until the checkpoint is complete, after which every rank may read it."""
+
+    def __init__(self, provider, path: Path | str | Callable[[], Path], dtype: torch.dtype):
+        self.provider, self._where, self.dtype = provider, path, dtype
+        self.path: Path | None = None
+        self.writer = None
+
+    def __enter__(self) -> Self:
+        from ciuic_lab.compress.store.checkpoint import CheckpointWriter
+
+        self.path = Path(self._where() if callable(self._where) else self._where)
+        if dist.world().main:
+            self.writer = CheckpointWriter(self.path, self.provider.model.config, self.dtype)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(*exc)
+
+    def put(self, i: int, block: nn.Module) -> None:
+        from ciuic_lab.compress.store.checkpoint import block_shard
+
+        if self.writer is not None:
+            self.writer.add(block_shard(i), block, self.provider.adapter.block_name(i))
+        self.provider.release(i, block)
+
+    def finish(self) -> None:
+        from ciuic_lab.compress.store.checkpoint import REST, outside_blocks
+
+        if self.writer is not None:
+            self.writer.add_tensors(REST, outside_blocks(self.provider.model))
+            self.writer.finish()
+        dist.barrier()  # rank 0 has written it: it can be read from here on
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -623,74 +712,68 @@ def plan(provider, windows: torch.Tensor, methods: list[Method], batch_size: int
 
 
 @torch.no_grad()
-def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method],
-                   batch_size: int = 1, progress: bool = True, min_expert_tokens: int = 16,
-                   device: str | torch.device | None = None, expert_chunk: int = 8,
-                   activations: str = "auto", tune=None) -> CompressionReport:
-    """Compress an in-memory `model` in place with `methods` (in order), calibrating on `windows`
-    (n, seqlen). Layers become packed layers; fused routed experts become CompressedExperts.
+def compress(provider: BlockProvider, windows: torch.Tensor, methods: list[Method], sink: Sink,
+             batch_size: int = 1, progress: bool = True, min_expert_tokens: int = 16,
+             expert_chunk: int = 8, activations: str = "auto", tune=None) -> CompressionReport:
+    """The one entry: compress `provider`'s model with `methods` (in order), calibrating on
+    `windows` (n, seqlen), each finished block handed to `sink`. Layers become packed layers;
+    fused routed experts become CompressedExperts.
 
     Routed experts calibrate on the tokens their router sends them; one with fewer than
     `min_expert_tokens` falls back to every token entering its MoE layer (the report marks it
     `fallback` and records its own token count, `calib_tokens`).
-    `device`: where blocks are compressed. If it differs from where the model lives (the model on
-    CPU, device="cuda"), the walk is layer-by-layer: one block at a time moves to `device` and
-    goes back compressed, so the device holds about one block plus activations.
+
+    Memory is the provider's and the sink's: a walk holds one block, one chunk of `expert_chunk`
+    routed experts, one block's statistics and the calibration activations; the profile walk
+    (when a policy needs it) reads every block once more.
     """
     t0 = time.perf_counter()
-    home = next(model.parameters()).device
-    provider = Resident(model, torch.device(device) if device is not None else home)
     report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
                   progress, activations)
-    compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                  min_expert_tokens, expert_chunk, progress, activations, tune=tune)
+    with sink:
+        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
+                      min_expert_tokens, expert_chunk, progress, activations, sink, tune)
+        sink.finish()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-@torch.no_grad()
+def compress_model(model: nn.Module, windows: torch.Tensor, methods: list[Method],
+                   batch_size: int = 1, progress: bool = True, min_expert_tokens: int = 16,
+                   device: str | torch.device | None = None, expert_chunk: int = 8,
+                   activations: str = "auto", tune=None) -> CompressionReport:
+    """`compress` of an in-memory `model`, in place (tests, scripts). `device`: where blocks are
+    compressed; if it differs from where the model lives (the model on CPU, device="cuda"), one
+    block at a time moves to `device` and goes back compressed (`Offloaded`)."""
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    provider = (Resident if device == home else Offloaded)(model, device)
+    return compress(provider, windows, methods, InPlace(provider), batch_size, progress,
+                    min_expert_tokens, expert_chunk, activations, tune)
+
+
 def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods: list[Method],
                       device: torch.device, dtype: torch.dtype, batch_size: int = 1,
                       progress: bool = True, min_expert_tokens: int = 16, expert_chunk: int = 8,
                       activations: str = "auto", trust_remote_code: bool = False,
                       revision: str | None = None, source=None,
                       transform=None, tune=None) -> CompressionReport:
-    """Compress a checkpoint that never has to fit in memory: blocks are read from its shards
-    (FP8 dequantised on `device`), compressed, written to `out_dir` as they finish, and dropped.
-    `transform` edits the weights as they load (`rotate.StreamedRotation`; see `Streamed`).
+    """`compress` of a checkpoint that never has to fit in memory (tests, scripts): `Streamed`
+    blocks read from its shards (FP8 dequantised on `device`), written `ToCheckpoint(out_dir)` as
+    they finish. `transform` edits the weights as they load (`rotate.StreamedRotation`)."""
+    provider = streamed(name_or_path, device, dtype, trust_remote_code, revision, source,
+                        transform)
+    return compress(provider, windows, methods, ToCheckpoint(provider, out_dir, dtype),
+                    batch_size, progress, min_expert_tokens, expert_chunk, activations, tune)
 
-    Host memory holds about one dense block, its packed result and the activations, whatever the
-    depth; the profile walk (when a policy needs it) reads every block once more.
-    """
-    from ciuic_lab.compress.blocks import Streamed
-    from ciuic_lab.compress.store.checkpoint import (REST, CheckpointWriter, block_shard,
-                                                     outside_blocks)
+
+def streamed(name_or_path: str, device: torch.device, dtype: torch.dtype,
+             trust_remote_code: bool = False, revision: str | None = None, source=None,
+             transform=None) -> Streamed:
+    """A `Streamed` provider over a checkpoint: its skeleton, its shards (every one checked)."""
     from ciuic_lab.models.loader import skeleton
     from ciuic_lab.models.source import CheckpointSource
 
-    t0 = time.perf_counter()
     source = source or CheckpointSource.open(name_or_path, revision)
-    model = skeleton(name_or_path, dtype, trust_remote_code, revision)
-    provider = Streamed(model, source, device, transform)
-    report = plan(provider, windows, methods, batch_size, expert_chunk, min_expert_tokens,
-                  progress, activations)
-    ad = provider.adapter
-    if not dist.world().main:  # rank 0 writes the checkpoint; every rank holds the same blocks
-        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                      min_expert_tokens, expert_chunk, progress, activations, None, tune)
-        dist.barrier()  # rank 0 has written it: it can be read from here on
-        report.seconds = time.perf_counter() - t0
-        return report
-    with CheckpointWriter(out_dir, model.config, dtype) as writer:
-
-        def sink(i: int, block: nn.Module) -> None:
-            writer.add(block_shard(i), block, ad.block_name(i))
-            provider.release(i, block)
-
-        compress_walk(provider, windows, methods, report.allocations, report, batch_size,
-                      min_expert_tokens, expert_chunk, progress, activations, sink, tune)
-        writer.add_tensors(REST, outside_blocks(model))
-        writer.finish()
-    dist.barrier()
-    report.seconds = time.perf_counter() - t0
-    return report
+    return Streamed(skeleton(name_or_path, dtype, trust_remote_code, revision), source, device,
+                    transform)
