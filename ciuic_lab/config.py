@@ -88,7 +88,6 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     tune = build_tune(cfg)
     if tune is not None and not methods:
         raise ConfigError("tune: there is nothing to tune when every stage is none")
-    _check_e2e(cfg, tune)
     gguf = cfg.model.get("gguf_file")
     if model_config is None:
         resolve(cfg.model.name_or_path, gguf)
@@ -135,22 +134,6 @@ def validate(cfg: DictConfig, model_config=None) -> list[Method]:
     if cfg.tracker.mode not in ("online", "offline", "disabled", "auto"):
         raise ConfigError(f"tracker.mode: must be online, offline, disabled or auto; got {cfg.tracker.mode!r}")
     return methods
-
-
-def _check_e2e(cfg: DictConfig, tune) -> None:
-    """Distillation trains the whole compressed model at once; one that is not resident would
-    need block-by-block forward and backward with the inputs on disk, which is not built."""
-    from ciuic_lab.compress.tune.e2e import split_tune
-
-    if split_tune(tune)[1] is None:
-        return
-    for key in ("stream", "offload"):
-        if cfg.compress[key]:
-            raise ConfigError(f"compress.{key}: end-to-end tuning (tune=e2e, tune=full) "
-                              "distils the whole compressed model at once and needs it resident; "
-                              "a model that is not would need block-by-block forward and "
-                              "backward with its inputs on disk (not built yet); use "
-                              f"compress.{key}=false or tune=block")
 
 
 def _check_distributed(cfg: DictConfig, tune) -> None:

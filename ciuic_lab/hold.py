@@ -80,6 +80,24 @@ class Held:
         metrics["rotate/untied_head_bytes"] = int(info["untied_head_bytes"])
         metrics["time/rotate_s"] = time.perf_counter() - t0
 
+    def teacher(self, e2e, windows: torch.Tensor, expert_chunk: int):
+        """`tune=e2e`'s teacher from the dense model: by one forward of the whole model when it
+        is on the device, else walked block by block through the provider (e2e_walk.py)."""
+        if self.on_device:
+            return e2e.teacher(self.model, windows)
+        from ciuic_lab.compress.tune import e2e_walk
+
+        return e2e_walk.teacher(e2e, self.provider, windows, expert_chunk)
+
+    def distil(self, e2e, teacher, progress: bool) -> dict:
+        """`tune=e2e` on the compressed model: whole when it is on the device, else walked block
+        by block through the provider, which writes the result in place."""
+        if self.on_device:
+            return e2e.run(self.model, teacher, progress=progress)
+        from ciuic_lab.compress.tune import e2e_walk
+
+        return e2e_walk.run(e2e, self.provider, teacher, progress)
+
     def compressed(self, cfg: DictConfig, device: torch.device, out_dir, world,
                    metrics: dict) -> Compressed:
         """The model compressed in place: on the device (packed, it fits where the dense model
@@ -115,6 +133,14 @@ class HeldStreamed(Held):
         metrics["rotate/runtime_bytes"] = 0
         notes.append("rotate: fused rotations applied to each block as it loads (their time is "
                      "part of time/compress_s)")
+
+    def distil(self, e2e, teacher, progress: bool) -> dict:
+        """`tune=e2e` on the written checkpoint, a packed block at a time; the distilled
+        checkpoint replaces it (written beside, swapped in) only if its KL is lower."""
+        from ciuic_lab.compress.store.checkpoint import Stored
+        from ciuic_lab.compress.tune import e2e_walk
+
+        return e2e_walk.run(e2e, Stored(self.sink.path, self.provider.device), teacher, progress)
 
     def compressed(self, cfg: DictConfig, device: torch.device, out_dir, world,
                    metrics: dict) -> Compressed:

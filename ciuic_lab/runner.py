@@ -121,7 +121,8 @@ def evaluate_dense(cfg: DictConfig, held: Held, metrics: dict, notes: list[str])
 def compress_held(cfg: DictConfig, held: Held, methods: list, device: torch.device, world,
                   metrics: dict) -> CompressionReport:
     """Calibrate, walk the provider's blocks into the sink (block tuning inside the walk), then
-    distil end to end (`tune=e2e`, resident models only); the time and peak memory of it all."""
+    distil end to end (`tune=e2e`: whole, or block by block); the time and peak memory of it
+    all."""
     if not methods:
         metrics["time/compress_s"] = 0.0
         return dense_report(held.model)  # nothing to compress: no calibration, no walk
@@ -137,11 +138,11 @@ def compress_held(cfg: DictConfig, held: Held, methods: list, device: torch.devi
     with PeakMemory(device) as dev_peak, PeakMemory("cpu") as host_peak:
         if e2e is not None:
             t_teacher = time.perf_counter()
-            teacher = e2e.teacher(held.model, calib)
+            teacher = held.teacher(e2e, calib, int(c.expert_chunk))
             e2e_s = time.perf_counter() - t_teacher
         report = compress(held.provider, calib, methods, held.sink, **knobs)
         if e2e is not None:
-            info = e2e.run(held.model, teacher, progress=bool(cfg.progress))
+            info = held.distil(e2e, teacher, bool(cfg.progress))
             del teacher
             e2e_s += info["seconds"]
             metrics["tune/e2e_kl_before"] = info["kl_before"]

@@ -130,3 +130,32 @@ def test_a_walk_that_hurts_leaves_the_checkpoint_untouched(tmp_path, monkeypatch
     info = e2e_walk.run(e2e, checkpoint.Stored(out, CPU), teacher)
     assert not info["kept"] and info["kl_after"] == info["kl_before"]
     assert _digests(out) == before
+
+
+def test_a_streamed_run_distils_its_checkpoint_like_the_in_memory_run(tmp_path):
+    """`compress.stream=true tune=full` through the runner: the teacher walked from the shards,
+    the block part inside the streamed walk, the e2e part on the written checkpoint; the result
+    is the in-memory run's to float rounding, and the checkpoint it leaves is the one measured."""
+    from ciuic_lab import runner
+    from ciuic_lab.config import compose
+    from ciuic_lab.models.loader import load_tokenizer
+
+    arch = "tiny-random-deepseek-v3"
+    tok = load_tokenizer(arch)
+    torch.manual_seed(0)
+    tiny.build(arch, vocab=len(tok)).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    quick = ["model=hub", f"model.name_or_path={tmp_path / 'src'}", "eval.max_windows=2",
+             "eval.seqlen=64", "data.calib_samples=4", "data.calib_seqlen=32", "progress=false",
+             "eval.lm_eval.enabled=false", "eval.generate.enabled=false", "eval.speed=false",
+             "eval.serve_memory=false", "tracker=none", "eval.dense_baseline=false", "tune=full",
+             "tune.block.iters=2", "tune.e2e.iters=4", "tune.e2e.topk=8", "tune.e2e.lr=0.01"]
+    streamed = runner.run(compose([*quick, "compress.stream=true"]), out_dir=tmp_path / "s")
+    in_memory = runner.run(compose(quick), out_dir=tmp_path / "m")
+    s, m = streamed.metrics, in_memory.metrics
+    assert s["tune/e2e_kept"] == 1 and s["tune/e2e_kl_after"] < s["tune/e2e_kl_before"]
+    assert s["tune/e2e_kl_before"] == pytest.approx(m["tune/e2e_kl_before"], rel=1e-5)
+    assert s["tune/e2e_kl_after"] == pytest.approx(m["tune/e2e_kl_after"], rel=1e-3)
+    assert s["ppl/wikitext2"] == pytest.approx(m["ppl/wikitext2"], rel=1e-3)
+    assert s["size/bits_per_param"] == m["size/bits_per_param"]
+    checkpoint.verify(tmp_path / "s" / "compressed")
