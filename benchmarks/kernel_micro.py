@@ -24,10 +24,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ciuic_lab.compress.store.kernels import base_weight, choose_kernel, kernel_name
-from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.store.kernels import base_weight, choose_kernel, kernel_name
+from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 
 
 def packed_layer(w: torch.Tensor, bits: int, group: int) -> CompressedLinear:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from ciuic_lab.api import compress
-from ciuic_lab.compress.blocks import Resident
-from ciuic_lab.compress.pipeline import profile, profile_walk
 from ciuic_lab.compress.policies import PolicyBase, owl, register
 from ciuic_lab.compress.policies._mean import meet_mean
+from ciuic_lab.compress.walk.blocks import Resident
+from ciuic_lab.compress.walk.pipeline import profile, profile_walk
 from ciuic_lab.config import build_methods, compose
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity

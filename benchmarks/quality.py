@@ -17,8 +17,8 @@ import torch
 
 from ciuic_lab.api import compress
 from ciuic_lab.config import compose
-from ciuic_lab.errors import ConfigError
 from ciuic_lab.data.wikitext import test_windows
+from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.models.loader import load
 

@@ -38,13 +38,13 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
-from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.rotate.fused import rotate_model
 from ciuic_lab.compress.rotate.online import add_online_rotations
 from ciuic_lab.compress.store.serve import materialized
+from ciuic_lab.compress.walk.pipeline import compress_model
 from ciuic_lab.data.calibration import calibration_windows
 from ciuic_lab.data.wikitext import test_windows
 from ciuic_lab.eval.perplexity import perplexity

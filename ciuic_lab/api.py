@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ciuic_lab.compress.pipeline import CompressionReport
+from ciuic_lab.compress.walk.pipeline import CompressionReport
 from ciuic_lab.config import compose
 from ciuic_lab.runner import run
 

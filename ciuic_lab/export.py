@@ -117,10 +117,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ciuic_lab.compress.store import packing
-from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.state import QuantPart
+from ciuic_lab.compress.store import packing
+from ciuic_lab.compress.store.experts import CompressedExperts
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
 

@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ciuic_lab import dist
-from ciuic_lab.compress.blocks import BlockProvider, Offloaded, Resident, fits
-from ciuic_lab.compress.pipeline import InPlace, Sink, ToCheckpoint
+from ciuic_lab.compress.walk.blocks import BlockProvider, Offloaded, Resident, fits
+from ciuic_lab.compress.walk.pipeline import InPlace, Sink, ToCheckpoint
 from ciuic_lab.config import rotations_on, to_container
 from ciuic_lab.eval.memory import stored_bytes
 
@@ -193,7 +193,7 @@ def hold(cfg: DictConfig, device: torch.device, dtype: torch.dtype, *, model=Non
 
 def _hold_streamed(cfg: DictConfig, device: torch.device, dtype: torch.dtype, out_dir
                    ) -> HeldStreamed:
-    from ciuic_lab.compress.blocks import Streamed
+    from ciuic_lab.compress.walk.blocks import Streamed
     from ciuic_lab.models.loader import load_tokenizer, skeleton
     from ciuic_lab.models.source import CheckpointSource
 

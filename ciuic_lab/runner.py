@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ciuic_lab import dist
-from ciuic_lab.compress.pipeline import CompressionReport, compress, dense_report, profile
 from ciuic_lab.compress.tune.e2e import split_tune
+from ciuic_lab.compress.walk.pipeline import CompressionReport, compress, dense_report, profile
 from ciuic_lab.config import build_tune, validate
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import PeakMemory

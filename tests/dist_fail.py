@@ -4,7 +4,7 @@ expert it compresses (a failure that only one rank meets, in the middle of the w
 import os
 import runpy
 
-from ciuic_lab.compress import pipeline
+from ciuic_lab.compress.walk import pipeline
 
 if os.environ.get("RANK") == "1":
     _call = pipeline._Compressor.__call__

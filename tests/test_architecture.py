@@ -147,11 +147,12 @@ def test_every_packed_format_implements_the_contract():
 # Module paths and projection names only the adapter may spell (`models/adapters.py`).
 LAYOUT_NAMES = {"layers", "embed_tokens", "norm", "rotary_emb", "lm_head", "self_attn", "mlp",
                 "shared_experts", "gate_up_proj", "down_proj", "o_proj", "v_proj", "kv_b_proj"}
-# Files that once walked the layout themselves and now ask the adapter. (compress/pipeline.py and
-# compress/blocks.py still read fused experts' `gate_up_proj` / `down_proj`: to join this list.)
+# Files that once walked the layout themselves and now ask the adapter.
 ROTATE = tuple(f"compress/rotate/{m}.py"
                for m in ("__init__", "matrices", "fused", "online", "streamed"))
-ASK_THE_ADAPTER = (*ROTATE, "compress/experts.py", "export.py")
+WALK = tuple(f"compress/walk/{m}.py" for m in ("blocks", "pipeline", "distributed"))
+ASK_THE_ADAPTER = (*ROTATE, *WALK, "compress/store/experts.py", "export.py", "hold.py",
+                   "compress/tune/e2e_walk.py")
 
 
 def layout_accesses(source: str) -> list[str]:
@@ -159,7 +160,8 @@ def layout_accesses(source: str) -> list[str]:
     LAYOUT_NAMES, with their line numbers."""
     out = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and node.attr in LAYOUT_NAMES:
+        if isinstance(node, ast.Attribute) and node.attr in LAYOUT_NAMES \
+                and not _on_adapter(node.value) and not _own_list(node):
             out.append(f"{node.lineno}: .{node.attr}")
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
               and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
@@ -169,9 +171,23 @@ def layout_accesses(source: str) -> list[str]:
     return out
 
 
+def _on_adapter(node: ast.expr) -> bool:
+    """`ad.layers(…)`, `self.adapter.layers(…)`: the adapter's own methods, not a module path."""
+    return (isinstance(node, ast.Name) and node.id in ("ad", "adapter")) or (
+        isinstance(node, ast.Attribute) and node.attr == "adapter")
+
+
+def _own_list(node: ast.Attribute) -> bool:
+    """`report.layers`, `self.layers`: an object's own list; the layout's is `….model.layers`."""
+    return node.attr == "layers" and not (isinstance(node.value, ast.Attribute)
+                                          and node.value.attr == "model")
+
+
 def test_layout_access_is_found():
-    src = 'a = model.model.layers\nb = getattr(e, "gate_up_proj")\nc = layer.weight\n'
-    assert layout_accesses(src) == ["1: .layers", "2: getattr(…, 'gate_up_proj')"]
+    src = ('a = model.model.layers\nb = getattr(e, "gate_up_proj")\nc = layer.weight\n'
+           'd = ad.layers(block)\ne = provider.adapter.layers(block)\nf = report.layers\n'
+           'g = self.model.layers\n')
+    assert layout_accesses(src) == ["1: .layers", "2: getattr(…, 'gate_up_proj')", "7: .layers"]
 
 
 def test_the_adapter_owns_the_layout():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ciuic_lab.compress.blocks import Streamed
+from ciuic_lab.compress.walk.blocks import Streamed
 from ciuic_lab.eval import attention
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.streamed import streamed_perplexity

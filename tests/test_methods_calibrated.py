@@ -9,7 +9,6 @@ error ‖(W − Ŵ)X‖ / ‖WX‖. GPTQ and SparseGPT are also checked against 
 import pytest
 import torch
 
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM, whitened_svd, whitening
 from ciuic_lab.compress.policies import LayerProfile
@@ -21,6 +20,7 @@ from ciuic_lab.compress.quant.gptq import GPTQ, gptq_quantize
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.state import LayerState, rtn_quantize
 from ciuic_lab.compress.stats import LayerStats, relative_error
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.errors import ConfigError
 
 
@@ -362,7 +362,7 @@ def test_needs_declared():
     ("tiny-random-deepseek-v3", lambda: [SparseGPT(pattern="2:4"), GPTQ(4, 32, sym=False)]),
 ])
 def test_pipeline_smoke(arch, stages):
-    from ciuic_lab.compress.pipeline import compress_model
+    from ciuic_lab.compress.walk.pipeline import compress_model
     from ciuic_lab.models import tiny
 
     model = tiny.build(arch, vocab=256)

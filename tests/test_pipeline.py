@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svd import SVD
-from ciuic_lab.compress.pipeline import compress_model, profile
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.store.linear import CompressedLinear
+from ciuic_lab.compress.walk.pipeline import compress_model, profile
 from ciuic_lab.errors import UnsupportedModel
 from ciuic_lab.eval.memory import stored_bytes
 from ciuic_lab.models import tiny
@@ -109,7 +109,7 @@ def test_starved_experts_fall_back_and_are_reported():
 _RSS_PROBE = """
 import gc, json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from ciuic_lab.compress.pipeline import compress_model
+from ciuic_lab.compress.walk.pipeline import compress_model
 from ciuic_lab.compress.prune.magnitude import Magnitude
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.eval.memory import PeakMemory
@@ -151,8 +151,8 @@ def test_walk_working_memory_does_not_grow_with_depth():
 
 
 def test_nm_pattern_on_indivisible_input_dim_fails_before_calibration(monkeypatch):
-    from ciuic_lab.compress import pipeline
     from ciuic_lab.compress.prune.wanda import Wanda
+    from ciuic_lab.compress.walk import pipeline
     from ciuic_lab.errors import ConfigError
 
     model = tiny.build("tiny-random-llama", vocab=256)
@@ -212,7 +212,7 @@ def test_per_layer_overrides_by_name_set_or_skip_each_stage():
 
 
 def test_a_layer_pattern_matching_nothing_fails_before_calibration(monkeypatch):
-    from ciuic_lab.compress import pipeline
+    from ciuic_lab.compress.walk import pipeline
     from ciuic_lab.errors import ConfigError
 
     def never(*a, **k):
@@ -228,7 +228,7 @@ def test_each_block_gets_what_the_model_passes_it():
     """Gemma 3's sliding-window and global layers get different masks and rotary tables: a walk
     that fed every block block 0's arguments would compute another model (windows of 24 tokens,
     longer than the tiny model's window of 8, so the masks differ)."""
-    from ciuic_lab.compress.blocks import Resident, capture, run_block
+    from ciuic_lab.compress.walk.blocks import Resident, capture, run_block
 
     model = tiny.build("tiny-random-gemma3", vocab=256, num_layers=4)
     ids = torch.randint(0, 256, (4, 24))

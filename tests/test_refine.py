@@ -6,16 +6,20 @@ import itertools
 import pytest
 import torch
 
-from ciuic_lab.errors import ConfigError
-from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
+from ciuic_lab.compress.lowrank.alternating import (
+    AlternatingRefine,
+    alternate,
+    base_step,
+    output_error,
+)
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.prune.wanda import Wanda
 from ciuic_lab.compress.quant.gptq import GPTQ
-from ciuic_lab.compress.lowrank.alternating import (AlternatingRefine, alternate, base_step,
-                                                    output_error)
 from ciuic_lab.compress.stats import LayerStats, relative_error
+from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
+from ciuic_lab.errors import ConfigError
 
 
 def calib(seed=0, tokens=1024, cols=128, rows=96):
@@ -175,7 +179,7 @@ def test_method_config_checks():
 def test_method_in_the_walk():
     """In compress_model: same stored bytes as the one-pass recipe; block 0 (whose inputs are
     the same in both runs) is never worse per layer."""
-    from ciuic_lab.compress.pipeline import compress_model
+    from ciuic_lab.compress.walk.pipeline import compress_model
     from ciuic_lab.models import tiny
 
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))

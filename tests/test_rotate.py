@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.rotate import apply_rotations
-from ciuic_lab.compress.rotate.fused import (RotationUnsupported, rotate_model,
-                                             rotate_value_path)
+from ciuic_lab.compress.rotate.fused import RotationUnsupported, rotate_model, rotate_value_path
 from ciuic_lab.compress.rotate.matrices import (
     HadamardRotation,
     RandomOrthogonal,
@@ -339,11 +338,11 @@ def test_online_rotations_keep_the_model_and_show_in_stored_bytes(name):
 def test_every_stage_runs_in_the_rotated_basis():
     """The walk finds `<site>.linear` inside RotatedLinear, calibrates it on rotated inputs and
     replaces it by a CompressedLinear; the rotation stays in front."""
-    from ciuic_lab.compress.store.linear import CompressedLinear
     from ciuic_lab.compress.lowrank.svdllm import SVDLLM
-    from ciuic_lab.compress.pipeline import compress_model
     from ciuic_lab.compress.prune.sparsegpt import SparseGPT
     from ciuic_lab.compress.quant.gptq import GPTQ
+    from ciuic_lab.compress.store.linear import CompressedLinear
+    from ciuic_lab.compress.walk.pipeline import compress_model
 
     m = tiny.build("tiny-random-deepseek-v3", vocab=256)
     rotate_model(m, seed=0)

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ciuic_lab.compress.blocks import Resident
-from ciuic_lab.compress.pipeline import compress_model, output_fisher_walk
 from ciuic_lab.compress.policies import LayerProfile, get_policy
 from ciuic_lab.compress.policies.sensitivity import allocate_formats, grid_bits
 from ciuic_lab.compress.quant.rtn import RTN
+from ciuic_lab.compress.walk.blocks import Resident
+from ciuic_lab.compress.walk.pipeline import compress_model, output_fisher_walk
 from ciuic_lab.models import tiny
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
@@ -115,7 +115,7 @@ def test_fisher_walk_through_chunked_experts_matches_autograd(tmp_path):
     """The MoE backward goes through the experts a chunk at a time (never all in autograd);
     every layer's F, routed experts' included, equals plain autograd's, and a streamed model
     (experts never resident) gives the same."""
-    from ciuic_lab.compress.blocks import Streamed
+    from ciuic_lab.compress.walk.blocks import Streamed
     from ciuic_lab.models.loader import skeleton
     from ciuic_lab.models.source import CheckpointSource
 
@@ -173,7 +173,7 @@ def test_the_policy_is_never_predicted_worse_than_uniform(target):
 def test_output_fisher_walk_keeps_the_depth_of_block_inputs_off_host_memory(monkeypatch):
     """The backward walk's per-block inputs grow with depth: on CPU under "auto" they go to disk
     (host memory stays bounded by one block), and the Fisher weights are the same."""
-    from ciuic_lab.compress import blocks
+    from ciuic_lab.compress.walk import blocks
 
     model = _model()
     want = output_fisher_walk(Resident(model, torch.device("cpu")), CALIB, 4, False,

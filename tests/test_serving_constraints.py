@@ -5,9 +5,9 @@ widths a fast kernel serves (2/3/4 through the int4 layout, 8 through int8 per c
 import pytest
 import torch
 
-from ciuic_lab.compress.store.linear import CompressedLinear
-from ciuic_lab.compress.pipeline import compress_model, profile
 from ciuic_lab.compress.quant.gptq import GPTQ
+from ciuic_lab.compress.store.linear import CompressedLinear
+from ciuic_lab.compress.walk.pipeline import compress_model, profile
 from ciuic_lab.config import build_methods, compose
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.models import tiny

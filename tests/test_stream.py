@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ciuic_lab.compress import blocks, pipeline
-from ciuic_lab.compress.blocks import Resident, Streamed
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
-from ciuic_lab.compress.pipeline import compress_model, compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.walk import blocks, pipeline
+from ciuic_lab.compress.walk.blocks import Resident, Streamed
+from ciuic_lab.compress.walk.pipeline import compress_model, compress_streamed
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.streamed import streamed_perplexity
@@ -223,7 +223,7 @@ def test_activations_place_themselves():
 _RSS_PROBE = """
 import json, sys, torch
 from pathlib import Path
-from ciuic_lab.compress.pipeline import compress_streamed
+from ciuic_lab.compress.walk.pipeline import compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.eval.memory import PeakMemory

@@ -6,18 +6,18 @@ import hashlib
 import pytest
 import torch
 
-from ciuic_lab.compress.store import checkpoint
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
-from ciuic_lab.compress.pipeline import compress_model, compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
 from ciuic_lab.compress.quant.rtn import RTN
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.store import checkpoint
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.tune.block import BlockTune
 from ciuic_lab.compress.tune.e2e import E2ETune, FullTune, split_tune
 from ciuic_lab.compress.tune.rounding import TunableLinear
+from ciuic_lab.compress.walk.pipeline import compress_model, compress_streamed
 from ciuic_lab.config import build_tune, compose, validate
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.eval.memory import stored_bytes

@@ -7,14 +7,14 @@ import hashlib
 import pytest
 import torch
 
-from ciuic_lab.compress.store import checkpoint
-from ciuic_lab.compress.blocks import Resident
 from ciuic_lab.compress.lowrank.svdllm import SVDLLM
-from ciuic_lab.compress.pipeline import compress_model, compress_streamed
 from ciuic_lab.compress.prune.sparsegpt import SparseGPT
 from ciuic_lab.compress.quant.gptq import GPTQ
+from ciuic_lab.compress.store import checkpoint
 from ciuic_lab.compress.tune import e2e_walk
 from ciuic_lab.compress.tune.e2e import E2ETune
+from ciuic_lab.compress.walk.blocks import Resident
+from ciuic_lab.compress.walk.pipeline import compress_model, compress_streamed
 from ciuic_lab.models import tiny
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -114,7 +114,7 @@ def test_a_walk_that_hurts_leaves_the_checkpoint_untouched(tmp_path, monkeypatch
             trained = state.block(i, block)
             provider.release(i, block)
             with torch.no_grad():
-                for ps in trained.layers.values():
+                for ps in trained.packed.values():
                     for p in ps.values():
                         p.mul_(-3)
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ciuic_lab import dist
-from ciuic_lab.compress.blocks import capture, dense_forward
+from ciuic_lab.compress.walk.blocks import capture, dense_forward
 from ciuic_lab.eval.attention import chunked_attention
 from ciuic_lab.eval.perplexity import shifted_nll_sum
 

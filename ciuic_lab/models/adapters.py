@@ -419,7 +419,7 @@ def collect_stats(layers: list[Layer], stats: dict):
     """Hooks that feed `stats[layer.name].add_batch(inputs)` while the caller runs forwards.
 
     For nn.Linear layers; routed experts are calibrated from their MoE layer's recorded inputs
-    and routing (compress/blocks.py), one expert at a time, never by hooks on every expert.
+    and routing (compress/walk/blocks.py), one expert at a time, never by hooks on every expert.
     """
     handles = [layer.module.register_forward_hook(
         lambda _m, args, _o, s=stats[layer.name]: s.add_batch(args[0])) for layer in layers]

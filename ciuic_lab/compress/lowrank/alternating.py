@@ -40,13 +40,13 @@ from typing import ClassVar
 import torch
 
 from ciuic_lab.compress.base import LowRankMethod
-from ciuic_lab.errors import check as _check
-from ciuic_lab.compress.state import LayerState, QuantPart, rtn_quantize
 from ciuic_lab.compress.lowrank.svdllm import svdllm_factors, whitened_svd, whitening
 from ciuic_lab.compress.policies.rank import rank_for
 from ciuic_lab.compress.prune.sparsegpt import sparsegpt_prune
 from ciuic_lab.compress.quant.gptq import gptq_quantize
+from ciuic_lab.compress.state import LayerState, QuantPart, rtn_quantize
 from ciuic_lab.compress.stats import require_hessian
+from ciuic_lab.errors import check as _check
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:

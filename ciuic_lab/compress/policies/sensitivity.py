@@ -18,7 +18,7 @@ Predicted error (`quant.sensitivity`):
           ΔW x_t, with the token-wise product decoupled into output and input factors as K-FAC
           does (arXiv 1503.05671). This is the end-to-end weighting of HAWQ-V2's Hessian-trace
           sensitivity (arXiv 1911.03852) taken per output channel. F comes from one backward
-          pass of the dense model over the calibration windows (compress/pipeline.py,
+          pass of the dense model over the calibration windows (compress/walk/pipeline.py,
           output_fisher_walk).
 
 Allocation: every layer starts at its cheapest format and the upgrade (to any costlier format)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.base import Method
-from ciuic_lab.compress.store.formats import buffer_nbytes
 from ciuic_lab.compress.state import LayerState
 from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.store.formats import buffer_nbytes
 from ciuic_lab.errors import ConfigError
 from ciuic_lab.errors import check as _check
 

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.rotate.fused import edit_float64, get_path, rotation_adapter
-from ciuic_lab.compress.rotate.matrices import (HadamardRotation, kron_matmul,
-                                                sylvester_factors)
+from ciuic_lab.compress.rotate.matrices import HadamardRotation, kron_matmul, sylvester_factors
 
 
 class OnlineRotation(nn.Module):

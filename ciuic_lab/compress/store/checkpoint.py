@@ -32,9 +32,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ciuic_lab.atomic import swap_in_dir, temp_dir_beside, write_text_atomic
-from ciuic_lab.compress.blocks import in_memory_experts, rebuild_non_persistent, return_freed_memory
-from ciuic_lab.compress.experts import CompressedExperts
+from ciuic_lab.compress.store.experts import CompressedExperts
 from ciuic_lab.compress.store.formats import format_class, is_packed
+from ciuic_lab.compress.walk.blocks import (
+    in_memory_experts,
+    rebuild_non_persistent,
+    return_freed_memory,
+)
 from ciuic_lab.errors import CheckpointError
 from ciuic_lab.models.adapters import adapter_for
 from ciuic_lab.models.source import check_complete, shard_path
@@ -287,7 +291,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
 
 class Stored:
     """The blocks of a compressed checkpoint, one at a time, for evaluating a compressed model
-    that does not fit the device (a block-walk provider, see compress/blocks.py)."""
+    that does not fit the device (a block-walk provider, see compress/walk/blocks.py)."""
 
     def __init__(self, path: str | Path, device: str | torch.device):
         return_freed_memory(fix_threshold=True)
@@ -321,7 +325,7 @@ class Stored:
         return_freed_memory()
 
     def experts(self, i: int, owner: str, module: nn.Module):
-        return in_memory_experts(module, self.device)  # experts left dense: stored fused
+        return in_memory_experts(module, self.device, self.adapter)  # left dense: stored fused
 
     def rewrite(self, edit_block, edit_post) -> Path:
         """A new checkpoint: `edit_block(i, block)` on each block as it is read, `edit_post(post

@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.state import QuantPart
 from ciuic_lab.compress.quant import grid
+from ciuic_lab.compress.state import QuantPart
 
 # Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)

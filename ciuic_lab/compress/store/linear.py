@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.store import coding, packing
-from ciuic_lab.compress.store.formats import buffer_nbytes
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.state import LayerState, QuantPart
+from ciuic_lab.compress.store import coding, packing
+from ciuic_lab.compress.store.formats import buffer_nbytes
 
 _BASE_BUFFERS = ("mask_code", "values", "codes", "scale", "zero")
 

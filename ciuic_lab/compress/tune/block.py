@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.state import LayerState
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.tune.rounding import TunableLinear
 from ciuic_lab.errors import check as _check
 from ciuic_lab.errors import check_positive_ints

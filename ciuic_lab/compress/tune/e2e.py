@@ -52,10 +52,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ciuic_lab.compress.store import packing
-from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.quant import grid
 from ciuic_lab.compress.state import rtn_quantize
+from ciuic_lab.compress.store import packing
+from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.tune.block import BlockTune
 from ciuic_lab.compress.tune.rounding import fake_quant
 from ciuic_lab.errors import ConfigError, check_positive_ints

@@ -42,7 +42,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ciuic_lab.compress.blocks import Activations, capture, dense_forward, run_block
 from ciuic_lab.compress.store.linear import CompressedLinear
 from ciuic_lab.compress.tune.e2e import (
     E2ETune,
@@ -55,6 +54,7 @@ from ciuic_lab.compress.tune.e2e import (
     _snapshot,
     _Trainable,
 )
+from ciuic_lab.compress.walk.blocks import Activations, capture, dense_forward, run_block
 from ciuic_lab.models.adapters import swapped
 
 
@@ -126,17 +126,17 @@ class _Trained:
     """One block's (or the final norms') trained tensors, float32, with their own Adam: the
     same per-tensor optimiser as the resident form, stepped once the block's backward is done."""
 
-    def __init__(self, layers: dict[str, dict[str, nn.Parameter]], norms: dict[str, nn.Parameter],
+    def __init__(self, packed: dict[str, dict[str, nn.Parameter]], norms: dict[str, nn.Parameter],
                  lr: float):
-        self.layers, self.norms = layers, norms  # {layer: {scale|u|v: P}}, {norm module: master}
-        tensors = [p for ps in layers.values() for p in ps.values()] + list(norms.values())
+        self.packed, self.norms = packed, norms  # {layer: {scale|u|v: P}}, {norm module: master}
+        tensors = [p for ps in packed.values() for p in ps.values()] + list(norms.values())
         self.adam = torch.optim.Adam([{"params": [p], "lr": lr * _rms(p)} for p in tensors]) \
             if tensors else None
         self.base = [] if self.adam is None else [g["lr"] for g in self.adam.param_groups]
 
     def to(self, device: torch.device) -> None:
         """Tensors and Adam moments to `device` (with their block; the host between visits)."""
-        ps = [p for d in self.layers.values() for p in d.values()] + list(self.norms.values())
+        ps = [p for d in self.packed.values() for p in d.values()] + list(self.norms.values())
         for p in ps:
             p.data = p.data.to(device)
             if p.grad is not None:
@@ -239,7 +239,7 @@ def _installed(block: nn.Module, trained: _Trained, device: torch.device, grad: 
         trainables = {}
         for name, mod in packed:
             t = trainables[name] = _Trainable(mod)
-            for pn, p in trained.layers[name].items():
+            for pn, p in trained.packed[name].items():
                 setattr(t, pn, p)
         with swapped(block, trainables):
             for name, m in _norm_modules(block):
@@ -293,7 +293,7 @@ def _write(block: nn.Module, trained: _Trained) -> None:
     trained.to(next(iter([*block.parameters(), *block.buffers()])).device)
     for name, mod in _packed(block):
         t = _Trainable(mod)
-        for pn, p in trained.layers[name].items():
+        for pn, p in trained.packed[name].items():
             setattr(t, pn, p)
         t.write_back()
     for name, m in _norm_modules(block):

@@ -12,12 +12,12 @@
 
 Re-running the compressed block (GPTQ, arXiv 2210.17323, §4) makes every later layer calibrate on
 the activations it will really see, errors of earlier layers included. Where a block's weights
-come from and where its compressed form goes is the provider's (compress/blocks.py) and the
+come from and where its compressed form goes is the provider's (compress/walk/blocks.py) and the
 sink's (`InPlace`, `ToCheckpoint` below) business, both picked once per run (ciuic_lab/hold.py):
 the walk holds one block, one chunk of experts and the activations.
 
 Several processes (torchrun; ciuic_lab/dist.py): every walk splits each block's calibration
-batches, layers and routed experts among the ranks (compress/walk_dist.py) and ends with the
+batches, layers and routed experts among the ranks (compress/walk/distributed.py) and ends with the
 bits one process computes; with one process the code below runs exactly as it always did.
 
 Memory of the statistics: a float32 (in × in) Hessian per non-expert layer of the current block
@@ -39,9 +39,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ciuic_lab import dist
-from ciuic_lab.compress import walk_dist
 from ciuic_lab.compress.base import Method
-from ciuic_lab.compress.blocks import (
+from ciuic_lab.compress.policies import LayerProfile
+from ciuic_lab.compress.state import LayerState
+from ciuic_lab.compress.stats import LayerStats, relative_error, stats_of
+from ciuic_lab.compress.store.experts import CompressedExperts
+from ciuic_lab.compress.store.linear import CompressedLinear
+from ciuic_lab.compress.walk import distributed as walk_dist
+from ciuic_lab.compress.walk.blocks import (
     Activations,
     BlockInputs,
     BlockProvider,
@@ -59,12 +64,7 @@ from ciuic_lab.compress.blocks import (
     routed_outputs,
     run_block,
 )
-from ciuic_lab.compress.experts import CompressedExperts
-from ciuic_lab.compress.store.linear import CompressedLinear
-from ciuic_lab.compress.policies import LayerProfile
-from ciuic_lab.compress.state import LayerState
-from ciuic_lab.compress.stats import LayerStats, relative_error, stats_of
-from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats, set_submodule
+from ciuic_lab.models.adapters import Layer, adapter_for, collect_stats, swapped
 
 
 @dataclass
@@ -158,7 +158,7 @@ def profile_walk(provider, windows: torch.Tensor, methods: list[Method],
     by_name = {p.name: p for p in profiles}
     want_stats = bool(needs & {"act_norm", "hessian"})
     hessian = "hessian" in needs
-    w = dist.world()  # distributed: this rank's batches, layers and experts (walk_dist.py)
+    w = dist.world()  # distributed: this rank's batches, layers and experts (walk/distributed.py)
     inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
                      batch_size, activations) if want_stats else None
     for i in tqdm(range(len(provider)), desc="profile", unit="block", disable=not progress):
@@ -223,11 +223,12 @@ def _block_weights(provider, i: int, block: nn.Module, chunk: int):
     for x in ad.layers(block):
         if x.expert is None:
             yield x.name, x.weight
+    gu_name, dn_name = ad.expert_projs
     for owner, mod in experts_modules(ad, block):
         for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
             for j, e in enumerate(ids):
-                yield f"{owner}.{e}.gate_up_proj", gate_up[j]
-                yield f"{owner}.{e}.down_proj", down[j]
+                yield f"{owner}.{e}.{gu_name}", gate_up[j]
+                yield f"{owner}.{e}.{dn_name}", down[j]
 
 
 # ---------------------------------------------------------------- output Fisher walk
@@ -253,7 +254,7 @@ def output_fisher_walk(provider, windows: torch.Tensor, batch_size: int = 1,
     autograd graph for all calibration batches.
     """
     w = dist.world()
-    if w.on:  # this rank's batches; their Fisher terms are added in batch order (walk_dist.py)
+    if w.on:  # this rank's batches; their Fisher terms are added in batch order (walk/distributed.py)
         own = dist.batches(windows.shape[0], batch_size)
         windows = dist.my_windows(windows, batch_size)
     inputs = capture(provider, windows, batch_size, activations)
@@ -323,38 +324,32 @@ def _block_backward(provider, i: int, block: nn.Module, inputs: BlockInputs,
                   for name, mod in owners}
     replays = {name: _LeafReplay(outs) for name, outs in routed.items()}
     originals = dict(owners)
-    for name, rep in replays.items():
-        set_submodule(block, name, rep)
     passes = []
-    try:
-        with torch.enable_grad(), _linear_grads(ad, block, prefix, fisher):
-            for b, ((x0, kw), g) in enumerate(zip(inputs, grads)):
-                _at_batch(fisher, b)
-                x = x0.detach().requires_grad_(True)
-                out = block(x, **kw)
-                y = out[0] if isinstance(out, tuple) else out
-                calls = [rep.calls[-1] for rep in replays.values()]
-                g_moe = torch.autograd.grad(y, [c[3] for c in calls], g, retain_graph=True) \
-                    if calls else []
-                passes.append((x, y, g, calls, g_moe))
-            # the experts' part of the backward, a chunk of experts at a time for all batches
-            back = {name: _experts_backward(provider, i, name, originals[name], chunk, fisher,
-                                            prefix, [(c[k][0], c[k][1], c[k][2], gm[k])
-                                                     for _, _, _, c, gm in passes])
-                    for k, name in enumerate(replays)}
-            new = []
-            for b, (x, y, g, calls, _) in enumerate(passes):
-                _at_batch(fisher, b)
-                outs, grad_outs = [y], [g]
-                for k, name in enumerate(replays):
-                    d_hidden, d_weights = back[name][b]
-                    outs += [calls[k][0], calls[k][2]]
-                    grad_outs += [d_hidden, d_weights]
-                (gx,) = torch.autograd.grad(outs, x, grad_outs)
-                new.append(gx)
-    finally:
-        for name, mod in originals.items():
-            set_submodule(block, name, mod)
+    with swapped(block, replays), torch.enable_grad(), _linear_grads(ad, block, prefix, fisher):
+        for b, ((x0, kw), g) in enumerate(zip(inputs, grads)):
+            _at_batch(fisher, b)
+            x = x0.detach().requires_grad_(True)
+            out = block(x, **kw)
+            y = out[0] if isinstance(out, tuple) else out
+            calls = [rep.calls[-1] for rep in replays.values()]
+            g_moe = torch.autograd.grad(y, [c[3] for c in calls], g, retain_graph=True) \
+                if calls else []
+            passes.append((x, y, g, calls, g_moe))
+        # the experts' part of the backward, a chunk of experts at a time for all batches
+        back = {name: _experts_backward(provider, i, name, originals[name], chunk, fisher,
+                                        prefix, [(c[k][0], c[k][1], c[k][2], gm[k])
+                                                 for _, _, _, c, gm in passes])
+                for k, name in enumerate(replays)}
+        new = []
+        for b, (x, y, g, calls, _) in enumerate(passes):
+            _at_batch(fisher, b)
+            outs, grad_outs = [y], [g]
+            for k, name in enumerate(replays):
+                d_hidden, d_weights = back[name][b]
+                outs += [calls[k][0], calls[k][2]]
+                grad_outs += [d_hidden, d_weights]
+            (gx,) = torch.autograd.grad(outs, x, grad_outs)
+            new.append(gx)
     return new
 
 
@@ -365,6 +360,7 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
     its down projection's is the routing weight times g on its tokens; its gate/up's follows
     through act(gate)·up and the down projection."""
     out = [(torch.zeros_like(h), torch.zeros_like(w)) for h, _, w, _ in calls]
+    gu_name, dn_name = provider.adapter.expert_projs
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk):
         for j, e in enumerate(ids):
             for b, ((h, index, w, g), (d_h, d_w)) in enumerate(zip(calls, out)):
@@ -379,8 +375,8 @@ def _experts_backward(provider, i: int, owner: str, mod: nn.Module, chunk: int, 
                     y = F.linear(mod.act_fn(gate) * up, down[j].to(x.dtype))
                     g_down = g[tok] * w[tok, kpos, None].detach()
                     gx, gz = torch.autograd.grad(y, [x, z], g_down.to(y.dtype))
-                _add_sq(fisher, f"{prefix}.{owner}.{e}.down_proj", g_down)
-                _add_sq(fisher, f"{prefix}.{owner}.{e}.gate_up_proj", gz)
+                _add_sq(fisher, f"{prefix}.{owner}.{e}.{dn_name}", g_down)
+                _add_sq(fisher, f"{prefix}.{owner}.{e}.{gu_name}", gz)
                 d_h.index_add_(0, tok, gx.to(d_h.dtype))
                 d_w[tok, kpos] += (g[tok] * y.detach()).sum(-1).to(d_w.dtype)
     return out
@@ -480,7 +476,7 @@ def compress_walk(provider, windows: torch.Tensor, methods: list[Method], alloca
     compress_one = _Compressor(methods, allocations, store_dtype_for(provider.model),
                                provider.device, report, keep_states=tune is not None,
                                rank=w.rank if w.on else None)
-    # Distributed: this rank's calibration batches only (data-parallel; walk_dist.py).
+    # Distributed: this rank's calibration batches only (data-parallel; walk/distributed.py).
     inputs = capture(provider, dist.my_windows(windows, batch_size) if w.on else windows,
                      batch_size, activations)
     dense_path = None
@@ -557,11 +553,12 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
     then tuned on the same tokens against its dense output (`tuned` gets its losses). `only`:
     just these experts (a rank's share; the others are not even read)."""
     everyone = torch.cat([c.hidden for c in calls])
+    projs = provider.adapter.expert_projs  # (gate/up, down)
     packed = {}
     for ids, gate_up, down in provider.experts(i, owner, mod).chunks(chunk, only):
         for j, e in enumerate(ids):
             x, own, fallback = expert_tokens(calls, e, everyone, min_expert_tokens)
-            names = (f"{owner}.{e}.gate_up_proj", f"{owner}.{e}.down_proj")
+            names = tuple(f"{owner}.{e}.{p}" for p in projs)
             gu = compress_one(f"{prefix}.{names[0]}", "expert", gate_up[j], None,
                               stats_of(x, hessian), fallback, own)
             inter = provider.adapter.expert_intermediate(x, gu.dequantized_weight(x.dtype),
@@ -583,8 +580,8 @@ def _compress_experts(provider, i: int, owner: str, mod: nn.Module, calls: list[
                 if "loss_before" in info:
                     compress_one.report.tuned.append({"unit": f"{prefix}.{owner}.{e}", **info})
                 tuned.update({n: info for n in full})
-            packed[names[0]] = (Layer(names[0], "expert", mod, e, "gate_up_proj"), gu)
-            packed[names[1]] = (Layer(names[1], "expert", mod, e, "down_proj"), dn)
+            packed[names[0]] = (Layer(names[0], "expert", mod, e, projs[0]), gu)
+            packed[names[1]] = (Layer(names[1], "expert", mod, e, projs[1]), dn)
     return packed
 
 
@@ -760,7 +757,7 @@ def compress_streamed(name_or_path: str, out_dir, windows: torch.Tensor, methods
                       transform=None, tune=None) -> CompressionReport:
     """`compress` of a checkpoint that never has to fit in memory (tests, scripts): `Streamed`
     blocks read from its shards (FP8 dequantised on `device`), written `ToCheckpoint(out_dir)` as
-    they finish. `transform` edits the weights as they load (`rotate.StreamedRotation`)."""
+    they finish. `transform` edits the weights as they load (`rotate.streamed.StreamedRotation`)."""
     provider = streamed(name_or_path, device, dtype, trust_remote_code, revision, source,
                         transform)
     return compress(provider, windows, methods, ToCheckpoint(provider, out_dir, dtype),

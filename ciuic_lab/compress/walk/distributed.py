@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from ciuic_lab import dist
-from ciuic_lab.compress.blocks import (
+from ciuic_lab.compress.stats import LayerStats
+from ciuic_lab.compress.store.formats import format_class
+from ciuic_lab.compress.walk.blocks import (
     BlockInputs,
     MoECall,
     add_routed,
@@ -36,8 +38,6 @@ from ciuic_lab.compress.blocks import (
     recording,
     run_block,
 )
-from ciuic_lab.compress.store.formats import format_class
-from ciuic_lab.compress.stats import LayerStats
 from ciuic_lab.models.adapters import Layer, collect_stats
 
 
@@ -115,17 +115,19 @@ def expert_owners(block: nn.Module, ad, calls: dict[str, list[MoECall]], min_exp
     which every rank counts alike from the shared routing."""
     w = dist.world()
     units = []
+    gu_name, dn_name = ad.expert_projs
     for name, mod in experts_modules(ad, block):
-        n_exp = mod.gate_up_proj.shape[0]
+        gate_up, down = getattr(mod, gu_name), getattr(mod, dn_name)
+        n_exp = gate_up.shape[0]
         counts = torch.zeros(n_exp, dtype=torch.long)
         for c in calls[name]:  # an expert appears at most once among a token's top-k
             counts += torch.bincount(c.index.flatten().cpu(), minlength=n_exp)[:n_exp]
         everyone = sum(c.hidden.shape[0] for c in calls[name])
-        two_i, h = mod.gate_up_proj.shape[1:]
+        two_i, h = gate_up.shape[1:]
         for e in range(n_exp):
             t = int(counts[e]) if int(counts[e]) >= min_expert_tokens else everyone
             units.append((name, e, dist.weight_cost(two_i, h, t)
-                          + dist.weight_cost(h, mod.down_proj.shape[2], t)))
+                          + dist.weight_cost(h, down.shape[2], t)))
     owner, _ = dist.assign([u[2] for u in units], loads=loads)
     out: dict[str, list[int]] = {name: [] for name, _ in experts_modules(ad, block)}
     for (name, e, _), r in zip(units, owner):
@@ -243,8 +245,8 @@ def profile_weights_block(provider, i: int, block: nn.Module, keep, profiles: di
             for ids, gate_up, down in provider.experts(i, name, mod).chunks(chunk,
                                                                             own_experts[name]):
                 for j, e in enumerate(ids):
-                    keep(f"{name}.{e}.gate_up_proj", gate_up[j], None)
-                    keep(f"{name}.{e}.down_proj", down[j], None)
+                    for proj, w in zip(ad.expert_projs, (gate_up[j], down[j])):
+                        keep(f"{name}.{e}.{proj}", w, None)
     share_facts(profiles, before)
 
 

@@ -18,7 +18,7 @@ Providers (`BlockProvider`), one chosen per run (ciuic_lab/hold.py) so no walk a
     Stored     a compressed checkpoint (compress/checkpoint.py), one packed block at a time.
 
 Routed experts never need their whole layer at once: a fused experts module is replaced, during
-a block's forward, by a recorder that keeps the MoE layer's inputs and routing (`MoECalls`); the
+a block's forward, by a recorder that keeps the MoE layer's inputs and routing (`MoECall`s); the
 experts are then computed or compressed a chunk of `expert_chunk` experts at a time from
 `ExpertWeights`, which reads them from memory or from disk. A dense forward that needs the
 experts' output replays it from the chunked computation (record → compute → replay), so the
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ciuic_lab.compress.stats import stats_of
-from ciuic_lab.models.adapters import DecoderAdapter, adapter_for, set_submodule
+from ciuic_lab.models.adapters import DecoderAdapter, adapter_for, set_submodule, swapped
 
 
 class _StopForward(Exception):
@@ -256,12 +256,15 @@ def routed_outputs(adapter: DecoderAdapter, calls: list[MoECall], weights: Exper
 # ---------------------------------------------------------------- providers
 
 
-def in_memory_experts(module: nn.Module, device: torch.device) -> ExpertWeights:
+def in_memory_experts(module: nn.Module, device: torch.device,
+                      adapter: DecoderAdapter) -> ExpertWeights:
     """Chunks of a fused experts module whose weights are in memory (moved to `device`)."""
-    def fetch(ids):
-        return module.gate_up_proj[ids].to(device), module.down_proj[ids].to(device)
+    gate_up, down = (getattr(module, p) for p in adapter.expert_projs)
 
-    return ExpertWeights(module.gate_up_proj.shape[0], fetch, module.act_fn)
+    def fetch(ids):
+        return gate_up[ids].to(device), down[ids].to(device)
+
+    return ExpertWeights(gate_up.shape[0], fetch, module.act_fn)
 
 
 class BlockProvider(Protocol):
@@ -324,7 +327,7 @@ class Resident:
         edit_post(self.post())
 
     def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
-        return in_memory_experts(module, self.device)
+        return in_memory_experts(module, self.device, self.adapter)
 
     def pre_on_device(self):
         """Context: the modules before block 0 on the working device for a capture."""
@@ -359,7 +362,7 @@ class Streamed:
     the meta device inside their block; `experts()` reads them from the checkpoint a chunk at a
     time (per-expert tensors fused as the module expects).
 
-    `transform` (e.g. `rotate.StreamedRotation`) edits weights as they arrive: `ends(model)` once
+    `transform` (e.g. `rotate.streamed.StreamedRotation`) edits weights as they arrive: `ends(model)` once
     the embeddings, final norm and head are loaded, `block(i, block)` at every load of block i,
     `experts(i, gate_up, down)` on every chunk of routed experts read.
     """
@@ -370,11 +373,12 @@ class Streamed:
         self.device = torch.device(device)
         self.adapter = adapter_for(skeleton)
         self.tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+        head = self.adapter.head(skeleton)
         for name, mod in [*self.adapter.pre_blocks(skeleton), *self.adapter.post_blocks(skeleton)]:
-            if not (self.tied and name == "lm_head"):
+            if not (self.tied and mod is head):  # a tied head is the embeddings' weight
                 self._materialize(mod, name, skip_experts=False)
         if self.tied:
-            skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+            head.weight = self.adapter.embeddings(skeleton).weight
         if transform is not None:
             self.transform_with(transform)
 
@@ -417,8 +421,9 @@ class Streamed:
 
     def experts(self, i: int, owner: str, module: nn.Module) -> ExpertWeights:
         block_prefix = f"{self.adapter.block_name(i)}."
-        n, dtype = module.gate_up_proj.shape[0], module.gate_up_proj.dtype
-        fused = f"{block_prefix}{owner}.gate_up_proj" in self.source.weight_map
+        projs = gu, dn = self.adapter.expert_projs  # fused (E, 2I, H) and (E, H, I)
+        dtype = getattr(module, gu).dtype
+        fused = f"{block_prefix}{owner}.{gu}" in self.source.weight_map
 
         def fetch(ids):
             gate_up, down = read(ids)
@@ -429,15 +434,14 @@ class Streamed:
         def read(ids):
             if fused:  # a checkpoint that stores them fused: read the tensors, keep the chunk
                 t = self.source.tensors(block_prefix, self.device,
-                                        names=[f"{block_prefix}{owner}.{p}"
-                                               for p in ("gate_up_proj", "down_proj")])
-                return t["gate_up_proj"][ids].to(dtype), t["down_proj"][ids].to(dtype)
+                                        names=[f"{block_prefix}{owner}.{p}" for p in projs])
+                return t[gu][ids].to(dtype), t[dn][ids].to(dtype)
             # Per expert (official layout): each expert's stored tensors (one read) are copied
             # into its rows of the chunk's fused tensors, so the host holds the chunk in the
             # run's dtype plus one expert as stored, never the chunk twice (stacking would).
             out = {p: torch.empty((len(ids), *getattr(module, p).shape[1:]), dtype=dtype,
-                                  device=self.device) for p in ("gate_up_proj", "down_proj")}
-            rows = out["gate_up_proj"].shape[1]
+                                  device=self.device) for p in projs}
+            rows = out[gu].shape[1]
             for j, e in enumerate(ids):
                 parts = self.adapter.expert_parts(owner, e, rows)
                 t = self.source.tensors(block_prefix, self.device,
@@ -446,9 +450,9 @@ class Streamed:
                 for stored, proj, sl in parts:
                     out[proj][j][sl].copy_(t.pop(f"{stored}.weight"))
                 del t
-            return out["gate_up_proj"], out["down_proj"]
+            return out[gu], out[dn]
 
-        return ExpertWeights(n, fetch, module.act_fn)
+        return ExpertWeights(getattr(module, gu).shape[0], fetch, module.act_fn)
 
     def pre_on_device(self):
         return nullcontext()
@@ -581,15 +585,13 @@ class recording:
         self.recorders: dict[str, _Recorder] = {}
 
     def __enter__(self) -> recording:
-        for name, mod in self.originals:
-            rec = _Recorder(self.replay.get(name))
-            self.recorders[name] = rec
-            set_submodule(self.block, name, rec)
+        self.recorders = {name: _Recorder(self.replay.get(name)) for name, _ in self.originals}
+        self._swap = swapped(self.block, self.recorders)
+        self._swap.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, mod in self.originals:
-            set_submodule(self.block, name, mod)
+        self._swap.__exit__(*exc)
 
     @property
     def calls(self) -> dict[str, list[MoECall]]:
