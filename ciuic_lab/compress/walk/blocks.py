@@ -15,7 +15,7 @@ Providers (`BlockProvider`), one chosen per run (ciuic_lab/hold.py) so no walk a
     Streamed   only a skeleton exists (meta tensors); each block's tensors are read from the
                safetensors shards when the walk reaches it (FP8 dequantised on the device) and
                dropped after. Embeddings, rotary tables, final norm and head load once.
-    Stored     a compressed checkpoint (compress/checkpoint.py), one packed block at a time.
+    Stored     a compressed checkpoint (compress/store/checkpoint.py), one packed block at a time.
 
 Routed experts never need their whole layer at once: a fused experts module is replaced, during
 a block's forward, by a recorder that keeps the MoE layer's inputs and routing (`MoECall`s); the
