@@ -271,7 +271,11 @@ class BlockProvider(Protocol):
     """What every walk (profile, Fisher, compress, streamed evaluation, tuning) reads a model
     through, block by block, whatever holds it. A walk holds at most one block, one chunk of its
     routed experts and the activations: never the whole model, never every block's statistics
-    (DeepSeek-V3: 61 blocks × 256 experts)."""
+    (DeepSeek-V3: 61 blocks × 256 experts).
+
+    A provider of a compressed model that can be edited (Resident and Offloaded in place,
+    store.checkpoint.Stored by writing a new checkpoint) also has `rewrite(edit_block,
+    edit_post)`: how block-wise distillation (tune/e2e_walk.py) stores what it trained."""
 
     model: nn.Module  # the model, or a skeleton whose blocks are meta until loaded
     device: torch.device  # where a loaded block computes
