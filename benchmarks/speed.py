@@ -153,8 +153,23 @@ def main() -> None:
         del model
     out = RESULTS / f"speed_{args.device}.md"
     RESULTS.mkdir(exist_ok=True)
-    out.write_text("\n".join([*table, ""]))
+    out.write_text(_merged(out, table, args.models))
     print(f"wrote {out}")
+
+
+def _merged(path: Path, table: list[str], models: list[str]) -> str:
+    """This run's table, with the rows of other models kept from the file's earlier runs (each
+    run's own line says how it was made: ratios compare rows of one run only)."""
+    head, rows = table[:4], table[4:]  # the run's line, a blank, the header and its rule
+    if not path.is_file():
+        return "\n".join([*table, ""])
+    old = path.read_text().splitlines()
+    runs = [ln for ln in old if ln.startswith("Written by")]
+    kept = [ln for ln in old if ln.startswith("| ") and not ln.startswith(("| model", "| ---"))
+            and ln.split("|")[1].strip() not in models]
+    if not kept:
+        return "\n".join([*table, ""])
+    return "\n".join([*runs, head[0], "", *head[2:], *kept, *rows, ""])
 
 
 if __name__ == "__main__":
