@@ -79,17 +79,23 @@ def _digests(path):
             if p.is_file()}
 
 
-def test_a_stored_checkpoint_is_distilled_and_rewritten_whole(tmp_path):
-    """compress.stream's form: the compressed model is a checkpoint; the walk reads it block by
-    block and writes the distilled one in its place (other files carried over). Its KL is what
-    the walk reports, and it is the in-memory distillation's to float rounding."""
-    e2e = E2ETune(iters=5, batch_size=4, topk=16, lr=1e-2)
-    dense = _tiny("tiny-random-deepseek-v3")
+def _stored(tmp_path, arch, e2e):
+    """(the dense model, its teacher, a streamed compressed checkpoint of it)."""
+    dense = _tiny(arch)
     dense.save_pretrained(tmp_path / "src")
     teacher = e2e.teacher(dense, CALIB)
     out = tmp_path / "ckpt"
     compress_streamed(str(tmp_path / "src"), out, CALIB, _methods(), CPU, torch.float32,
                       batch_size=2, progress=False)
+    return dense, teacher, out
+
+
+def test_a_stored_checkpoint_is_distilled_and_rewritten_whole(tmp_path):
+    """compress.stream's form: the compressed model is a checkpoint; the walk reads it block by
+    block and writes the distilled one in its place (other files carried over). Its KL is what
+    the walk reports, and it is the in-memory distillation's to float rounding."""
+    e2e = E2ETune(iters=5, batch_size=4, topk=16, lr=1e-2)
+    dense, teacher, out = _stored(tmp_path, "tiny-random-deepseek-v3", e2e)
     (out / "tokenizer.json").write_text("{}")  # stands for the tokenizer saved beside the shards
     before, nbytes = _digests(out), checkpoint.stored_bytes(out)
     info = e2e_walk.run(e2e, checkpoint.Stored(out, CPU), teacher)
@@ -120,12 +126,7 @@ def test_a_walk_that_hurts_leaves_the_checkpoint_untouched(tmp_path, monkeypatch
 
     monkeypatch.setattr(e2e_walk, "_fit", scramble)
     e2e = E2ETune(iters=1, batch_size=4, topk=16)
-    dense = _tiny("tiny-random-llama")
-    dense.save_pretrained(tmp_path / "src")
-    teacher = e2e.teacher(dense, CALIB)
-    out = tmp_path / "ckpt"
-    compress_streamed(str(tmp_path / "src"), out, CALIB, _methods(), CPU, torch.float32,
-                      batch_size=2, progress=False)
+    _, teacher, out = _stored(tmp_path, "tiny-random-llama", e2e)
     before = _digests(out)
     info = e2e_walk.run(e2e, checkpoint.Stored(out, CPU), teacher)
     assert not info["kept"] and info["kl_after"] == info["kl_before"]

@@ -129,15 +129,17 @@ class _Trained:
     def __init__(self, packed: dict[str, dict[str, nn.Parameter]], norms: dict[str, nn.Parameter],
                  lr: float):
         self.packed, self.norms = packed, norms  # {layer: {scale|u|v: P}}, {norm module: master}
-        tensors = [p for ps in packed.values() for p in ps.values()] + list(norms.values())
+        tensors = self.tensors()
         self.adam = torch.optim.Adam([{"params": [p], "lr": lr * _rms(p)} for p in tensors]) \
             if tensors else None
         self.base = [] if self.adam is None else [g["lr"] for g in self.adam.param_groups]
 
+    def tensors(self) -> list[nn.Parameter]:
+        return [p for ps in self.packed.values() for p in ps.values()] + list(self.norms.values())
+
     def to(self, device: torch.device) -> None:
         """Tensors and Adam moments to `device` (with their block; the host between visits)."""
-        ps = [p for d in self.packed.values() for p in d.values()] + list(self.norms.values())
-        for p in ps:
+        for p in self.tensors():
             p.data = p.data.to(device)
             if p.grad is not None:
                 p.grad = p.grad.to(device)
@@ -236,11 +238,7 @@ def _installed(block: nn.Module, trained: _Trained, device: torch.device, grad: 
         p.requires_grad_(False)
     saved = []
     try:
-        trainables = {}
-        for name, mod in packed:
-            t = trainables[name] = _Trainable(mod)
-            for pn, p in trained.packed[name].items():
-                setattr(t, pn, p)
+        trainables = {name: _trainable(mod, trained.packed[name]) for name, mod in packed}
         with swapped(block, trainables):
             for name, m in _norm_modules(block):
                 saved.append((m.weight, m.weight.data))
@@ -292,10 +290,7 @@ def _write(block: nn.Module, trained: _Trained) -> None:
     formats (scales fp16, factors re-quantised): what `_Trainable.write_back` stores."""
     trained.to(next(iter([*block.parameters(), *block.buffers()])).device)
     for name, mod in _packed(block):
-        t = _Trainable(mod)
-        for pn, p in trained.packed[name].items():
-            setattr(t, pn, p)
-        t.write_back()
+        _trainable(mod, trained.packed[name]).write_back()
     for name, m in _norm_modules(block):
         m.weight.copy_(trained.norms[name].to(m.weight.dtype))
     trained.to(torch.device("cpu"))
@@ -335,6 +330,14 @@ def _written_post(norms: list[nn.Module], post: _Trained | None):
         yield
     finally:
         _restore(saved)
+
+
+def _trainable(mod: CompressedLinear, params: dict[str, nn.Parameter]) -> _Trainable:
+    """The trained form of a packed layer holding the walk's own tensors (its codes unpacked)."""
+    t = _Trainable(mod)
+    for name, p in params.items():
+        setattr(t, name, p)
+    return t
 
 
 def _packed(block: nn.Module) -> list[tuple[str, CompressedLinear]]:
