@@ -2,14 +2,16 @@
 
     nice -n 10 python benchmarks/kernel_micro.py [--threads 2] [--shapes 2048x2048 11008x4096]
 
-For each (out x in) shape, a random weight is quantised with RTN (4-bit g128 symmetric, and 8-bit
-per channel for the int8 row) and packed as CompressedLinear. Then, for M = 1 (decode) and
+For each (out x in) shape, a random weight is quantised with RTN (4-bit g128 symmetric; 8-bit per
+channel for the int8 row; 6-bit g128 for the int4x2 and bytes rows) and packed as CompressedLinear. Then, for M = 1 (decode) and
 M = 512 (prefill) tokens, every variant runs in interleaved rounds (so load from other processes
 hits all of them alike) and the median and minimum wall time are printed with ratios:
 
     reference   CompressedLinear.forward, bf16 activations (rebuilds the dense weight each call)
     int4_cpu    the int4 layout (aten._weight_int4pack_mm_for_cpu), bf16 activations
     int8        the int8 layout on the 8-bit per-channel layer, bf16 activations
+    int4x2_cpu  the 6-bit g128 layer as two int4 planes (Int4PairLayout), bf16 activations
+    bytes       the same 6-bit layer from one byte per code, its weight rebuilt per call
     dense_bf16  F.linear with a dense bf16 weight
     dense_fp32  F.linear with a dense fp32 weight (fp32 activations)
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from ciuic_lab.compress.policies import LayerProfile
 from ciuic_lab.compress.quant.rtn import RTN
-from ciuic_lab.compress.store.kernels import base_weight, choose_kernel, kernel_name
+from ciuic_lab.compress.store.kernels import choose_kernel, kernel_name
 from ciuic_lab.compress.store.linear import CompressedLinear, LayerState
 
 
@@ -58,11 +60,16 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
     l8 = packed_layer(w, 8, -1)
     k4 = choose_kernel(l4, "cpu", torch.bfloat16)
     k8 = choose_kernel(l8, "cpu", torch.bfloat16)
+    l6 = packed_layer(w, 6, 128)
+    k6 = choose_kernel(l6, "cpu", torch.bfloat16)
+    b6 = choose_kernel(l6, "cpu", torch.bfloat16, int4_pairs=False)
     assert kernel_name(k4) == "int4_cpu" and kernel_name(k8) == "int8"
-    w_bf16 = base_weight(l4).bfloat16()
-    w_fp32 = base_weight(l4)
+    assert kernel_name(k6) == "int4x2_cpu" and kernel_name(b6) == "bytes"
+    w_bf16 = l4.base_weight().bfloat16()
+    w_fp32 = l4.base_weight()
     print(f"\n{out} x {cols}: stored bytes  int4 packed {l4.nbytes():,}  int4 layout "
-          f"{k4.nbytes():,}  int8 layout {k8.nbytes():,}  dense bf16 {w_bf16.numel() * 2:,}")
+          f"{k4.nbytes():,}  int8 layout {k8.nbytes():,}  int4x2 layout {k6.nbytes():,}  bytes layout "
+          f"{b6.nbytes():,}  dense bf16 {w_bf16.numel() * 2:,}")
     for m, n_rounds in rounds.items():
         x = torch.randn(m, cols, dtype=torch.bfloat16)
         xf = x.float()
@@ -70,7 +77,8 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
         ref = l4(x).float()
         err = (k4(x).float() - ref).norm() / ref.norm()
         fns = {"reference": lambda x=x: l4(x), "int4_cpu": lambda x=x: k4(x),
-               "int8": lambda x=x: k8(x), "dense_bf16": lambda x=x: F.linear(x, w_bf16),
+               "int8": lambda x=x: k8(x), "int4x2_cpu": lambda x=x: k6(x),
+               "bytes": lambda x=x: b6(x), "dense_bf16": lambda x=x: F.linear(x, w_bf16),
                "dense_fp32": lambda xf=xf: F.linear(xf, w_fp32)}
         t = timed_rounds(fns, n_rounds)
         med = {k: statistics.median(v) for k, v in t.items()}

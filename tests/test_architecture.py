@@ -195,3 +195,23 @@ def test_the_adapter_owns_the_layout():
     expert projections and rotation layouts all come from the model's adapter."""
     found = {f: layout_accesses((PKG / f).read_text()) for f in ASK_THE_ADAPTER}
     assert {f: a for f, a in found.items() if a} == {}
+
+
+def test_every_benchmark_imports_names_the_lab_has():
+    """A benchmark is run by hand, rarely: a name the lab renamed or moved must fail here, not
+    in the middle of someone's hour-long measurement (kernel_micro.py once imported a removed
+    `base_weight`)."""
+    import importlib
+
+    missing = []
+    for f in sorted((PKG.parent / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ciuic_lab"):
+                mod = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(mod, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{f.name}: {node.module}.{alias.name}")
+    assert not missing, missing

@@ -116,14 +116,55 @@ def test_int4_cpu_kernel_weight_is_our_weight_bit_for_bit(out, cols, group, sym,
     (32, 64, 4, 16),    # groups narrower than 32
     (32, 80, 4, 40),    # 40 is no multiple of 32
     (32, 48, 4, -1),    # per-channel, K not a multiple of 32
-    (32, 64, 5, 32), (32, 64, 6, 128),  # 5..7 bits: no kernel holds them
-    (32, 64, 8, 32),    # 8-bit with groups
-    (32, 40, 8, -1),    # 8-bit, K % 16 (the CPU bf16 kernel has no K tail)
+    (24, 64, 6, 32),    # 5..8 bits on int4 planes: the same N % 16
+    (32, 112, 5, 48),   # ... and the same kernel groups
+    (32, 40, 8, -1),    # 8-bit, K % 16 (the CPU bf16 kernel has no K tail; no int4 group fits)
 ])
 def test_shapes_without_a_kernel_fall_back(out, cols, bits, group):
     layer = _layer(out, cols, bits, group)
     assert choose_kernel(layer, CPU, torch.bfloat16, byte_codes=False) is None
     assert kernel_name(choose_kernel(layer, CPU, torch.bfloat16)) == "bytes"
+
+
+# ---- 5..8 bits as two int4 planes --------------------------------------------------------------
+@pytest.mark.parametrize("bits,group,sym,pattern,cols", [
+    (5, 32, True, "none", 64), (6, 128, False, "unstructured", 256), (8, 128, True, "2:4", 256),
+    (7, -1, False, "none", 96), (8, 32, True, "none", 64), (6, 64, True, "unstructured", 320),
+    (5, 96, False, "none", 192),  # groups of 96: kernel groups of 32 inside them
+])
+def test_int4_pairs_compute_the_reference_weight_to_bf16(bits, group, sym, pattern, cols):
+    """Codes 5..8 bits wide split into two 4-bit planes (r = 16h + l): the kernel's weight, read
+    back, is bf16(s)·(q − z) rounded to bf16 (the int4 layout's own rounding), pruned entries are
+    exactly 0, one byte a weight is stored, and the layer's output matches the reference."""
+    torch.manual_seed(bits * cols)
+    layer = _layer(32, cols, bits, group, sym, pattern)
+    layout = choose_kernel(layer, CPU, torch.bfloat16)
+    assert kernel_name(layout) == "int4x2_cpu"
+    q = layer.dense_codes()
+    r = q.codes.float() - kernels.grid.expand_groups(q.zero, cols, q.group_size)
+    s = kernels.grid.expand_groups(q.scale, cols, q.group_size).bfloat16().float()
+    got = layout.weight(chunk=50)
+    assert torch.equal(got, (r * s).bfloat16().float())
+    if pattern != "none":
+        assert (got[~layer.kept_mask()] == 0).all()
+    assert layout.qweight.numel() * layout.qweight.element_size() == 32 * cols
+    x = torch.randn(5, cols)
+    ref = F.linear(x, layer.dequantized_weight(torch.float32))
+    layer.prepare(CPU, torch.bfloat16)
+    assert layer.kernel_name == "int4x2_cpu"
+    assert _rel_err(layer(x.bfloat16()), ref) < 2e-2
+
+
+def test_int4_pairs_refuse_asymmetric_8bit_codes_out_of_range():
+    """r = q − z must lie in [−128, 127]; an asymmetric 8-bit group can reach ±255."""
+    layer = _layer(32, 64, 8, 32, sym=False)
+    q = layer.dense_codes()
+    r = q.codes.float() - kernels.grid.expand_groups(q.zero, 64, 32)
+    assert r.min() < -128 or r.max() > 127  # the premise (random weights, min/max grid)
+    assert not kernels.Int4PairLayout.fits(q)
+    assert kernel_name(choose_kernel(layer, CPU, torch.bfloat16)) == "bytes"
+    assert kernel_name(choose_kernel(_layer(32, 64, 8, 32, sym=True), CPU, torch.bfloat16)) \
+        == "int4x2_cpu"
 
 
 @pytest.mark.parametrize("bits,group,pattern,lowrank", [
@@ -139,15 +180,16 @@ def test_byte_codes_layout_is_the_reference_weight(bits, group, pattern, lowrank
     base = layer.base_weight()
     x = torch.randn(3, layer.in_features)
     ref = F.linear(x, layer.dequantized_weight(torch.float32))
-    layout = choose_kernel(layer, CPU, torch.float32)
+    layout = choose_kernel(layer, CPU, torch.float32, int4_pairs=False)
     assert kernel_name(layout) == "bytes"
     assert torch.equal(layout._weight(), base)
-    layer.prepare(CPU, torch.float32)
+    layer.prepare(CPU, torch.float32, int4_pairs=False)
     assert layer.kernel_name == "bytes"
     assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)
     groups = layout.scale.shape[1]
     assert layout.nbytes() == 32 * layer.in_features + 32 * groups * 3
-    lb = choose_kernel(_layer(32, 64, bits, 32, sym, pattern), CPU, torch.bfloat16)
+    lb = choose_kernel(_layer(32, 64, bits, 32, sym, pattern), CPU, torch.bfloat16,
+                       int4_pairs=False)
     xb = torch.randn(2, 64)
     assert _rel_err(lb(xb.bfloat16()), F.linear(xb, lb._weight())) < 1e-2
 

@@ -51,20 +51,33 @@ def test_prepared_layers_compute_what_the_reference_does_in_bf16_tolerance():
 
 
 def test_a_layer_without_a_kernel_stays_on_the_reference_path():
-    model = _compressed("tiny-random-llama", [RTN(6, 32)])  # 6 bits, groups: no core kernel
+    model = _compressed("tiny-random-llama", [RTN(6, 32)])  # 6 bits, groups: no single kernel
     ref = copy.deepcopy(model)
-    kernels = prepare_for_inference(model, "cpu", torch.float32, byte_codes=False)
+    kernels = prepare_for_inference(model, "cpu", torch.float32, int4_pairs=False,
+                                    byte_codes=False)
     assert set(kernels.values()) == {"reference"}
     x = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
 
 
-def test_without_a_fused_kernel_a_layer_serves_from_byte_codes():
-    """The default fallback: one byte per code, the reference weight, the same logits."""
+def test_six_bit_layers_serve_on_int4_planes():
+    """5..8-bit codes take the int4 kernel as two planes (the default), logits within bf16."""
     model = _compressed("tiny-random-llama", [RTN(6, 32)])
     ref = copy.deepcopy(model)
     kernels = prepare_for_inference(model, "cpu", torch.float32)
+    assert set(kernels.values()) == {"int4x2_cpu"}
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        got, want = model(x).logits, ref(x).logits
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_without_a_fused_kernel_a_layer_serves_from_byte_codes():
+    """The last fallback: one byte per code, the reference weight, the same logits."""
+    model = _compressed("tiny-random-llama", [RTN(6, 32)])
+    ref = copy.deepcopy(model)
+    kernels = prepare_for_inference(model, "cpu", torch.float32, int4_pairs=False)
     assert set(kernels.values()) == {"bytes"}
     x = torch.randint(0, 256, (1, 8))
     with torch.no_grad():

@@ -49,8 +49,16 @@ Layouts (`kernel_name`):
   CUDA only, and off unless asked (`semi_structured=True`): no GPU measurement yet says it beats
   dense there at our shapes.
 
-Not here: 2, 3, 5, 6, 7-bit or grouped 8-bit codes have no PyTorch core kernel; they stay on the
-reference path (see the issue note for what gemlite, a Triton library, would need).
+* ``int4x2_cpu`` / ``int4x2_cuda`` — 5..8-bit codes (grouped, or 5..7 bits: what the int8 kernel
+  does not take) as two 4-bit planes on the same int4 kernel, one call over a doubled K
+  (Int4PairLayout: 8 bits a weight, exact up to the int4 layout's bf16 rounding).
+
+* ``bytes`` — the fallback for what no kernel takes (shapes the int4 kernel refuses): one byte
+  per code, the weight rebuilt on every call.
+
+No PyTorch core kernel reads 3-bit or 5..7-bit packed streams themselves: the int4 layouts hold
+2- and 3-bit codes at 4 bits a weight, 5..8-bit codes at 8 (see the issue note for what gemlite,
+a Triton library, would need).
 """
 
 from __future__ import annotations
@@ -64,7 +72,8 @@ from ciuic_lab.compress.state import QuantPart
 
 # Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int8", "semi_structured", "bytes", "reference")
+KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int4x2_cpu", "int4x2_cuda", "int8", "semi_structured",
+                "bytes", "reference")
 
 
 # ---- what the layouts are built from --------------------------------------------------------
@@ -212,6 +221,59 @@ class Int4Layout(KernelLayout):
                                                           self.scale_zero)
 
 
+class Int4PairLayout(Int4Layout):
+    """5..8-bit codes as two 4-bit planes, on the int4 kernel in one call over a doubled K.
+
+    Recentred, a code of the grid w = (q − z)·s is r = q − z, and r ∈ [−128, 127] for any
+    symmetric grid up to 8 bits and any asymmetric one up to 7 (an asymmetric 8-bit layer
+    qualifies when its codes do). It splits as r = 16·h + l with l = r mod 16 ∈ [0, 15] and
+    h = ⌊r / 16⌋ ∈ [−8, 7]:
+
+        w = l·s + 16s·h = [(l − 8)·s + 8s] + [(c − 8)·16s],   c = h + 8 ∈ [0, 15]
+
+    i.e. two int4 planes, scales s and 16s, zero terms 8s and 0. Side by side along K
+    (W₂ = [L | H], (N, 2K)) and fed [x | x], one int4 matmul computes x·Wᵀ. bf16(16s) = 16·bf16(s)
+    and bf16(8s) = 8·bf16(s) (powers of two), so the kernel's weight is bf16(s)·r: the int4
+    layout's rounding. Reads 8 bits a weight (the byte layout's size) without rebuilding the
+    weight on every call, which is what made 5..8-bit layers decode slower than dense.
+    """
+
+    def __init__(self, q: QuantPart, device: torch.device, group: int,
+                 inner_k_tiles: int | None = None):
+        out, cols = q.codes.shape
+        z = grid.expand_groups(q.zero, cols, q.group_size).round().to(torch.int32)
+        r = q.codes.to(torch.int32) - z
+        low = r & 15  # two's complement: r mod 16, also for negative r
+        high = (r - low) >> 4  # ⌊r / 16⌋
+        s = per_kernel_group(q.scale.float(), cols, q.group_size, group)  # (N, K/g)
+        planes = QuantPart(torch.cat([low, high + 8], 1), torch.cat([s, 16 * s], 1),
+                           torch.cat([torch.zeros_like(s), torch.full_like(s, 8.0)], 1),
+                           4, group, False)
+        super().__init__(planes, device, group, inner_k_tiles)
+        self.in_features = cols  # the kernel sees 2K columns; callers see K
+        self.kernel_name = self.kernel_name.replace("int4", "int4x2")
+
+    @classmethod
+    def supported(cls, out: int, cols: int, bits: int, group_size: int,
+                  device: torch.device) -> int | None:
+        if not 5 <= bits <= 8:
+            return None
+        g = kernel_group_size(cols, group_size)  # the 2K columns are then in groups of g
+        return None if g is None else Int4Layout.supported(out, 2 * cols, 4, g, device)
+
+    @staticmethod
+    def fits(q: QuantPart) -> bool:
+        """Whether every recentred code lies in [−128, 127] (always, but for asymmetric 8 bits)."""
+        if q.bits < 8 or q.sym:
+            return True
+        z = grid.expand_groups(q.zero, q.codes.shape[1], q.group_size).round()
+        r = q.codes.float() - z
+        return bool(r.min() >= -128 and r.max() <= 127)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return super()._matmul(torch.cat([x2, x2], -1))
+
+
 def _inner_k_tiles(cols: int) -> int:
     """Widest load the CUDA layout allows (8 k-tiles = 16-byte loads), K % (16·tiles) == 0."""
     for tiles in (8, 4, 2):
@@ -336,12 +398,14 @@ def _is_two_of_four(mask: torch.Tensor) -> bool:
 # ---- choosing ------------------------------------------------------------------------------------
 def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
                   semi_structured: bool = False, int8_cuda: bool = False,
-                  byte_codes: bool = True) -> KernelLayout | None:
+                  int4_pairs: bool = True, byte_codes: bool = True) -> KernelLayout | None:
     """The fastest layout for this layer's base part on `device`, or None (reference path).
 
     dtype: the activation dtype the model runs in; the int4/int8 layouts compute in bf16 whatever
     it is (see the module docstring), the 2:4 layout in `dtype` itself (fp16 or bf16).
     semi_structured / int8_cuda: enable the CUDA layouts not yet measured faster than dense.
+    int4_pairs: 5..8-bit codes that the int8 kernel does not take (grouped, or 5..7 bits) run as
+    two 4-bit planes on the int4 kernel (Int4PairLayout), where the shape allows.
     byte_codes: any other quantised base takes ByteCodesLayout (one byte per weight) rather than
     the reference path (packed storage, rebuilt on every call); False keeps the packed form.
     A low-rank part or a mask does not prevent a layout: it covers the base part only, and pruned
@@ -370,6 +434,10 @@ def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
         return Int4Layout(layer.dense_codes(), device, g)
     if Int8Layout.supported(out, cols, bits, gs, device) and (device.type == "cpu" or int8_cuda):
         return Int8Layout(layer.dense_codes(), device)
+    if int4_pairs and Int4PairLayout.supported(out, cols, bits, gs, device):
+        codes = layer.dense_codes()
+        if Int4PairLayout.fits(codes):
+            return Int4PairLayout(codes, device, kernel_group_size(cols, gs))
     if byte_codes and dtype.is_floating_point:
         return ByteCodesLayout(layer.dense_codes(), device, dtype)
     return None
