@@ -19,6 +19,8 @@ Per width (symmetric grid, groups of --group, so every row stores the same bits/
                            with the same tuning; set beside the 3-bit rows it should beat
     recipe-serve           the recipe with quant.kernel_widths=true quant.fuse_siblings=true:
                            what serving constraints cost it
+    ROW/hadamard           any lab row with `rotate=hadamard` (fused randomised Hadamard rotations;
+                           SmolLM2's tied embeddings are untied, the extra head counted apart)
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
                            lab's calibration windows as its dataset
 Both are scored in memory with the lab's perplexity function on WikiText-2 (`--windows` windows
@@ -52,10 +54,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int, lr: float,
-            calib: tuple[int, int], quant: str = "gptq", extra: tuple[str, ...] = ()):
+            calib: tuple[int, int], quant: str = "gptq", extra: tuple[str, ...] = (),
+            rotate: str = ""):
     model, tok = load(model_name, device="cpu")
     overrides = [f"model.name_or_path={model_name}", f"data.calib_samples={calib[0]}",
-                 f"data.calib_seqlen={calib[1]}"]
+                 f"data.calib_seqlen={calib[1]}"] + ([f"rotate={rotate}"] if rotate else [])
     if quant == "recipe-serve":  # the recipe under the serving constraints (quant.* knobs)
         overrides += ["quant.kernel_widths=true", "quant.fuse_siblings=true"]
     elif quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
@@ -139,6 +142,7 @@ def main() -> None:
     calib = calibration_windows(tok, a.calib[0], a.calib[1], int(cfg.data.calib_seed),
                                 source=str(cfg.data.calib_source))
     dense = perplexity(model, windows, batch_size=1, progress=False)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     del model
     head = (f"{a.model}: WikiText-2, {windows.shape[0]} windows x {a.seqlen}, dense ppl "
             f"{dense:.2f}; calibration: the lab's {a.calib[0]} windows x {a.calib[1]} "
@@ -153,12 +157,13 @@ def main() -> None:
             if name == "autoround":
                 m, _, bpp, secs = autoround_row(a.model, bits, a.group, a.iters, a.lr, calib)
             else:
-                quant, _, tune = name.partition("+")
+                row, _, rotate = name.partition("/")
+                quant, _, tune = row.partition("+")
                 tune, _, start = tune.partition("@")
                 extra = (*a.tune, f"tune.start={start or 'stage'}")
                 kind = {"": False, "tune": True, "full": "full"}[tune]
                 m, _, bpp, secs = lab_row(a.model, bits, a.group, kind, a.iters,
-                                          a.lr, tuple(a.calib), quant, extra)
+                                          a.lr, tuple(a.calib), quant, extra, rotate)
             ppl = perplexity(m, windows, batch_size=1, progress=False)
             label = {"gptq": "lab gptq", "rtn": "lab rtn", "gptq+tune": "lab gptq + tune=block",
                      "gptq+tune@rtn": "lab gptq + tune=block from rtn",
@@ -170,7 +175,13 @@ def main() -> None:
                      "recipe-serve": "lab recipe ciuic, kernel widths + fused siblings",
                      "recipe-serve+full@rtn": "lab recipe ciuic, kernel widths + fused "
                                               "siblings + tune=full",
-                     "autoround": "AutoRound 0.16.1"}[name]
+                     "autoround": "AutoRound 0.16.1"}[name.partition("/")[0]] + (
+                         f", rotate={name.partition('/')[2]}" if "/" in name else "")
+            if "/" in name and tied:  # a rotation unties tied embeddings: what the head adds
+                head, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+                if head.data_ptr() != emb.data_ptr():
+                    label += (f" (+ untied head, {head.numel() * head.element_size() / 2**20:.1f}"
+                              " MiB, not in bits/param)")
             shown = "mix" if name.startswith("recipe") else bits
             line = (f"| {label} | {shown} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
                     f" | {secs:.0f} | {time.strftime('%Y-%m-%d')} |")
