@@ -341,6 +341,24 @@ def test_int4_cuda_matches_reference_and_reads_back_exactly(out, cols, group, sy
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("bits,group,sym", [(5, 32, True), (6, 128, False), (8, 128, True),
+                                            (7, -1, False)])
+def test_int4_pairs_on_cuda_read_back_bf16_s_times_r(bits, group, sym):
+    """The CUDA encoding of the two planes (even column in the high nibble, inner k-tiles over
+    2K) computes the same weight as on CPU: bf16(s)·(q − z), rounded to bf16."""
+    layer = _layer(64, 256, bits, group, sym, "unstructured")
+    layout = choose_kernel(layer, CUDA, torch.bfloat16)
+    assert kernel_name(layout) == "int4x2_cuda"
+    q = layer.dense_codes()
+    r = q.codes.float() - kernels.grid.expand_groups(q.zero, 256, q.group_size)
+    s = kernels.grid.expand_groups(q.scale, 256, q.group_size).bfloat16().float()
+    assert torch.equal(layout.weight().cpu(), (r * s).bfloat16().float())
+    x = torch.randn(3, 7, 256, device=CUDA)
+    assert _rel_err(layout(x), F.linear(x, layer.base_weight().to(CUDA))) < 1e-2
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_semi_structured_matches_reference(dtype):
     layer = _layer(128, 256, None, pattern="2:4", dtype=dtype)
