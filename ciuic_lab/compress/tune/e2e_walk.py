@@ -92,7 +92,7 @@ def run(e2e: E2ETune, provider, teacher: Teacher, progress: bool = False,
     kept = after < before
     if kept:
         provider.rewrite(lambda i, block: _write(block, state.blocks[i]),
-                         lambda post: _write_post(post, state.post))
+                         lambda post: state.post and _write(_ends(post), state.post))
     return {"kl_before": before, "kl_after": after if kept else before, "kept": kept,
             "steps": e2e.iters, "seconds": time.perf_counter() - t0}
 
@@ -112,7 +112,7 @@ def kl(e2e: E2ETune, provider, teacher: Teacher, state: _State | None = None) ->
         provider.release(i, block)
     *norms, head = provider.post()
     total, n = 0.0, 0
-    with _written_post(norms, None if state is None else state.post):
+    with _written(_ends(norms), None if state is None else state.post):
         for b in range(len(hidden)):
             h = _through(norms, hidden[b])
             rows = slice(b * e2e.batch_size, b * e2e.batch_size + h.shape[0])
@@ -179,7 +179,7 @@ class _State:
     def ends(self, norms: list[nn.Module]) -> _Trained:
         if self.post is None:
             self.post = _Trained({}, {n: nn.Parameter(m.weight.detach().float().clone())
-                                      for n, m in _post_norms(norms)}, self.lr)
+                                      for n, m in _norm_modules(_ends(norms))}, self.lr)
         return self.post
 
 
@@ -208,7 +208,7 @@ def _fit(e2e: E2ETune, provider, teacher: Teacher, state: _State, progress: bool
                 provider.release(i, block)
         post = state.ends(norms)
         leaf = h.detach().requires_grad_(True)
-        with _installed_post(norms, post, provider.device), torch.enable_grad():
+        with _installed(_ends(norms), post, provider.device, grad=True), torch.enable_grad():
             _kl_sum(_through(norms, leaf), head, teacher, pick, backward=True)
         post.step(factor)
         g = leaf.grad
@@ -257,31 +257,10 @@ def _installed(block: nn.Module, trained: _Trained, device: torch.device, grad: 
         trained.to(torch.device("cpu"))
 
 
-@contextmanager
-def _installed_post(norms: list[nn.Module], post: _Trained, device: torch.device):
-    """The final norms computing with their trained gains; their gradients to the masters."""
-    saved = []
-    post.to(device)
-    try:
-        for name, m in _post_norms(norms):
-            saved.append((m.weight, m.weight.data, m.weight.requires_grad))
-            m.weight.data = post.norms[name].detach().to(m.weight.dtype, copy=True)
-            m.weight.requires_grad_(True)
-        yield
-        for name, m in _post_norms(norms):
-            if m.weight.grad is not None:
-                post.norms[name].grad = m.weight.grad.float()
-    finally:
-        for w, data, flag in saved:
-            w.data, w.grad = data, None
-            w.requires_grad_(flag)
-        post.to(torch.device("cpu"))
-
-
-def _post_norms(norms: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """The norm modules after the last block, named by position (they have no common root)."""
-    return [(f"{j}.{n}" if n else str(j), m) for j, mod in enumerate(norms)
-            for n, m in _norm_modules(mod)]
+def _ends(post: list[nn.Module]) -> nn.ModuleList:
+    """The modules after the last block as one container, named by position (they have no common
+    root), so that their norms are trained, installed and written like a block's."""
+    return nn.ModuleList(post)
 
 
 @torch.no_grad()
@@ -296,14 +275,6 @@ def _write(block: nn.Module, trained: _Trained) -> None:
     trained.to(torch.device("cpu"))
 
 
-@torch.no_grad()
-def _write_post(norms: list[nn.Module], post: _Trained | None) -> None:
-    if post is None:
-        return
-    for name, m in _post_norms(norms):
-        m.weight.copy_(post.norms[name].to(m.weight.device, m.weight.dtype))
-
-
 @contextmanager
 def _written(block: nn.Module, trained: _Trained | None):
     """The block with the trained values written into its formats, put back afterwards."""
@@ -313,20 +284,6 @@ def _written(block: nn.Module, trained: _Trained | None):
     saved = _snapshot(_packed(block), [m.weight for _, m in _norm_modules(block)])
     try:
         _write(block, trained)
-        yield
-    finally:
-        _restore(saved)
-
-
-@contextmanager
-def _written_post(norms: list[nn.Module], post: _Trained | None):
-    if post is None:
-        yield
-        return
-    saved = [(m.weight.data, m.weight.detach().clone()) for mod in norms
-             for _, m in _norm_modules(mod)]
-    try:
-        _write_post(norms, post)
         yield
     finally:
         _restore(saved)
