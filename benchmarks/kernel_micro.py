@@ -12,6 +12,8 @@ hits all of them alike) and the median and minimum wall time are printed with ra
     int8        the int8 layout on the 8-bit per-channel layer, bf16 activations
     int4x2_cpu  the 6-bit g128 layer as two int4 planes (Int4PairLayout), bf16 activations
     bytes       the same 6-bit layer from one byte per code, its weight rebuilt per call
+    lowrank     the recipe's residual alone: two thin bf16 matmuls of rank 0.02·out·in/(out + in)
+                (what a prepared layer adds to its base kernel's time)
     dense_bf16  F.linear with a dense bf16 weight
     dense_fp32  F.linear with a dense fp32 weight (fp32 activations)
 """
@@ -65,6 +67,9 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
     b6 = choose_kernel(l6, "cpu", torch.bfloat16, int4_pairs=False)
     assert kernel_name(k4) == "int4_cpu" and kernel_name(k8) == "int8"
     assert kernel_name(k6) == "int4x2_cpu" and kernel_name(b6) == "bytes"
+    rank = max(1, round(0.02 * out * cols / (out + cols)))
+    u = torch.randn(out, rank, dtype=torch.bfloat16)
+    v = torch.randn(rank, cols, dtype=torch.bfloat16)
     w_bf16 = l4.base_weight().bfloat16()
     w_fp32 = l4.base_weight()
     print(f"\n{out} x {cols}: stored bytes  int4 packed {l4.nbytes():,}  int4 layout "
@@ -78,11 +83,13 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
         err = (k4(x).float() - ref).norm() / ref.norm()
         fns = {"reference": lambda x=x: l4(x), "int4_cpu": lambda x=x: k4(x),
                "int8": lambda x=x: k8(x), "int4x2_cpu": lambda x=x: k6(x),
-               "bytes": lambda x=x: b6(x), "dense_bf16": lambda x=x: F.linear(x, w_bf16),
+               "bytes": lambda x=x: b6(x),
+               "lowrank": lambda x=x: F.linear(F.linear(x, v), u), "dense_bf16": lambda x=x: F.linear(x, w_bf16),
                "dense_fp32": lambda xf=xf: F.linear(xf, w_fp32)}
         t = timed_rounds(fns, n_rounds)
         med = {k: statistics.median(v) for k, v in t.items()}
-        print(f"  M={m:<4d} ({n_rounds} rounds; int4 vs reference rel. error {err:.1e})")
+        print(f"  M={m:<4d} ({n_rounds} rounds; int4 vs reference rel. error {err:.1e}; "
+              f"lowrank rank {rank})")
         print(f"    {'variant':<11s} {'median ms':>10s} {'min ms':>9s} {'ref/this':>9s} "
               f"{'this/bf16':>10s} {'this/fp32':>10s}")
         for k, v in t.items():
