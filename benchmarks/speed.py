@@ -121,8 +121,10 @@ def main() -> None:
           f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s} {'peak MiB':>9s}   ratios vs dense "
           f"(prefill, decode, wiki time)")
     table = [f"Written by `python benchmarks/speed.py --models {' '.join(args.models)} --threads "
-             f"{args.threads}` on {args.device} ({torch.get_num_threads()} threads); batch 1; "
-             "dense in bf16; decode greedy with KV cache after a 128-token prompt.", "",
+             f"{args.threads} --calib {args.calib[0]} {args.calib[1]}` on {args.device} "
+             f"({torch.get_num_threads()} threads); batch 1; dense in bf16; decode greedy with "
+             "KV cache after a 128-token prompt; `ciuic serve`: the recipe with "
+             "quant.kernel_widths=true quant.fuse_siblings=true.", "",
              "| model | variant | prefill tok/s | decode tok/s | wiki s | ppl | MiB stored | "
              "prefill vs dense | decode vs dense | layers prepared (int4/int8/bytes) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -172,11 +174,14 @@ def _merged(path: Path, table: list[str], models: list[str]) -> str:
     if not path.is_file():
         return "\n".join([*table, ""])
     old = path.read_text().splitlines()
-    runs = [ln for ln in old if ln.startswith("Written by")]
     kept = [ln for ln in old if ln.startswith("| ") and not ln.startswith(("| model", "| ---"))
             and ln.split("|")[1].strip() not in models]
     if not kept:
         return "\n".join([*table, ""])
+    # an earlier run's line stays while one of its models still has rows here
+    named = {ln.split("|")[1].strip() for ln in kept}
+    runs = [ln for ln in old if ln.startswith("Written by") and
+            named & set(ln.partition("--models ")[2].partition(" --")[0].split())]
     return "\n".join([*runs, head[0], "", *head[2:], *kept, *rows, ""])
 
 
