@@ -386,7 +386,7 @@ def test_int8_cuda_matches_reference(sym):
 
 @pytest.mark.parametrize("factor_bits", [8, 16])
 def test_prepared_factors_are_decoded_once_not_per_call(monkeypatch, factor_bits):
-    """After prepare, U and V are held decoded in the compute dtype: the forward unpacks
+    """After prepare, U and V are held decoded (float32 on CPU): the forward unpacks
     nothing (the per-call dequantisation that made the recipe decode slower than dense), and
     computes what the reference forward does."""
     from ciuic_lab.compress.store import packing
@@ -402,6 +402,7 @@ def test_prepared_factors_are_decoded_once_not_per_call(monkeypatch, factor_bits
     ref = layer(x)
     assert layer.prepare(CPU, torch.bfloat16) == "int4_cpu"
     assert {"lr_u", "lr_v"} <= set(layer._buffers)
+    assert layer.lr_u.dtype == layer.lr_v.dtype == torch.float32  # CPU: see _prepare_factors
     assert not any(n.startswith(("u_", "v_")) or n in ("u", "v") for n in layer._buffers)
 
     def boom(*a, **k):

@@ -221,20 +221,25 @@ class CompressedLinear(nn.Module):
                 for name in _BASE_BUFFERS:
                     self._buffers.pop(name, None)
                 self.kernel = layout
-                self._prepare_factors(dtype)
+                self._prepare_factors(torch.device(device), dtype)
         return self.kernel_name
 
-    def _prepare_factors(self, dtype: torch.dtype) -> None:
-        """Hold U and V decoded in the compute dtype instead of their k-bit codes, so that the
-        forward does not dequantise them on every call (what made the recipe decode slower than
-        dense). Costs r·(out + in) values at the compute dtype; nbytes() counts them."""
+    def _prepare_factors(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Hold U and V decoded instead of their k-bit codes, so that the forward does not
+        dequantise them on every call (what made the recipe decode slower than dense). In the
+        compute dtype on CUDA; in float32 on CPU, where a bf16 matmul this thin goes through
+        oneDNN's bf16 path at ~20 µs a call whatever its size, against 3–5 µs in float32 (x of
+        1 × 2048 by a rank-20 V; `benchmarks/kernel_micro.py`, lowrank rows): on a MoE model the
+        two thin matmuls of every expert were a third of the recipe's decode time. Costs
+        r·(out + in) values at that dtype; nbytes() counts them."""
         factors = self.lowrank_factors()
         if factors is None:
             return
         for name in [n for n in self._buffers if n in ("u", "v") or n.startswith(("u_", "v_"))]:
             self._buffers.pop(name)
-        self._buf("lr_u", factors[0].to(dtype))
-        self._buf("lr_v", factors[1].to(dtype))
+        fdtype = torch.float32 if device.type == "cpu" else dtype
+        self._buf("lr_u", factors[0].to(fdtype))
+        self._buf("lr_v", factors[1].to(fdtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.meta["bias"] else None
@@ -242,7 +247,8 @@ class CompressedLinear(nn.Module):
             return F.linear(x, self.dequantized_weight(x.dtype), b)
         y = self.kernel(x)
         if "lr_u" in self._buffers:  # two thin matmuls: r (out + in) per token, not out · in
-            y = y + F.linear(F.linear(x, self.lr_v.to(x.dtype)), self.lr_u.to(x.dtype))
+            lr = self.lr_v.dtype
+            y = y + F.linear(F.linear(x.to(lr), self.lr_v), self.lr_u).to(y.dtype)
         return y if b is None else y + b
 
     def extra_repr(self) -> str:
