@@ -18,7 +18,7 @@ Per width (symmetric grid, groups of --group, so every row stores the same bits/
                            own budget (about 3.3 bits/param: its bits column reads "mix"), then
                            with the same tuning; set beside the 3-bit rows it should beat
     recipe-serve           the recipe with quant.kernel_widths=true quant.fuse_siblings=true:
-                           what serving constraints cost it
+                           what serving constraints cost it (recipe-kw: kernel widths alone)
     ROW/hadamard           any lab row with `rotate=hadamard` (fused randomised Hadamard rotations;
                            SmolLM2's tied embeddings are untied, the extra head counted apart)
     autoround              AutoRound with the same steps and lr ("light": 50 and 5e-3), fed the
@@ -61,6 +61,8 @@ def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int
                  f"data.calib_seqlen={calib[1]}"] + ([f"rotate={rotate}"] if rotate else [])
     if quant == "recipe-serve":  # the recipe under the serving constraints (quant.* knobs)
         overrides += ["quant.kernel_widths=true", "quant.fuse_siblings=true"]
+    elif quant == "recipe-kw":  # kernel widths alone
+        overrides += ["quant.kernel_widths=true"]
     elif quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
         overrides += ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}",
                       f"quant.bits={bits}", f"quant.group_size={group}", "quant.sym=true"]
@@ -173,6 +175,7 @@ def main() -> None:
                      "recipe": "lab recipe ciuic",
                      "recipe+full@rtn": "lab recipe ciuic + tune=full",
                      "recipe-serve": "lab recipe ciuic, kernel widths + fused siblings",
+                     "recipe-kw": "lab recipe ciuic, kernel widths",
                      "recipe-serve+full@rtn": "lab recipe ciuic, kernel widths + fused "
                                               "siblings + tune=full",
                      "autoround": "AutoRound 0.16.1"}[name.partition("/")[0]] + (
