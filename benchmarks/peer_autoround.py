@@ -181,9 +181,9 @@ def main() -> None:
                      "autoround": "AutoRound 0.16.1"}[name.partition("/")[0]] + (
                          f", rotate={name.partition('/')[2]}" if "/" in name else "")
             if "/" in name and tied:  # a rotation unties tied embeddings: what the head adds
-                head, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
-                if head.data_ptr() != emb.data_ptr():
-                    label += (f" (+ untied head, {head.numel() * head.element_size() / 2**20:.1f}"
+                out_w, in_w = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+                if out_w.data_ptr() != in_w.data_ptr():
+                    label += (f" (+ untied head, {out_w.numel() * out_w.element_size() / 2**20:.1f}"
                               " MiB, not in bits/param)")
             shown = "mix" if name.startswith("recipe") else bits
             line = (f"| {label} | {shown} | {bpp:.3f} | {ppl:.2f} | {100 * (ppl / dense - 1):+.1f} %"
