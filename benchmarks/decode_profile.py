@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import time
 
+import speed
 import torch
 
-import speed
 from ciuic_lab.compress.store.serve import prepare_for_inference
 
 
 @torch.no_grad()
 def profile_decode(model, steps: int, rows: int) -> None:
-    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=gen)
     out = model(ids, use_cache=True)
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
 

@@ -12,8 +12,10 @@ hits all of them alike) and the median and minimum wall time are printed with ra
     int8        the int8 layout on the 8-bit per-channel layer, bf16 activations
     int4x2_cpu  the 6-bit g128 layer as two int4 planes (Int4PairLayout), bf16 activations
     bytes       the same 6-bit layer from one byte per code, its weight rebuilt per call
-    lowrank     the recipe's residual alone: two thin bf16 matmuls of rank 0.02·out·in/(out + in)
-                (what a prepared layer adds to its base kernel's time)
+    lowrank     the recipe's residual alone, as a prepared layer computes it on CPU: two thin
+                matmuls of rank 0.02·out·in/(out + in) with float32 factors (bf16 in and out);
+                what a prepared layer adds to its base kernel's time
+    lowrank_bf16  the same with bf16 factors (oneDNN's bf16 path: ~20 µs a call at any size)
     dense_bf16  F.linear with a dense bf16 weight
     dense_fp32  F.linear with a dense fp32 weight (fp32 activations)
 """
@@ -68,8 +70,9 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
     assert kernel_name(k4) == "int4_cpu" and kernel_name(k8) == "int8"
     assert kernel_name(k6) == "int4x2_cpu" and kernel_name(b6) == "bytes"
     rank = max(1, round(0.02 * out * cols / (out + cols)))
-    u = torch.randn(out, rank, dtype=torch.bfloat16)
-    v = torch.randn(rank, cols, dtype=torch.bfloat16)
+    lr_u = torch.randn(out, rank, dtype=torch.bfloat16)
+    lr_v = torch.randn(rank, cols, dtype=torch.bfloat16)
+    lr_uf, lr_vf = lr_u.float(), lr_v.float()
     w_bf16 = l4.base_weight().bfloat16()
     w_fp32 = l4.base_weight()
     print(f"\n{out} x {cols}: stored bytes  int4 packed {l4.nbytes():,}  int4 layout "
@@ -84,7 +87,9 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
         fns = {"reference": lambda x=x: l4(x), "int4_cpu": lambda x=x: k4(x),
                "int8": lambda x=x: k8(x), "int4x2_cpu": lambda x=x: k6(x),
                "bytes": lambda x=x: b6(x),
-               "lowrank": lambda x=x: F.linear(F.linear(x, v), u), "dense_bf16": lambda x=x: F.linear(x, w_bf16),
+               "lowrank": lambda x=x: F.linear(F.linear(x.float(), lr_vf), lr_uf).bfloat16(),
+               "lowrank_bf16": lambda x=x: F.linear(F.linear(x, lr_v), lr_u),
+               "dense_bf16": lambda x=x: F.linear(x, w_bf16),
                "dense_fp32": lambda xf=xf: F.linear(xf, w_fp32)}
         t = timed_rounds(fns, n_rounds)
         med = {k: statistics.median(v) for k, v in t.items()}

@@ -240,7 +240,7 @@ class Int4PairLayout(Int4Layout):
 
     def __init__(self, q: QuantPart, device: torch.device, group: int,
                  inner_k_tiles: int | None = None):
-        out, cols = q.codes.shape
+        cols = q.codes.shape[1]
         z = grid.expand_groups(q.zero, cols, q.group_size).round().to(torch.int32)
         r = q.codes.to(torch.int32) - z
         low = r & 15  # two's complement: r mod 16, also for negative r
