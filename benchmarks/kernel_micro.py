@@ -5,7 +5,8 @@
 For each (out x in) shape, a random weight is quantised with RTN (4-bit g128 symmetric; 8-bit per
 channel for the int8 row; 6-bit g128 for the int4x2 and bytes rows) and packed as CompressedLinear. Then, for M = 1 (decode) and
 M = 512 (prefill) tokens, every variant runs in interleaved rounds (so load from other processes
-hits all of them alike) and the median and minimum wall time are printed with ratios:
+hits all of them alike) and the median and minimum wall time are printed with ratios, and written
+to benchmarks/results/kernel_micro_cpu.md:
 
     reference   CompressedLinear.forward, bf16 activations (rebuilds the dense weight each call)
     int4_cpu    the int4 layout (aten._weight_int4pack_mm_for_cpu), bf16 activations
@@ -26,6 +27,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,9 @@ def timed_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
+def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> list[str]:
+    """Prints the shape's timings; returns its rows of the results table."""
+    rows = []
     torch.manual_seed(0)
     w = torch.randn(out, cols) * 0.02
     l4 = packed_layer(w, 4, 128)
@@ -100,6 +104,9 @@ def bench_shape(out: int, cols: int, rounds: dict[int, int]) -> None:
         for k, v in t.items():
             print(f"    {k:<11s} {med[k]:10.2f} {min(v):9.2f} {med['reference'] / med[k]:9.1f} "
                   f"{med[k] / med['dense_bf16']:10.2f} {med[k] / med['dense_fp32']:10.2f}")
+            rows.append(f"| {out} x {cols} | {m} | {k} | {med[k]:.3f} | {min(v):.3f} | "
+                        f"{med[k] / med['dense_bf16']:.2f} |")
+    return rows
 
 
 def main() -> None:
@@ -112,9 +119,20 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}")
+    rows = []
     for s in a.shapes:
         out, cols = map(int, s.split("x"))
-        bench_shape(out, cols, {1: a.rounds_decode, 512: a.rounds_prefill})
+        rows += bench_shape(out, cols, {1: a.rounds_decode, 512: a.rounds_prefill})
+    out_path = Path(__file__).resolve().parent / "results" / "kernel_micro_cpu.md"
+    out_path.write_text("\n".join([
+        f"Written by `python benchmarks/kernel_micro.py --threads {a.threads} --shapes "
+        f"{' '.join(a.shapes)} --rounds-decode {a.rounds_decode} --rounds-prefill "
+        f"{a.rounds_prefill}` (torch {torch.__version__}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; variants in the script's docstring; "
+        "interleaved rounds, median and minimum wall time per call).", "",
+        "| shape (out x in) | tokens M | variant | median ms | min ms | median vs dense bf16 |",
+        "| --- | --- | --- | --- | --- | --- |", *rows, ""]))
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_int4_pairs_refuse_asymmetric_8bit_codes_out_of_range():
     q = layer.dense_codes()
     r = q.codes.float() - kernels.grid.expand_groups(q.zero, 64, 32)
     assert r.min() < -128 or r.max() > 127  # the premise (random weights, min/max grid)
-    assert not kernels.Int4PairLayout.fits(q)
+    assert not kernels.Int4PairLayout.fits(kernels.Int4PairLayout.signed(q))
     assert kernel_name(choose_kernel(layer, CPU, torch.bfloat16)) == "bytes"
     assert kernel_name(choose_kernel(_layer(32, 64, 8, 32, sym=True), CPU, torch.bfloat16)) \
         == "int4x2_cpu"

@@ -239,10 +239,9 @@ class Int4PairLayout(Int4Layout):
     """
 
     def __init__(self, q: QuantPart, device: torch.device, group: int,
-                 inner_k_tiles: int | None = None):
+                 inner_k_tiles: int | None = None, r: torch.Tensor | None = None):
         cols = q.codes.shape[1]
-        z = grid.expand_groups(q.zero, cols, q.group_size).round().to(torch.int32)
-        r = q.codes.to(torch.int32) - z
+        r = self.signed(q) if r is None else r  # (N, K) int32, q − z
         low = r & 15  # two's complement: r mod 16, also for negative r
         high = (r - low) >> 4  # ⌊r / 16⌋
         s = per_kernel_group(q.scale.float(), cols, q.group_size, group)  # (N, K/g)
@@ -262,12 +261,14 @@ class Int4PairLayout(Int4Layout):
         return None if g is None else Int4Layout.supported(out, 2 * cols, 4, g, device)
 
     @staticmethod
-    def fits(q: QuantPart) -> bool:
+    def signed(q: QuantPart) -> torch.Tensor:
+        """(N, K) int32 recentred codes r = q − z."""
+        z = grid.expand_groups(q.zero, q.codes.shape[1], q.group_size).round().to(torch.int32)
+        return q.codes.to(torch.int32) - z
+
+    @staticmethod
+    def fits(r: torch.Tensor) -> bool:
         """Whether every recentred code lies in [−128, 127] (always, but for asymmetric 8 bits)."""
-        if q.bits < 8 or q.sym:
-            return True
-        z = grid.expand_groups(q.zero, q.codes.shape[1], q.group_size).round()
-        r = q.codes.float() - z
         return bool(r.min() >= -128 and r.max() <= 127)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
@@ -434,12 +435,14 @@ def choose_kernel(layer, device: torch.device | str, dtype: torch.dtype, *,
         return Int4Layout(layer.dense_codes(), device, g)
     if Int8Layout.supported(out, cols, bits, gs, device) and (device.type == "cpu" or int8_cuda):
         return Int8Layout(layer.dense_codes(), device)
+    codes = None  # decoded once for the two layouts below
     if int4_pairs and Int4PairLayout.supported(out, cols, bits, gs, device):
         codes = layer.dense_codes()
-        if Int4PairLayout.fits(codes):
-            return Int4PairLayout(codes, device, kernel_group_size(cols, gs))
+        r = Int4PairLayout.signed(codes)
+        if Int4PairLayout.fits(r):
+            return Int4PairLayout(codes, device, kernel_group_size(cols, gs), r=r)
     if byte_codes and dtype.is_floating_point:
-        return ByteCodesLayout(layer.dense_codes(), device, dtype)
+        return ByteCodesLayout(codes if codes is not None else layer.dense_codes(), device, dtype)
     return None
 
 

@@ -227,11 +227,12 @@ class CompressedLinear(nn.Module):
     def _prepare_factors(self, device: torch.device, dtype: torch.dtype) -> None:
         """Hold U and V decoded instead of their k-bit codes, so that the forward does not
         dequantise them on every call (what made the recipe decode slower than dense). In the
-        compute dtype on CUDA; in float32 on CPU, where a bf16 matmul this thin goes through
-        oneDNN's bf16 path at ~20 µs a call whatever its size, against 3–5 µs in float32 (x of
-        1 × 2048 by a rank-20 V; `benchmarks/kernel_micro.py`, lowrank rows): on a MoE model the
-        two thin matmuls of every expert were a third of the recipe's decode time. Costs
-        r·(out + in) values at that dtype; nbytes() counts them."""
+        compute dtype on CUDA; in float32 on CPU, where a bf16 matmul this thin is slower at one
+        token (2048², rank 20: 0.076 vs 0.104 ms for the pair, benchmarks/results/
+        kernel_micro_cpu.md; ~19 µs per bf16 call in the MoE decode profile, where the factor
+        matmuls of every expert were a third of the recipe's decode time). At prefill float32 is
+        2–3× bf16, but there the int4 kernels' own time dominates. Costs r·(out + in) values at
+        that dtype; nbytes() counts them."""
         factors = self.lowrank_factors()
         if factors is None:
             return
