@@ -58,7 +58,9 @@ def main() -> None:
     model, tok = speed.build(name, "cpu")
     variants = {"rtn-4 g128": ["recipe=none", "prune=none", "lowrank=none", "quant=rtn",
                                "quant.bits=4", "quant.group_size=128"],
-                "ciuic": ["data.calib_samples=8", "data.calib_seqlen=256"]}
+                "ciuic": ["data.calib_samples=8", "data.calib_seqlen=256"],
+                "ciuic serve": ["data.calib_samples=8", "data.calib_seqlen=256",
+                                "quant.kernel_widths=true", "quant.fuse_siblings=true"]}
     print(f"{name}: dense bf16")
     profile_decode(model, a.steps, a.rows)
     for label, overrides in variants.items():

@@ -50,6 +50,37 @@ def test_prepared_layers_compute_what_the_reference_does_in_bf16_tolerance():
         assert _rel(model(x).logits, ref(x).logits) < 2e-2
 
 
+def test_mla_kv_b_proj_is_served_dense_with_its_low_rank_part_folded_in():
+    """transformers' MLA re-expands the whole cached latent through kv_b_proj at every decode
+    step (M = context length): the DeepSeek adapter holds that layer as one dense weight."""
+    model = _compressed()
+    ref = copy.deepcopy(model)
+    kernels = prepare_for_inference(model, "cpu", torch.bfloat16)
+    dense = {n for n, k in kernels.items() if k == "dense"}
+    assert dense and dense == {n for n in kernels if n.endswith("self_attn.kv_b_proj")}
+    for name in dense:
+        layer, oracle = model.get_submodule(name), ref.get_submodule(name)
+        assert oracle.meta["lowrank"] is not None  # a residual factor pair was folded in
+        assert layer.lowrank_factors() is None and not hasattr(layer, "lr_u")
+        assert not hasattr(layer, "codes") and not hasattr(layer, "mask_code")
+        assert layer.nbytes() == 2 * layer.out_features * layer.in_features  # bf16, no bias
+        want = oracle.dequantized_weight()
+        assert torch.allclose(layer.dequantized_weight(), want, rtol=1e-2, atol=1e-2 * float(
+            want.abs().max()))
+        x = torch.randn(5, layer.in_features)
+        assert _rel(layer(x), oracle(x)) < 1e-2
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert _rel(model(x).logits.float(), ref(x).logits) < 2e-2
+    # the knob: none held dense
+    other = copy.deepcopy(ref)
+    kernels = prepare_for_inference(other, "cpu", torch.bfloat16, serve_dense=())
+    assert "dense" not in kernels.values()
+    # Llama-shaped models multiply nothing by the cache: no dense layer by default
+    llama = _compressed("tiny-random-llama")
+    assert "dense" not in prepare_for_inference(llama, "cpu", torch.bfloat16).values()
+
+
 def test_a_layer_without_a_kernel_stays_on_the_reference_path():
     model = _compressed("tiny-random-llama", [RTN(6, 32)])  # 6 bits, groups: no single kernel
     ref = copy.deepcopy(model)

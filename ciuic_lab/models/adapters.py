@@ -153,6 +153,12 @@ class DecoderAdapter:
     residual: ResidualLayout | None = None
     no_residual: str | None = None
     value_path: str | None = None  # one of VALUE_PATHS
+    # Layers served as a dense weight (compress/store/serve.py), by name suffix: those the model
+    # multiplies by every cached position at each decode step. transformers' MLA caches the
+    # latent and re-expands it through kv_b_proj on every step (M = context length), where
+    # weight-only kernels built for M = 1 cost 10–20× a dense GEMM; vLLM's MLA dequantises
+    # kv_b_proj at load for the same reason. DeepSeek-V3: 61 × 32768×512, ~2 GB in bf16.
+    serve_dense: tuple[str, ...] = ()
     # Linears whose input may be rotated at run time, by site (`rotate.online`); absent paths
     # are skipped. Routed experts' down projections are not linears: never a site.
     online_sites = MappingProxyType({
@@ -161,7 +167,10 @@ class DecoderAdapter:
     # official per-expert checkpoint names -> (fused parameter, its rows in the fused slice)
     _EXPERT_KEY = re.compile(r"^(?P<owner>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
-    def __init__(self, *, residual: ResidualLayout | None = None, value_path: str | None = None):
+    def __init__(self, *, residual: ResidualLayout | None = None, value_path: str | None = None,
+                 serve_dense: tuple[str, ...] | None = None):
+        if serve_dense is not None:
+            self.serve_dense = serve_dense
         if residual is not None:
             self.residual = residual
         if value_path is not None:
@@ -365,8 +374,10 @@ class Gemma3Adapter(DecoderAdapter):
 
 
 ADAPTERS: dict[str, DecoderAdapter] = {
-    "deepseek_v3": DecoderAdapter(residual=DEEPSEEK_RESIDUAL, value_path="kv_b_proj"),
-    "deepseek_v2": DecoderAdapter(residual=DEEPSEEK_RESIDUAL, value_path="kv_b_proj"),
+    "deepseek_v3": DecoderAdapter(residual=DEEPSEEK_RESIDUAL, value_path="kv_b_proj",
+                                  serve_dense=("self_attn.kv_b_proj",)),
+    "deepseek_v2": DecoderAdapter(residual=DEEPSEEK_RESIDUAL, value_path="kv_b_proj",
+                                  serve_dense=("self_attn.kv_b_proj",)),
     "llama": DecoderAdapter(residual=LLAMA_RESIDUAL, value_path="v_proj"),
     "qwen2": DecoderAdapter(residual=LLAMA_RESIDUAL, value_path="v_proj"),
     "gemma3_text": Gemma3Adapter(),

@@ -53,6 +53,13 @@ Layouts (`kernel_name`):
   does not take) as two 4-bit planes on the same int4 kernel, one call over a doubled K
   (Int4PairLayout: 8 bits a weight, exact up to the int4 layout's bf16 rounding).
 
+* ``dense`` — the layer's whole weight (base and low-rank part) rebuilt once in the compute
+  dtype, for the layers a model multiplies by every cached position at each decode step
+  (DecoderAdapter.serve_dense: transformers' MLA caches the latent and re-expands it through
+  kv_b_proj, so that layer's M is the context length, where the int4 kernels, built for M = 1,
+  cost 10–20× a dense GEMM; vLLM's MLA dequantises kv_b_proj at load for the same reason).
+  Costs 16 bits a weight in serving memory, counted like any layout's buffers.
+
 * ``bytes`` — the fallback for what no kernel takes (shapes the int4 kernel refuses): one byte
   per code, the weight rebuilt on every call.
 
@@ -73,7 +80,7 @@ from ciuic_lab.compress.state import QuantPart
 # Group sizes the tinygemm int4 kernels are compiled for (CPU and CUDA), largest first.
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 KERNEL_NAMES = ("int4_cpu", "int4_cuda", "int4x2_cpu", "int4x2_cuda", "int8", "semi_structured",
-                "bytes", "reference")
+                "bytes", "dense", "reference")
 
 
 # ---- what the layouts are built from --------------------------------------------------------
@@ -129,11 +136,15 @@ class KernelLayout(nn.Module):
         """(M, K) -> (M, N) in the kernel's compute dtype."""
         raise NotImplementedError
 
+    def matmul2d(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) in any float dtype -> a new (M, N) tensor in the compute dtype (callers may
+        add into it in place: CompressedLinear.forward does, to save an allocation per call)."""
+        self._check_device(x2)
+        return self._matmul(x2.to(self.compute_dtype).contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_device(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
-        y = self._matmul(x2)
+        y = self.matmul2d(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     @torch.no_grad()
@@ -350,6 +361,25 @@ class ByteCodesLayout(KernelLayout):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x2, self._weight().to(x2.dtype))
+
+
+class DenseLayout(KernelLayout):
+    """The layer's dense weight, rebuilt once in `dtype` (see ``dense`` in the module docstring).
+
+    Unlike the other layouts it folds the low-rank part in (W = dequant(Q) ⊙ M + U·V), so the
+    layer drops its factors too (`folds_lowrank`): one GEMM instead of three at M = context."""
+
+    kernel_name = "dense"
+    folds_lowrank = True
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        out, cols = weight.shape
+        super().__init__(out, cols, weight.device)
+        self.compute_dtype = dtype
+        self._buf("dense_weight", weight.to(dtype))
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dense_weight)
 
 
 class SemiStructuredLayout(KernelLayout):

@@ -194,6 +194,8 @@ class CompressedLinear(nn.Module):
         lr = self.meta["lowrank"]
         if lr is None:
             return None
+        if getattr(self.kernel, "folds_lowrank", False):  # inside the kernel's weight
+            return None
         if "lr_u" in self._buffers:  # prepared: held in the compute dtype (see `prepare`)
             return self.lr_u.float(), self.lr_v.float()
         r = lr["rank"]
@@ -209,13 +211,24 @@ class CompressedLinear(nn.Module):
         return w.to(dtype)
 
     # ---- computing ------------------------------------------------------------------------
-    def prepare(self, device: torch.device | str, dtype: torch.dtype, **flags) -> str:
+    def prepare(self, device: torch.device | str, dtype: torch.dtype, *, dense: bool = False,
+                **flags) -> str:
         """Re-encode the base part for the fastest kernel on `device` (compress/store/kernels.py),
         if one fits, and drop the packed base buffers it replaces. Returns the kernel's name
-        ("reference" when none fits: the layer is unchanged)."""
-        from ciuic_lab.compress.store.kernels import choose_kernel
+        ("reference" when none fits: the layer is unchanged).
+
+        dense: hold the whole weight (low-rank part folded in) in `dtype` instead (DenseLayout),
+        for a layer the model multiplies by many rows at every decode step
+        (`DecoderAdapter.serve_dense`); its packed parts are dropped too."""
+        from ciuic_lab.compress.store.kernels import DenseLayout, choose_kernel
 
         if self.kernel is None:
+            if dense:
+                w = self.dequantized_weight().to(device)
+                for name in [n for n in self._buffers if n != "bias"]:
+                    self._buffers.pop(name)
+                self.kernel = DenseLayout(w, dtype)
+                return self.kernel_name
             layout = choose_kernel(self, device, dtype, **flags)
             if layout is not None:
                 for name in _BASE_BUFFERS:
@@ -246,11 +259,19 @@ class CompressedLinear(nn.Module):
         b = self.bias.to(x.dtype) if self.meta["bias"] else None
         if self.kernel is None:
             return F.linear(x, self.dequantized_weight(x.dtype), b)
-        y = self.kernel(x)
-        if "lr_u" in self._buffers:  # two thin matmuls: r (out + in) per token, not out · in
-            lr = self.lr_v.dtype
-            y = y + F.linear(F.linear(x.to(lr), self.lr_v), self.lr_u).to(y.dtype)
-        return y if b is None else y + b
+        # At one decode token every call's fixed cost counts (37 prepared layers a token in a
+        # 3-block DeepSeek-V3 cut, ~30 µs each in glue around the factor matmuls): so the 2-D
+        # input goes straight to the layout's matmul (not through its Module call) and the
+        # low-rank part and the bias are added in place into its fresh output.
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
+        y = self.kernel.matmul2d(x2)
+        u = self._buffers.get("lr_u")
+        if u is not None:  # two thin matmuls: r (out + in) per token, not out · in
+            v = self._buffers["lr_v"]
+            y.add_(F.linear(F.linear(x2.to(v.dtype), v), u))
+        if b is not None:
+            y.add_(b)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bytes={self.nbytes()}, "

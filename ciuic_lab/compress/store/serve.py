@@ -24,15 +24,34 @@ from ciuic_lab.models.adapters import swapped
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: torch.dtype,
-                          **flags) -> dict[str, str]:
+                          *, serve_dense: tuple[str, ...] | None = None, **flags) -> dict[str, str]:
     """{name: kernel} of every packed layer ("reference" where no kernel fits or the format has
-    no `prepare`)."""
+    no `prepare`).
+
+    serve_dense: name suffixes of layers held as a dense weight in `dtype` (DenseLayout) rather
+    than on a kernel; by default the model's adapter's `serve_dense` (MLA's kv_b_proj, which
+    transformers applies to every cached position at each decode step), () for none."""
+    if serve_dense is None:
+        serve_dense = _adapter_serve_dense(model)
     out = {}
     for name, mod in model.named_modules():
         if is_packed(mod):
-            out[name] = mod.prepare(device, dtype, **flags) if hasattr(mod, "prepare") \
-                else "reference"
+            if not hasattr(mod, "prepare"):
+                out[name] = "reference"
+                continue
+            dense = bool(serve_dense) and name.endswith(tuple(serve_dense))
+            out[name] = mod.prepare(device, dtype, dense=dense, **flags)
     return out
+
+
+def _adapter_serve_dense(model: nn.Module) -> tuple[str, ...]:
+    from ciuic_lab.errors import UnsupportedModel
+    from ciuic_lab.models.adapters import adapter_for
+
+    try:
+        return tuple(adapter_for(model).serve_dense)
+    except (UnsupportedModel, AttributeError):  # a bare module in tests: nothing held dense
+        return ()
 
 
 class _Dense(nn.Module):
