@@ -91,8 +91,11 @@ def run(e2e: E2ETune, provider, teacher: Teacher, progress: bool = False,
     after = kl(e2e, provider, teacher, state)  # of the values as they would be stored
     kept = after < before
     if kept:
-        provider.rewrite(lambda i, block: _write(block, state.blocks[i]),
-                         lambda post: state.post and _write(_ends(post), state.post))
+        def write_post(post) -> None:
+            if state.post:  # the final norm's gain, when it was trained
+                _write(_ends(post), state.post)
+
+        provider.rewrite(lambda i, block: _write(block, state.blocks[i]), write_post)
     return {"kl_before": before, "kl_after": after if kept else before, "kept": kept,
             "steps": e2e.iters, "seconds": time.perf_counter() - t0}
 
