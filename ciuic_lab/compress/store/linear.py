@@ -259,10 +259,10 @@ class CompressedLinear(nn.Module):
         b = self.bias.to(x.dtype) if self.meta["bias"] else None
         if self.kernel is None:
             return F.linear(x, self.dequantized_weight(x.dtype), b)
-        # At one decode token every call's fixed cost counts (37 prepared layers a token in a
-        # 3-block DeepSeek-V3 cut, ~30 µs each in glue around the factor matmuls): so the 2-D
-        # input goes straight to the layout's matmul (not through its Module call) and the
-        # low-rank part and the bias are added in place into its fresh output.
+        # At one decode token each call's fixed costs add up (a MoE token runs dozens of these
+        # layers, benchmarks/decode_profile.py): the 2-D input goes straight to the layout's
+        # matmul (not through its Module call), and the low-rank part and the bias are added in
+        # place into its fresh output (no cast or sum allocated per call).
         lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
         y = self.kernel.matmul2d(x2)
         u = self._buffers.get("lr_u")
