@@ -1,6 +1,7 @@
 """Where decode time goes: torch.profiler over decode steps only, dense vs RTN 4-bit vs the recipe.
 
     nice python benchmarks/decode_profile.py [--model deepseek-v3-1b] [--layers 3] [--steps 4]
+                                             [--by-shape] [--no-serve-dense]
 
 Builds the random 1 B shape of `benchmarks/speed.py` cut to `--layers` blocks (per-block costs do
 not depend on depth; compressing the recipe on 3 blocks takes minutes instead of half an hour),
@@ -22,7 +23,7 @@ from ciuic_lab.compress.store.serve import prepare_for_inference
 
 
 @torch.no_grad()
-def profile_decode(model, steps: int, rows: int) -> None:
+def profile_decode(model, steps: int, rows: int, by_shape: bool = False) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=gen)
     out = model(ids, use_cache=True)
@@ -38,9 +39,10 @@ def profile_decode(model, steps: int, rows: int) -> None:
     t0 = time.perf_counter()
     step(steps)
     print(f"  {(time.perf_counter() - t0) / steps * 1e3:.1f} ms per token")
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(record_shapes=by_shape) as prof:
         step(steps)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=by_shape).table(
+        sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main() -> None:
@@ -50,6 +52,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-serve-dense", action="store_true",
+                    help="no layer held dense (MLA's kv_b_proj on the int4 kernels, as before)")
+    ap.add_argument("--by-shape", action="store_true",
+                    help="group operators by input shape (e.g. which layer a kernel call is)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cls, kw = speed.SHAPES[a.model]
@@ -62,13 +68,14 @@ def main() -> None:
                 "ciuic serve": ["data.calib_samples=8", "data.calib_seqlen=256",
                                 "quant.kernel_widths=true", "quant.fuse_siblings=true"]}
     print(f"{name}: dense bf16")
-    profile_decode(model, a.steps, a.rows)
+    profile_decode(model, a.steps, a.rows, a.by_shape)
     for label, overrides in variants.items():
         m = speed.compressed(model, tok, overrides)
-        kernels = prepare_for_inference(m, "cpu", torch.bfloat16)
+        kernels = prepare_for_inference(m, "cpu", torch.bfloat16,
+                                        **({"serve_dense": ()} if a.no_serve_dense else {}))
         counts = {k: list(kernels.values()).count(k) for k in sorted(set(kernels.values()))}
         print(f"{name}: {label}, layers per kernel {counts}")
-        profile_decode(m, a.steps, a.rows)
+        profile_decode(m, a.steps, a.rows, a.by_shape)
         del m
 
 

@@ -37,6 +37,7 @@ from ciuic_lab.eval.perplexity import perplexity
 from ciuic_lab.eval.speed import decode_tokens_per_second, tokens_per_second
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ["rtn-4 g128", "ciuic", "ciuic serve"]
 SHAPES = {
     "llama-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                                      num_attention_heads=16, num_key_value_heads=16,
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calib", type=int, nargs=2, default=[16, 256],
                     help="recipe calibration: windows, tokens each")
-    ap.add_argument("--variants", nargs="+", default=["rtn-4 g128", "ciuic", "ciuic serve"])
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rtn4 = ["recipe=none", "prune=none", "lowrank=none", "quant=rtn", "quant.bits=4",
@@ -120,13 +121,15 @@ def main() -> None:
     print(f"{'model':18s} {'variant':11s} {'prefill t/s':>11s} {'decode t/s':>10s} "
           f"{'wiki s':>7s} {'ppl':>9s} {'MiB':>8s} {'peak MiB':>9s}   ratios vs dense "
           f"(prefill, decode, wiki time)")
+    variants = "" if args.variants == VARIANTS else " --variants " + " ".join(
+        f'"{v}"' if " " in v else v for v in args.variants)
     table = [f"Written by `python benchmarks/speed.py --models {' '.join(args.models)} --threads "
-             f"{args.threads} --calib {args.calib[0]} {args.calib[1]}` on {args.device} "
+             f"{args.threads} --calib {args.calib[0]} {args.calib[1]}{variants}` on {args.device} "
              f"({torch.get_num_threads()} threads); batch 1; dense in bf16; decode greedy with "
              "KV cache after a 128-token prompt; `ciuic serve`: the recipe with "
              "quant.kernel_widths=true quant.fuse_siblings=true.", "",
              "| model | variant | prefill tok/s | decode tok/s | wiki s | ppl | MiB stored | "
-             "prefill vs dense | decode vs dense | layers prepared (int4/int8/bytes) |",
+             "prefill vs dense | decode vs dense | layers on a kernel |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.models:
         model, tok = build(name, args.device)
