@@ -1,4 +1,5 @@
-"""Where decode time goes: torch.profiler over decode steps only, dense vs RTN 4-bit vs the recipe.
+"""Where decode time goes: torch.profiler over decode steps only, dense vs RTN 4-bit vs the recipe
+(free widths, and with its serving constraints).
 
     nice python benchmarks/decode_profile.py [--model deepseek-v3-1b] [--layers 3] [--steps 4]
                                              [--by-shape] [--no-serve-dense]
