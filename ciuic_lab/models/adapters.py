@@ -156,8 +156,9 @@ class DecoderAdapter:
     # Layers served as a dense weight (compress/store/serve.py), by name suffix: those the model
     # multiplies by every cached position at each decode step. transformers' MLA caches the
     # latent and re-expands it through kv_b_proj on every step (M = context length), where
-    # weight-only kernels built for M = 1 cost 10–20× a dense GEMM; vLLM's MLA dequantises
-    # kv_b_proj at load for the same reason. DeepSeek-V3: 61 × 32768×512, ~2 GB in bf16.
+    # weight-only kernels built for M = 1 cost 10–20× a dense GEMM; vLLM's MLA keeps 16-bit
+    # copies of kv_b_proj for the same reason (vllm/v1/attention/backends/mla/common.py,
+    # process_weights_after_loading). DeepSeek-V3: 61 × 32768×512, ~2 GB in bf16.
     serve_dense: tuple[str, ...] = ()
     # Linears whose input may be rotated at run time, by site (`rotate.online`); absent paths
     # are skipped. Routed experts' down projections are not linears: never a site.
