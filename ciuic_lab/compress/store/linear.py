@@ -223,18 +223,15 @@ class CompressedLinear(nn.Module):
         from ciuic_lab.compress.store.kernels import DenseLayout, choose_kernel
 
         if self.kernel is None:
-            if dense:
-                w = self.dequantized_weight().to(device)
-                for name in [n for n in self._buffers if n != "bias"]:
-                    self._buffers.pop(name)
-                self.kernel = DenseLayout(w, dtype)
-                return self.kernel_name
-            layout = choose_kernel(self, device, dtype, **flags)
+            layout = DenseLayout(self.dequantized_weight().to(device), dtype) if dense \
+                else choose_kernel(self, device, dtype, **flags)
             if layout is not None:
-                for name in _BASE_BUFFERS:
+                folds = getattr(layout, "folds_lowrank", False)  # the factors are in its weight
+                for name in [n for n in self._buffers if n != "bias"] if folds else _BASE_BUFFERS:
                     self._buffers.pop(name, None)
                 self.kernel = layout
-                self._prepare_factors(torch.device(device), dtype)
+                if not folds:
+                    self._prepare_factors(torch.device(device), dtype)
         return self.kernel_name
 
     def _prepare_factors(self, device: torch.device, dtype: torch.dtype) -> None:

@@ -31,16 +31,14 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: t
     serve_dense: name suffixes of layers held as a dense weight in `dtype` (DenseLayout) rather
     than on a kernel; by default the model's adapter's `serve_dense` (MLA's kv_b_proj, which
     transformers applies to every cached position at each decode step), () for none."""
-    if serve_dense is None:
-        serve_dense = _adapter_serve_dense(model)
+    serve_dense = _adapter_serve_dense(model) if serve_dense is None else tuple(serve_dense)
     out = {}
     for name, mod in model.named_modules():
         if is_packed(mod):
             if not hasattr(mod, "prepare"):
                 out[name] = "reference"
                 continue
-            dense = bool(serve_dense) and name.endswith(tuple(serve_dense))
-            out[name] = mod.prepare(device, dtype, dense=dense, **flags)
+            out[name] = mod.prepare(device, dtype, dense=name.endswith(serve_dense), **flags)
     return out
 
 
@@ -50,7 +48,7 @@ def _adapter_serve_dense(model: nn.Module) -> tuple[str, ...]:
 
     try:
         return tuple(adapter_for(model).serve_dense)
-    except (UnsupportedModel, AttributeError):  # a bare module in tests: nothing held dense
+    except UnsupportedModel:  # a model no adapter knows (or a bare module): nothing held dense
         return ()
 
 
