@@ -66,11 +66,14 @@ def lab_row(model_name: str, bits: int, group: int, tune: bool | str, iters: int
     elif quant != "recipe":  # the recipe row keeps the default `ciuic` recipe's own budget
         overrides += ["recipe=none", "prune=none", "lowrank=none", f"quant={quant}",
                       f"quant.bits={bits}", f"quant.group_size={group}", "quant.sym=true"]
+    tune_extra = [e for e in extra if e.startswith("tune.")]
+    overrides += [e for e in extra if not e.startswith("tune.")]
     if tune == "full":  # block tuning, then distillation of scales and norms (tune=e2e)
         overrides += ["tune=full", f"tune.block.iters={iters}", f"tune.block.lr={lr}",
-                      *(e.replace("tune.", "tune.block.", 1) for e in extra)]
+                      *(e if e.startswith(("tune.block.", "tune.e2e.")) else
+                        e.replace("tune.", "tune.block.", 1) for e in tune_extra)]
     elif tune:
-        overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}", *extra]
+        overrides += ["tune=block", f"tune.iters={iters}", f"tune.lr={lr}", *tune_extra]
     t0 = time.perf_counter()
     model, report = compress(model, tok, compose(overrides), progress=False)
     return model, tok, report.totals()["bits_per_param"], time.perf_counter() - t0
@@ -135,7 +138,12 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+",
                     default=["gptq", "rtn", "gptq+tune", "gptq+tune@rtn", "rtn+tune", "autoround"])
     ap.add_argument("--tune", nargs="*", default=[],
-                    help="more overrides of the tuned lab rows, e.g. tune.keep=last")
+                    help="more overrides of the tuned lab rows, e.g. tune.keep=last or "
+                         "tune.e2e.iters=600 (a bare tune.KEY of a tune=full row is its block "
+                         "stage's); named in the row's method")
+    ap.add_argument("--set", nargs="*", default=[],
+                    help="more overrides of every lab row, e.g. prune.sparsity=0.3 quant.bits=3 "
+                         "(a recipe row at another budget split); named in the row's method")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load(a.model, device="cpu")
@@ -150,8 +158,7 @@ def main() -> None:
             f"{dense:.2f}; calibration: the lab's {a.calib[0]} windows x {a.calib[1]} "
             f"({cfg.data.calib_source}, seed {cfg.data.calib_seed}); symmetric grids, g{a.group}; "
             f"{a.iters} steps, lr {a.lr}; fp32 on CPU; full-range symmetric grid (code 0 on "
-            f"each group's largest magnitude, AutoRound's `int_sym`)"
-            + (f"; lab tuning overrides: {' '.join(a.tune)}" if a.tune else ""))
+            f"each group's largest magnitude, AutoRound's `int_sym`)")
     rows: list[str] = []
     print(head, flush=True)
     for bits in a.bits:
@@ -162,7 +169,7 @@ def main() -> None:
                 row, _, rotate = name.partition("/")
                 quant, _, tune = row.partition("+")
                 tune, _, start = tune.partition("@")
-                extra = (*a.tune, f"tune.start={start or 'stage'}")
+                extra = (*a.set, *a.tune, f"tune.start={start or 'stage'}")
                 kind = {"": False, "tune": True, "full": "full"}[tune]
                 m, _, bpp, secs = lab_row(a.model, bits, a.group, kind, a.iters,
                                           a.lr, tuple(a.calib), quant, extra, rotate)
@@ -180,6 +187,8 @@ def main() -> None:
                                               "siblings + tune=full",
                      "autoround": "AutoRound 0.16.1"}[name.partition("/")[0]] + (
                          f", rotate={name.partition('/')[2]}" if "/" in name else "")
+            if name != "autoround":  # overrides are part of what the row measured
+                label += "".join(f", {o}" for o in (*a.set, *(a.tune if tune else ())))
             if "/" in name and tied:  # a rotation unties tied embeddings: what the head adds
                 out_w, in_w = m.get_output_embeddings().weight, m.get_input_embeddings().weight
                 if out_w.data_ptr() != in_w.data_ptr():
@@ -195,7 +204,8 @@ def main() -> None:
     out = RESULTS / f"peer_autoround_{a.model}.md"
     command = (f"python benchmarks/peer_autoround.py --model {a.model} --bits "
                f"{' '.join(map(str, a.bits))} --group {a.group} --iters {a.iters} --lr {a.lr} "
-               f"--rows {' '.join(a.rows)}" + (f" --tune {' '.join(a.tune)}" if a.tune else ""))
+               f"--rows {' '.join(a.rows)}" + (f" --tune {' '.join(a.tune)}" if a.tune else "")
+               + (f" --set {' '.join(a.set)}" if a.set else ""))
     merge_table(out, head, command, rows)
     print(f"wrote {out}")
 
