@@ -115,6 +115,7 @@ class KernelLayout(nn.Module):
 
     kernel_name = "reference"
     compute_dtype = torch.bfloat16  # what activations are cast to for the kernel
+    folds_lowrank = False  # True: the layer's low-rank part is inside this layout's weight
 
     def __init__(self, out_features: int, in_features: int, device: torch.device):
         super().__init__()

@@ -194,7 +194,7 @@ class CompressedLinear(nn.Module):
         lr = self.meta["lowrank"]
         if lr is None:
             return None
-        if getattr(self.kernel, "folds_lowrank", False):  # inside the kernel's weight
+        if self.kernel is not None and self.kernel.folds_lowrank:  # inside the kernel's weight
             return None
         if "lr_u" in self._buffers:  # prepared: held in the compute dtype (see `prepare`)
             return self.lr_u.float(), self.lr_v.float()
@@ -226,7 +226,7 @@ class CompressedLinear(nn.Module):
             layout = DenseLayout(self.dequantized_weight().to(device), dtype) if dense \
                 else choose_kernel(self, device, dtype, **flags)
             if layout is not None:
-                folds = getattr(layout, "folds_lowrank", False)  # the factors are in its weight
+                folds = layout.folds_lowrank  # the factors are in its weight
                 for name in [n for n in self._buffers if n != "bias"] if folds else _BASE_BUFFERS:
                     self._buffers.pop(name, None)
                 self.kernel = layout
